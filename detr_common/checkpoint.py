@@ -1,0 +1,112 @@
+"""Checkpoints: atomic saving, resuming the full training state, loading weights only.
+
+A checkpoint is a dict {model, optimizer, lr_scheduler, epoch, args, detector[, scaler]}
+(spec §4.1; ``detector`` is ours and lets a wrong-detector checkpoint fail clearly).
+"""
+import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used here; the message names the file and the problem."""
+
+
+def save_checkpoint(state, path):
+    """Write ``state`` to ``path`` through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    """Load a checkpoint dict from a trusted file (weights_only=False: it holds ``args``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle / zip errors come in many types
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a detector checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def _describe_mismatch(path, model_state, ckpt_state, ckpt_args, args):
+    missing = [k for k in model_state if k not in ckpt_state]
+    unexpected = [k for k in ckpt_state if k not in model_state]
+    shapes = [f"{k}: checkpoint {list(ckpt_state[k].shape)} vs model {list(v.shape)}"
+              for k, v in model_state.items()
+              if k in ckpt_state and tuple(ckpt_state[k].shape) != tuple(v.shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+    hint = ""
+    if ckpt_args is not None and hasattr(ckpt_args, "no_enact") and hasattr(args, "no_enact") \
+            and ckpt_args.no_enact != args.no_enact:
+        hint = (" — it was trained " + ("without" if ckpt_args.no_enact else "with")
+                + " ENACT: " + ("add" if ckpt_args.no_enact else "drop") + " --no_enact")
+    return f"{path}: checkpoint does not fit this model: " + "; ".join(parts) + hint
+
+
+def check_detector(path, ckpt, detector):
+    found = ckpt.get("detector")
+    if found is not None and found != detector:
+        raise CheckpointError(f"{path}: this is a '{found}' checkpoint, not '{detector}'")
+
+
+def load_model_state(model, path, ckpt, args):
+    """Load ``ckpt['model']`` strictly, or raise a one-line CheckpointError saying why not."""
+    state = ckpt["model"]
+    model_state = model.state_dict()
+    ckpt_args = ckpt.get("args")
+    if set(state) != set(model_state) or any(
+            tuple(state[k].shape) != tuple(v.shape) for k, v in model_state.items()):
+        raise CheckpointError(_describe_mismatch(path, model_state, state, ckpt_args, args))
+    model.load_state_dict(state, strict=True)
+
+
+def load_pretrained(model, path, detector, class_head_prefixes=("class_embed",)):
+    """Weights only (fine-tuning). A class head whose shape differs is left re-initialised."""
+    ckpt = load_checkpoint(path)
+    check_detector(path, ckpt, detector)
+    state = dict(ckpt["model"])
+    model_state = model.state_dict()
+    skipped = []
+    for k in list(state):
+        head = any(p in k for p in class_head_prefixes)
+        if head and k in model_state and state[k].shape != model_state[k].shape:
+            skipped.append(k)
+            del state[k]
+    if skipped:
+        log.info("%s: class head re-initialised (the number of classes differs): %s",
+                 path, ", ".join(skipped))
+    for k in skipped:
+        state[k] = model_state[k]
+    load_model_state(model, path, {**ckpt, "model": state}, None)
+
+
+# torch.load(weights_only=True) refuses argparse.Namespace; allow it for anyone who loads
+# our checkpoints that way (spec §6 item 26).
+torch.serialization.add_safe_globals([argparse.Namespace])

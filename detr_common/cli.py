@@ -1,0 +1,101 @@
+"""Command-line flags shared by the three detectors (upstream names where they exist).
+
+Each detector's ``main.py`` calls :func:`get_args_parser` with its paper defaults
+(spec §3.6) and may add a few flags of its own to the returned parser.
+"""
+import argparse
+
+
+def _int_list(text):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+COCO_TRAIN_SIZES = list(range(480, 801, 32))
+
+
+def get_args_parser(description, **defaults):
+    """Return the shared parser; ``defaults`` override the generic defaults below."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--lr_backbone", type=float, default=1e-5,
+                   help="0 freezes the whole backbone")
+    g.add_argument("--batch_size", type=int, default=8, help="images per GPU / process")
+    g.add_argument("--weight_decay", type=float, default=1e-4)
+    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument("--lr_drop", type=int, default=200, help="StepLR step (epochs), gamma 0.1")
+    g.add_argument("--clip_max_norm", type=float, default=0.1, help="0 disables clipping")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                   help="autocast for the model; matcher and losses always run in fp32")
+    g.add_argument("--checkpoint_every", type=int, default=10,
+                   help="also keep checkpointNNNN.pth every this many epochs (and at lr_drop)")
+
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
+                   default="resnet50")
+    g.add_argument("--dilation", action="store_true",
+                   help="replace the stride of the last stage by a dilation (DC5)")
+    g.add_argument("--backbone_weights", default="imagenet",
+                   help="imagenet (torchvision V1), none (random), or a path to a state_dict")
+
+    g = p.add_argument_group("transformer")
+    g.add_argument("--hidden_dim", type=int, default=256)
+    g.add_argument("--nheads", type=int, default=8)
+    g.add_argument("--enc_layers", type=int, default=6)
+    g.add_argument("--dec_layers", type=int, default=6)
+    g.add_argument("--dim_feedforward", type=int, default=2048)
+    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--num_queries", type=int, default=100)
+    g.add_argument("--attn_impl", choices=["sdpa", "eager"], default="sdpa",
+                   help="plain attention: fused SDPA, or eager with materialised weights "
+                        "(the paper's baseline)")
+    g.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                   help="disable the auxiliary decoding losses")
+
+    g = p.add_argument_group("ENACT")
+    g.add_argument("--no_enact", action="store_true",
+                   help="plain encoder self-attention (the baseline detector)")
+    g.add_argument("--enact_impl", choices=["auto", "cuda", "torch"], default="auto")
+    g.add_argument("--smoothing_sigma", type=int, default=3,
+                   help="sigma of ENACT's Gaussian smoothing (integer)")
+    g.add_argument("--enact_row_breaks", action="store_true",
+                   help="also start an ENACT region at every image row (off in the paper)")
+
+    g = p.add_argument_group("matcher and loss")
+    g.add_argument("--set_cost_class", type=float, default=1.0)
+    g.add_argument("--set_cost_bbox", type=float, default=5.0)
+    g.add_argument("--set_cost_giou", type=float, default=2.0)
+    g.add_argument("--cls_loss_coef", type=float, default=1.0)
+    g.add_argument("--bbox_loss_coef", type=float, default=5.0)
+    g.add_argument("--giou_loss_coef", type=float, default=2.0)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--coco_path", help="folder with train2017/, val2017/ and annotations/")
+    g.add_argument("--num_classes", type=int, default=None,
+                   help="default: largest category id of the annotation file + 1")
+    g.add_argument("--train_sizes", type=_int_list, default=COCO_TRAIN_SIZES,
+                   help="comma-separated shorter-side sizes for training")
+    g.add_argument("--eval_size", type=int, default=800, help="shorter side for evaluation")
+    g.add_argument("--max_size", type=int, default=1333, help="longest side after resizing")
+    g.add_argument("--num_workers", type=int, default=2)
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default="", help="where log.txt and checkpoints go")
+    g.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--resume", default="", help="checkpoint to continue (model, optimizer, "
+                   "scheduler, epoch); with --eval: the weights to evaluate")
+    g.add_argument("--pretrained", default="",
+                   help="weights only, for fine-tuning (class head re-initialised when the "
+                        "number of classes differs)")
+    g.add_argument("--start_epoch", type=int, default=0)
+    g.add_argument("--eval", action="store_true", help="evaluate only")
+    g.add_argument("--print_freq", type=int, default=10, help="progress-bar refresh (steps)")
+
+    p.set_defaults(**defaults)
+    return p

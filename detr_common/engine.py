@@ -1,0 +1,179 @@
+"""Generic training and evaluation loops shared by the three detectors.
+
+The model maps an ImageBatch to {"pred_logits", "pred_boxes", "aux_outputs"}; the criterion
+returns named losses and carries a ``weight_dict``; the post-processor turns outputs into
+absolute xyxy boxes in each image's original size.
+"""
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+from .coco_eval import CocoEvaluator
+from .distributed import get_world_size, is_main_process, reduce_dict
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def autocast(device, amp):
+    if amp == "off":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def to_float(outputs):
+    """Outputs cast to fp32 (the matcher and the losses always run in fp32)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float()
+    if isinstance(outputs, dict):
+        return {k: to_float(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(to_float(v) for v in outputs)
+    return outputs
+
+
+def move_targets(targets, device):
+    return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+
+
+class RunningMeans:
+    """Running means of named scalars, kept as device tensors until read (no per-step sync)."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, values, n=1):
+        for k, v in values.items():
+            v = v.detach().float().mean() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            self.sums[k] = self.sums.get(k, 0) + v * n
+            self.counts[k] = self.counts.get(k, 0) + n
+
+    def means(self):
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def _peak_memory_gib(device):
+    if device.type != "cuda":
+        return 0.0
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30
+
+
+def _progress(data_loader, desc):
+    return tqdm(data_loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True,
+                leave=True)
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, *,
+                    clip_max_norm=0.1, amp="off", scaler=None, print_freq=10, stats_fn=None):
+    """One pass over ``data_loader``; returns the epoch's mean losses and throughput figures.
+
+    ``stats_fn(model)`` may return extra per-step statistics (e.g. ENACT's clusters per image)
+    as tensors; they are averaged over the epoch like the losses.
+    """
+    model.train()
+    criterion.train()
+    weight_dict = criterion.weight_dict
+    means = RunningMeans()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    n_images, start = 0, time.perf_counter()
+    bar = _progress(data_loader, f"train epoch {epoch}")
+    for step, (images, targets) in enumerate(bar):
+        images = images.to(device)
+        targets = move_targets(targets, device)
+        with autocast(device, amp):
+            outputs = model(images)
+        loss_dict = criterion(to_float(outputs), targets)
+        loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+        logged = reduce_dict(loss_dict)
+        loss_value = sum(logged[k] * weight_dict[k] for k in logged if k in weight_dict)
+        if not math.isfinite(loss_value):
+            bad = {k: v for k, v in logged.items() if not math.isfinite(v)}
+            raise NonFiniteLossError(
+                f"training loss is {loss_value} at epoch {epoch}, step {step} "
+                f"(non-finite terms: {bad}); stopping. Try a lower --lr, --amp off, "
+                f"or a smaller --clip_max_norm.")
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+        batch = images.images.shape[0]
+        n_images += batch
+        means.add({"loss": torch.tensor(loss_value), **{k: torch.tensor(v) for k, v in logged.items()}})
+        if stats_fn is not None:
+            means.add(stats_fn(model))
+        if step % print_freq == 0 or step == len(data_loader) - 1:
+            elapsed = time.perf_counter() - start
+            postfix = {"loss": f"{loss_value:.3f}", "img/s": f"{n_images / elapsed:.1f}",
+                       "lr": f"{optimizer.param_groups[0]['lr']:.1e}"}
+            if stats_fn is not None:
+                postfix.update({k: f"{v.item():.3g}" for k, v in means.means().items()
+                                if k.startswith("enact_")})
+            if device.type == "cuda":
+                postfix["mem"] = f"{_peak_memory_gib(device):.2f}G"
+            bar.set_postfix(postfix)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    stats = {k: float(v) for k, v in means.means().items()}
+    stats["lr"] = optimizer.param_groups[0]["lr"]
+    stats["peak_mem_gib"] = _peak_memory_gib(device)
+    stats["s_per_img"] = elapsed / max(n_images, 1)
+    stats["img_per_s_all_gpus"] = n_images * get_world_size() / elapsed
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model, criterion, postprocessor, data_loader, base_ds, device, *, amp="off",
+             stats_fn=None):
+    """Validation losses and COCO box AP over ``data_loader``.
+
+    Returns (stats, evaluator): stats holds the mean losses and ``coco_eval_bbox`` (the 12
+    COCO numbers), the evaluator the detections and per-class APs.
+    """
+    model.eval()
+    criterion.eval()
+    weight_dict = criterion.weight_dict
+    means = RunningMeans()
+    evaluator = CocoEvaluator(base_ds)
+    for images, targets in _progress(data_loader, "eval"):
+        images = images.to(device)
+        targets = move_targets(targets, device)
+        with autocast(device, amp):
+            outputs = model(images)
+        outputs = to_float(outputs)
+        loss_dict = criterion(outputs, targets)
+        logged = reduce_dict(loss_dict)
+        means.add({"loss": torch.tensor(sum(logged[k] * weight_dict[k] for k in logged
+                                            if k in weight_dict)),
+                   **{k: torch.tensor(v) for k, v in logged.items()}})
+        if stats_fn is not None:
+            means.add(stats_fn(model))
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        results = postprocessor(outputs, orig_sizes)
+        evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
+
+    evaluator.synchronize_between_processes()
+    stats = {k: float(v) for k, v in means.means().items()}
+    if is_main_process():
+        stats["coco_eval_bbox"] = evaluator.evaluate().tolist()
+    return stats, evaluator

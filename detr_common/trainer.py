@@ -1,0 +1,208 @@
+"""The training programme shared by the three ``main.py``: data, model, optimiser, resume,
+epochs, checkpoints, evaluation and ``log.txt``. A detector plugs in through :class:`Detector`."""
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from . import checkpoint as ckpt_io
+from .data import DatasetError, build_dataset
+from .data.collate import collate_fn
+from .distributed import get_rank, init_distributed, is_dist, is_main_process
+from .engine import NonFiniteLossError, evaluate, train_one_epoch
+from .enact_stats import enact_stats
+from .logs import append_log, epoch_record, setup_console_logging
+
+log = logging.getLogger("detr_common")
+
+
+def default_param_groups(model, args):
+    """AdamW groups as upstream: the transformer and heads at ``lr``, the backbone at
+    ``lr_backbone`` (parameters whose name contains "backbone")."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if "backbone" not in n]},
+            {"params": [p for n, p in named if "backbone" in n], "lr": args.lr_backbone}]
+
+
+@dataclass
+class Detector:
+    """What a detector folder gives the shared programme."""
+    name: str                                   # stored in checkpoints ("detr", ...)
+    build: Callable                             # args -> (model, criterion, postprocessor)
+    param_groups: Callable = default_param_groups
+
+
+class UsageError(RuntimeError):
+    """Flags that cannot work together; the message says which and why."""
+
+
+def _seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def _seed_worker(worker_id):
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _loader(dataset, args, train):
+    if is_dist():
+        sampler = DistributedSampler(dataset, shuffle=train, seed=args.seed)
+    elif train:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed))
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                      collate_fn=collate_fn, num_workers=args.num_workers,
+                      worker_init_fn=_seed_worker, persistent_workers=args.num_workers > 0,
+                      pin_memory=torch.cuda.is_available())
+
+
+def _check_args(args):
+    if not args.coco_path:
+        raise UsageError("--coco_path is required (a folder with train2017/, val2017/ and "
+                         "annotations/)")
+    if args.resume and args.pretrained:
+        raise UsageError("--resume continues a run (weights, optimizer, epoch) and "
+                         "--pretrained loads weights only: give one of them")
+    if args.eval and not (args.resume or args.pretrained):
+        raise UsageError("--eval needs the weights to evaluate: --resume CKPT")
+    if args.amp != "off" and args.device == "cpu" and args.amp == "fp16":
+        raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+
+
+def _checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch, args, detector):
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
+             "detector": detector.name}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def _report_eval(evaluator, stats, output_dir):
+    if not is_main_process():
+        return
+    print(evaluator.summary, flush=True)
+    if evaluator.coco_eval is not None:
+        print(evaluator.per_class_table(), flush=True)
+    if output_dir:
+        evaluator.write(output_dir, detections=True)
+
+
+def run(args, detector):
+    """Train (or with ``--eval`` evaluate) ``detector`` as the flags say."""
+    _check_args(args)
+    device = init_distributed(args.device)
+    setup_console_logging()
+    _seed_everything(args.seed + get_rank())
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir and is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    dataset_val = build_dataset("val", args)
+    dataset_train = None if args.eval else build_dataset("train", args)
+    if args.num_classes is None:
+        args.num_classes = dataset_val.num_classes
+    log.info("%s: %d classes (largest category id + 1), %s train / %d val images",
+             detector.name, args.num_classes,
+             "-" if dataset_train is None else len(dataset_train), len(dataset_val))
+
+    model, criterion, postprocessor = detector.build(args)
+    model.to(device)
+    criterion.to(device)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("trainable parameters: %d", n_parameters)
+
+    optimizer = torch.optim.AdamW(detector.param_groups(model, args), lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+
+    if args.pretrained:
+        ckpt_io.load_pretrained(model, args.pretrained, detector.name)
+    if args.resume:
+        ckpt = ckpt_io.load_checkpoint(args.resume)
+        ckpt_io.check_detector(args.resume, ckpt, detector.name)
+        ckpt_io.load_model_state(model, args.resume, ckpt, args)
+        if not args.eval and "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            if scaler is not None and "scaler" in ckpt:
+                scaler.load_state_dict(ckpt["scaler"])
+            args.start_epoch = ckpt["epoch"] + 1
+            if args.start_epoch >= args.epochs:
+                raise UsageError(
+                    f"{args.resume}: checkpoint already finished epoch {ckpt['epoch']} and "
+                    f"--epochs is {args.epochs}: nothing left to train (raise --epochs, or "
+                    f"evaluate with --eval)")
+
+    if is_dist():
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    stats_fn = None if getattr(args, "no_enact", True) else enact_stats
+    loader_val = _loader(dataset_val, args, train=False)
+    if args.eval:
+        stats, evaluator = evaluate(model, criterion, postprocessor, loader_val,
+                                    dataset_val.coco, device, amp=args.amp, stats_fn=stats_fn)
+        _report_eval(evaluator, stats, output_dir)
+        return stats
+
+    loader_train = _loader(dataset_train, args, train=True)
+    log.info("training epochs %d..%d", args.start_epoch, args.epochs - 1)
+    start = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        if isinstance(loader_train.sampler, DistributedSampler):
+            loader_train.sampler.set_epoch(epoch)
+        elif isinstance(loader_train.sampler, RandomSampler):
+            loader_train.sampler.generator.manual_seed(args.seed + epoch)
+        train_stats = train_one_epoch(
+            model, criterion, loader_train, optimizer, device, epoch,
+            clip_max_norm=args.clip_max_norm, amp=args.amp, scaler=scaler,
+            print_freq=args.print_freq, stats_fn=stats_fn)
+        lr_scheduler.step()
+        if output_dir and is_main_process():
+            state = _checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler,
+                                      epoch, args, detector)
+            ckpt_io.save_checkpoint(state, output_dir / "checkpoint.pth")
+            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.checkpoint_every == 0:
+                ckpt_io.save_checkpoint(state, output_dir / f"checkpoint{epoch:04}.pth")
+        test_stats, evaluator = evaluate(model, criterion, postprocessor, loader_val,
+                                         dataset_val.coco, device, amp=args.amp,
+                                         stats_fn=stats_fn)
+        if is_main_process():
+            log.info("epoch %d: AP %.3f AP50 %.3f (%.1f min so far)\n%s", epoch,
+                     test_stats["coco_eval_bbox"][0], test_stats["coco_eval_bbox"][1],
+                     (time.time() - start) / 60, evaluator.summary)
+        append_log(output_dir, epoch_record(epoch, train_stats, test_stats, n_parameters))
+        if output_dir and is_main_process():
+            evaluator.write(output_dir)
+    return test_stats
+
+
+EXPECTED_ERRORS = (UsageError, DatasetError, ckpt_io.CheckpointError, NonFiniteLossError)
+
+
+def main(parser, detector, argv=None):
+    """Parse flags and run; expected failures end with one clear line and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        run(args, detector)
+    except EXPECTED_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if is_dist():
+            torch.distributed.destroy_process_group()
