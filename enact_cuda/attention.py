@@ -1,0 +1,73 @@
+"""Clustered attention: every query pixel of image b against image b's clusters (spec §1.7).
+
+Torch backend: padded clusters + key mask through F.scaled_dot_product_attention. The CUDA
+backend (enact_cuda.cuda_backend, optional) is a fused varlen kernel with the same semantics.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .information import resolve_impl, cuda_backend_or_reason, _log_fallback
+
+__all__ = ["clustered_attention", "clustered_attention_torch"]
+
+# What the fused CUDA kernel handles (issue 3): other inputs use torch under impl="auto".
+_CUDA_DTYPES = (torch.float32, torch.bfloat16)
+_CUDA_HEAD_DIMS = (32, 64)
+
+
+def clustered_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              key_padding_mask: torch.Tensor | None, dropout_p: float = 0.0,
+                              scale: float | None = None) -> torch.Tensor:
+    """Torch backend of `clustered_attention` (same arguments, no impl)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("clustered_attention: q, k, v must be (B, heads, L, e)")
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    B, R = key_padding_mask.shape
+    if k.shape[0] != B or k.shape[2] != R:
+        raise ValueError(f"key_padding_mask {tuple(key_padding_mask.shape)} does not match "
+                         f"k {tuple(k.shape)}")
+    has_key = ~key_padding_mask.all(1)  # (B,)
+    # attn_mask True = attend. An image without any cluster attends to its (zero, masked)
+    # padding rows instead of producing NaN; its output is then set to 0.
+    keep = (~key_padding_mask) | ~has_key[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :],
+                                         dropout_p=dropout_p, scale=scale)
+    return torch.where(has_key[:, None, None, None], out, out.new_zeros(()))
+
+
+def _cuda_supports(q, k, v) -> str:
+    """'' if the fused kernel handles these inputs, else the reason it does not."""
+    if q.dtype not in _CUDA_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"clustered_attention: dtype {q.dtype} not in the CUDA kernel's {_CUDA_DTYPES}"
+    if q.shape[-1] not in _CUDA_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        return (f"clustered_attention: head dims ({q.shape[-1]}, {v.shape[-1]}) not supported "
+                f"by the CUDA kernel (needs equal dims in {_CUDA_HEAD_DIMS})")
+    return ""
+
+
+def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_padding_mask: torch.Tensor | None, dropout_p: float = 0.0,
+                        impl: str = "auto", scale: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention of all queries of image b against image b's clusters.
+
+    q (B, heads, N, e), k (B, heads, R, e), v (B, heads, R, e_v), key_padding_mask (B, R) bool
+    True = no cluster (None = all present) -> (B, heads, N, e_v). scale defaults to 1/sqrt(e);
+    dropout_p is attention dropout (pass 0 in eval). An image with no cluster outputs zeros.
+    impl: "auto" | "cuda" | "torch" (see enact_cuda.backend_info()).
+    """
+    backend = resolve_impl(impl, q, k, v)
+    if backend == "cuda":
+        why = _cuda_supports(q, k, v)
+        if why and impl == "auto":
+            _log_fallback(why)
+            backend = "torch"
+    if backend == "cuda":
+        cb = cuda_backend_or_reason()[0]
+        if key_padding_mask is None:
+            key_padding_mask = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool,
+                                           device=k.device)
+        return cb.clustered_attention(q, k, v, key_padding_mask, dropout_p, scale)
+    return clustered_attention_torch(q, k, v, key_padding_mask, dropout_p, scale)

@@ -1,0 +1,159 @@
+"""ENACT modules: a drop-in encoder self-attention, and a clustering-only entry for Anchor DETR.
+
+Initialisation (spec §6.15, chosen deliberately): every weight Xavier-uniform and every bias
+zero, as the paper states (W_prob as well as W_q, W_k, W_v, W_o). The official code leaves
+torch's default uniform biases; loading an official checkpoint overwrites all of them anyway.
+Attention dropout (spec §6.16): `dropout` is applied to the attention weights in training
+(the official ClustAttn ignores its dropout argument).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import clustered_attention
+from .clustering import Clusters, _cluster_mask, _num_clusters, cluster_tensors
+from .information import (check_sigma, cuda_backend_or_reason, information_from_logits, regions,
+                          resolve_impl)
+
+__all__ = ["ENACTAttention", "ENACTClustering"]
+
+
+def _linear(d_in: int, d_out: int) -> nn.Linear:
+    layer = nn.Linear(d_in, d_out)
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _check_inputs(x: torch.Tensor, key_padding_mask, hw, who: str):
+    if x.dim() != 3:
+        raise ValueError(f"{who}: expected (B, N, d) batch-first input, got {tuple(x.shape)}")
+    B, N = x.shape[:2]
+    if hw is not None and int(hw[0]) * int(hw[1]) != N:
+        raise ValueError(f"{who}: hw={tuple(hw)} does not match N={N}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, N):
+        raise ValueError(f"{who}: key_padding_mask shape {tuple(key_padding_mask.shape)} "
+                         f"!= (B, N) = {(B, N)}")
+
+
+class _ENACTRegions(nn.Module):
+    """Shared part: W_prob, information, smoothing, regions, clustering, statistics."""
+
+    def __init__(self, d_model: int, sigma, impl: str, row_breaks: bool):
+        super().__init__()
+        if impl not in ("auto", "cuda", "torch"):
+            raise ValueError(f"impl must be 'auto', 'cuda' or 'torch', got {impl!r}")
+        self.d_model = int(d_model)
+        self.sigma = check_sigma(sigma)
+        self.impl = impl
+        self.row_breaks = bool(row_breaks)
+        self.W_prob = _linear(d_model, 1)
+        self.last_stats: dict = {}
+        self.information: torch.Tensor | None = None
+        self.smoothed_information: torch.Tensor | None = None
+
+    def _cluster(self, info_keys, tensors, key_padding_mask, hw):
+        """-> (backend, tuple of clustered tensors (B, R, d_t), cluster mask (B, R),
+        region_index (B, N))."""
+        backend = resolve_impl(self.impl, info_keys, *tensors)
+        cb = cuda_backend_or_reason()[0] if backend == "cuda" else None
+        z = self.W_prob(info_keys).squeeze(-1)  # (B, N) logits
+        if cb is not None:
+            info, smoothed, region_index, counts = cb.information_regions(
+                z, key_padding_mask, self.sigma, self.row_breaks, hw)
+            clustered = cb.cluster_tensors(tensors, smoothed, region_index,
+                                           _num_clusters(counts))
+        else:
+            info = information_from_logits(z, key_padding_mask)
+            smoothed, region_index, counts = regions(info, key_padding_mask, self.sigma,
+                                                     self.row_breaks, hw)
+            clustered = cluster_tensors(tensors, smoothed, region_index, _num_clusters(counts))
+        R = clustered[0].shape[1]
+        self._record(info, smoothed, counts, key_padding_mask, info_keys)
+        return backend, clustered, _cluster_mask(counts, R), region_index
+
+    def _record(self, info, smoothed, counts, key_padding_mask, x):
+        B, N = x.shape[:2]
+        clusters = counts.detach().float()
+        if key_padding_mask is None:
+            pixels = torch.full((B,), float(N), device=x.device)
+        else:
+            pixels = (~key_padding_mask).sum(1).float()
+        self.last_stats = {
+            "clusters_per_image": clusters,
+            "pixels_per_image": pixels,
+            "mean_region_length": pixels / clusters.clamp_min(1.0),
+        }
+        self.information = info.detach()
+        self.smoothed_information = smoothed.detach()
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, sigma={self.sigma}, impl={self.impl!r}, "
+                f"row_breaks={self.row_breaks}")
+
+
+class ENACTAttention(_ENACTRegions):
+    """ENACT multi-head self-attention, a drop-in for an encoder self-attention.
+
+    forward(src (B, N, d), pos (B, N, d) or None, key_padding_mask (B, N) bool True = padding
+    or None, hw = (H, W) python ints or None) -> (B, N, d).
+    keys = src + pos, values = src; information from W_prob(keys); keys and values are
+    clustered BEFORE the projections (exact, spec §1.6); q = W_q(src + pos) on all N pixels,
+    k = W_k(K'), v = W_v(V'); per-head clustered attention with scale 1/sqrt(d/nhead) and
+    attention dropout `dropout` in training; then W_o. hw is needed only for row_breaks.
+    After a forward: `last_stats` (detached (B,) float tensors: clusters_per_image,
+    pixels_per_image, mean_region_length), `information` and `smoothed_information` (B, N).
+    """
+
+    def __init__(self, d_model: int, nhead: int, sigma, dropout: float = 0.0,
+                 impl: str = "auto", row_breaks: bool = False):
+        super().__init__(d_model, sigma, impl, row_breaks)
+        if d_model % nhead != 0:
+            raise ValueError(f"d_model={d_model} is not divisible by nhead={nhead}")
+        self.nhead = int(nhead)
+        self.dropout = float(dropout)
+        self.W_q = _linear(d_model, d_model)
+        self.W_k = _linear(d_model, d_model)
+        self.W_v = _linear(d_model, d_model)
+        self.W_o = _linear(d_model, d_model)
+
+    def forward(self, src: torch.Tensor, pos: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None, hw=None) -> torch.Tensor:
+        _check_inputs(src, key_padding_mask, hw, "ENACTAttention")
+        B, N, d = src.shape
+        h, e = self.nhead, d // self.nhead
+        keys = src if pos is None else src + pos
+        backend, (ck, cv), cluster_mask, _ = self._cluster(keys, (keys, src),
+                                                           key_padding_mask, hw)
+        R = ck.shape[1]
+        q = self.W_q(keys).view(B, N, h, e).transpose(1, 2)
+        k = self.W_k(ck).view(B, R, h, e).transpose(1, 2)
+        v = self.W_v(cv).view(B, R, h, e).transpose(1, 2)
+        out = clustered_attention(q, k, v, cluster_mask,
+                                  dropout_p=self.dropout if self.training else 0.0,
+                                  impl="torch" if backend == "torch" else self.impl)
+        return self.W_o(out.transpose(1, 2).reshape(B, N, d))
+
+    def extra_repr(self) -> str:
+        return f"nhead={self.nhead}, dropout={self.dropout}, " + super().extra_repr()
+
+
+class ENACTClustering(_ENACTRegions):
+    """ENACT clustering only (Anchor DETR): one set of regions for several tensors.
+
+    forward(info_keys (B, N, d) the keys the information is computed from, tensors: tuple of
+    (B, N, d_t), key_padding_mask (B, N) or None, hw) -> Clusters(keys=None, values=tuple of
+    (B, R, d_t), key_padding_mask (B, R), region_index (B, N)). Same attributes as
+    ENACTAttention after a forward (last_stats, information, smoothed_information).
+    """
+
+    def forward(self, info_keys: torch.Tensor, tensors, key_padding_mask=None,
+                hw=None) -> Clusters:
+        _check_inputs(info_keys, key_padding_mask, hw, "ENACTClustering")
+        tensors = tuple(tensors)
+        if not tensors:
+            raise ValueError("ENACTClustering: tensors must be a non-empty tuple")
+        _, clustered, cluster_mask, region_index = self._cluster(info_keys, tensors,
+                                                                 key_padding_mask, hw)
+        return Clusters(None, tuple(clustered), cluster_mask, region_index)
