@@ -1,0 +1,1 @@
+"""Shared detection core for the DETR-family detectors (data, backbone, matcher, losses, engine)."""

@@ -1,0 +1,232 @@
+"""ResNet backbone with frozen batch norm (spec §3.1).
+
+``Backbone.forward(batch)`` takes an ImageBatch (images (B,3,H,W), mask (B,H,W) bool, True =
+padding) and returns a list, one entry per returned layer, of (feat (B,C,h,w), mask (B,h,w))
+where the mask is the padding mask resized to (h, w) by nearest interpolation.
+``Joiner(backbone, position_embedding)`` adds the positional encoding (B,d,h,w) per level; its
+state_dict keys are ``0.body.*`` so a detector holding it as ``backbone`` has the upstream keys
+``backbone.0.body.conv1.weight`` etc.
+"""
+import os
+from typing import Iterable, List, Tuple
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+_STEM = ("conv1", "bn1", "relu", "maxpool")
+_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+}
+_WEIGHTS = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters (all buffers, never trained).
+
+    y = (x - running_mean) * weight * rsqrt(running_var + eps) + bias, eps = 1e-5.
+    ``num_batches_tracked`` entries of a BatchNorm2d state_dict are ignored on load.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + shift.reshape(1, -1, 1, 1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class _Body(nn.Module):
+    """The ResNet trunk (conv1, bn1, relu, maxpool, layer1..layerK) returning chosen layers."""
+
+    def __init__(self, resnet: nn.Module, return_layers: Tuple[str, ...]):
+        super().__init__()
+        last = max(_LAYERS.index(name) for name in return_layers)
+        for name in _STEM + _LAYERS[: last + 1]:
+            self.add_module(name, getattr(resnet, name))
+        self.return_layers = tuple(return_layers)
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        out = []
+        for name, module in self.named_children():
+            x = module(x)
+            if name in self.return_layers:
+                out.append(x)
+        return out
+
+
+def _dilate_basic_layer4(layer4: nn.Sequential) -> None:
+    """Replace layer4's stride by dilation 2 for BasicBlock ResNets (18/34), in place.
+
+    Mirrors torchvision's convention for Bottleneck: the first block keeps dilation 1 with stride
+    1, later blocks use dilation 2 (padding 2). Weight shapes are unchanged.
+    """
+    first = layer4[0]
+    first.conv1.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+    for block in list(layer4)[1:]:
+        for conv in (block.conv1, block.conv2):
+            conv.dilation = (2, 2)
+            conv.padding = (2, 2)
+
+
+def _resnet_state_dict(name: str, weights: str) -> dict:
+    """State dict (torchvision key names) for ``weights`` = "imagenet" or a file path."""
+    if weights == "imagenet":
+        enum = getattr(torchvision.models, _WEIGHTS[name]).IMAGENET1K_V1
+        try:
+            return enum.get_state_dict(progress=False)
+        except Exception as exc:  # offline, proxy, corrupt cache ...
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(
+                f"could not fetch ImageNet weights for {name}: {reason}; "
+                "pass --backbone_weights none or a local .pth") from None
+    path = weights
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--backbone_weights {path}: file not found "
+                                "(expected imagenet, none or a local .pth state_dict)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"--backbone_weights {path}: cannot read the state_dict: {exc}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise RuntimeError(f"--backbone_weights {path}: expected a state_dict (dict of tensors), "
+                           f"got {type(state).__name__}")
+    out = {}
+    for key, value in state.items():
+        for prefix in ("backbone.0.body.", "backbone.body.", "body.", "module."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        out[key] = value
+    return out
+
+
+def _load_resnet_weights(resnet: nn.Module, name: str, weights: str) -> None:
+    state = _resnet_state_dict(name, weights)
+    state = {k: v for k, v in state.items()
+             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    expected = {k: v.shape for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[0]}: "
+                         f"{tuple(state[wrong[0]].shape)} vs {tuple(expected[wrong[0]])})")
+        raise RuntimeError(f"--backbone_weights {weights}: not a {name} state_dict: " + "; ".join(parts))
+    resnet.load_state_dict(state, strict=False)
+
+
+class Backbone(nn.Module):
+    """torchvision ResNet trunk with FrozenBatchNorm2d.
+
+    Args: name resnet18|34|50|101; train_backbone: layer2-4 get requires_grad (stem and layer1
+    are always frozen); return_layers: names among layer1..layer4; dilation: layer4 stride 2 ->
+    dilation 2 (stride 16 instead of 32); weights: "imagenet" (torchvision V1), "none" or a path.
+    Attributes: ``body``, ``num_channels`` (list per returned layer), ``strides`` (list).
+    """
+
+    def __init__(self, name: str, train_backbone: bool, return_layers: Iterable[str] = ("layer4",),
+                 dilation: bool = False, weights: str = "none"):
+        super().__init__()
+        if name not in _CHANNELS:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_CHANNELS)}")
+        return_layers = tuple(return_layers)
+        bad = [r for r in return_layers if r not in _LAYERS]
+        if bad or not return_layers:
+            raise ValueError(f"return_layers must be names among {_LAYERS}, got {return_layers}")
+        basic = name in ("resnet18", "resnet34")
+        resnet = getattr(torchvision.models, name)(
+            weights=None, norm_layer=FrozenBatchNorm2d,
+            replace_stride_with_dilation=[False, False, bool(dilation) and not basic])
+        if dilation and basic:
+            _dilate_basic_layer4(resnet.layer4)
+        weights = "none" if weights is None else str(weights)
+        if weights.lower() != "none":
+            _load_resnet_weights(resnet, name, weights)
+        for pname, param in resnet.named_parameters():
+            trainable = train_backbone and pname.split(".")[0] in ("layer2", "layer3", "layer4")
+            param.requires_grad_(trainable)
+        self.body = _Body(resnet, return_layers)
+        order = sorted(return_layers, key=_LAYERS.index)
+        self.body.return_layers = tuple(order)
+        self.num_channels = [_CHANNELS[name][_LAYERS.index(r)] for r in order]
+        self.strides = [{"layer1": 4, "layer2": 8, "layer3": 16,
+                         "layer4": 16 if dilation else 32}[r] for r in order]
+
+    def forward(self, batch) -> List[Tuple[Tensor, Tensor]]:
+        images, mask = _unpack(batch)
+        out = []
+        for feat in self.body(images):
+            m = F.interpolate(mask[:, None].float(), size=feat.shape[-2:], mode="nearest")[:, 0]
+            out.append((feat, m.to(torch.bool)))
+        return out
+
+
+def _unpack(batch) -> Tuple[Tensor, Tensor]:
+    """ImageBatch-like (``.images``, ``.mask``) or a plain (B,3,H,W) tensor (no padding)."""
+    if isinstance(batch, Tensor):
+        b, _, h, w = batch.shape
+        return batch, torch.zeros(b, h, w, dtype=torch.bool, device=batch.device)
+    return batch.images, batch.mask
+
+
+class Joiner(nn.Sequential):
+    """(backbone, position_embedding) -> forward(batch) = (features, positions).
+
+    features: list of (feat (B,C,h,w), mask (B,h,w)); positions: list of (B,d,h,w) in the
+    features' dtype.
+    """
+
+    def __init__(self, backbone: Backbone, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+        self.strides = backbone.strides
+
+    def forward(self, batch):
+        features = self[0](batch)
+        positions = [self[1](mask).to(feat.dtype) for feat, mask in features]
+        return features, positions
+
+
+def build_backbone(args, return_layers=("layer4",)) -> Backbone:
+    """Backbone from args.backbone, args.lr_backbone (>0 trains layer2-4), args.dilation,
+    args.backbone_weights (imagenet | none | PATH)."""
+    return Backbone(args.backbone, train_backbone=args.lr_backbone > 0,
+                    return_layers=return_layers, dilation=bool(getattr(args, "dilation", False)),
+                    weights=getattr(args, "backbone_weights", "imagenet"))

@@ -1,0 +1,54 @@
+"""Sine positional encoding of DETR (spec §3.1).
+
+``PositionEmbeddingSine(num_pos_feats=128)`` maps a padding mask (B, H, W) bool, True = padding,
+to (B, 2*num_pos_feats, H, W): the y block first, then the x block. Within a block channel k
+carries sin(pos / f_k) for even k and cos(pos / f_k) for odd k, f_k = T^(2*floor(k/2) / F).
+With ``normalize`` the positions (cumulative valid-pixel counts, 1-based) are divided by the
+column/row total (+1e-6) and multiplied by ``scale`` (2*pi).
+"""
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class PositionEmbeddingSine(nn.Module):
+    """Fixed sinusoidal 2-D positional encoding; no parameters."""
+
+    def __init__(self, num_pos_feats: int = 128, temperature: float = 10000,
+                 normalize: bool = True, scale: float = None):
+        super().__init__()
+        if scale is not None and not normalize:
+            raise ValueError("PositionEmbeddingSine: scale is only used with normalize=True")
+        self.num_pos_feats = num_pos_feats
+        self.temperature = temperature
+        self.normalize = normalize
+        self.scale = 2 * math.pi if scale is None else scale
+
+    def _encode(self, positions: Tensor) -> Tensor:
+        """positions (B, H, W) float32 -> (B, F, H, W)."""
+        k = torch.arange(self.num_pos_feats, dtype=torch.float32, device=positions.device)
+        freqs = self.temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / self.num_pos_feats)
+        angles = positions[:, None, :, :] / freqs[None, :, None, None]
+        even = (k.long() % 2 == 0)[None, :, None, None]
+        return torch.where(even, angles.sin(), angles.cos())
+
+    def forward(self, mask: Tensor) -> Tensor:
+        """mask (B, H, W) bool (True = padding) -> (B, 2*num_pos_feats, H, W) float32."""
+        if mask.dim() != 3:
+            raise ValueError(f"PositionEmbeddingSine expects a (B, H, W) mask, got {tuple(mask.shape)}")
+        valid = (~mask).to(torch.float32)
+        y = valid.cumsum(1)
+        x = valid.cumsum(2)
+        if self.normalize:
+            eps = 1e-6
+            y = y / (y[:, -1:, :] + eps) * self.scale
+            x = x / (x[:, :, -1:] + eps) * self.scale
+        return torch.cat((self._encode(y), self._encode(x)), dim=1)
+
+
+def build_position_encoding(args) -> PositionEmbeddingSine:
+    """Sine encoding with hidden_dim // 2 features per axis (so y+x = hidden_dim channels)."""
+    if args.hidden_dim % 2:
+        raise ValueError(f"--hidden_dim must be even for the sine encoding, got {args.hidden_dim}")
+    return PositionEmbeddingSine(args.hidden_dim // 2, normalize=True)
