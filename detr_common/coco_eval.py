@@ -66,7 +66,7 @@ class CocoEvaluator:
         for k, cat_id in enumerate(self.coco_eval.params.catIds):
             p = precision[:, :, k, 0, -1]
             ap = float(np.mean(p[p > -1])) if (p > -1).any() else float("nan")
-            rows.append((self.coco_gt.loadCats(cat_id)[0]["name"], ap))
+            rows.append((self.coco_gt.cats[int(cat_id)]["name"], ap))
         return rows
 
     def per_class_table(self):
