@@ -1,0 +1,90 @@
+"""Checkpoint saving and loading: atomic writes and one-line errors for unusable files."""
+import argparse
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from detr_common import checkpoint as ck
+
+
+def tiny_model(classes=3):
+    model = nn.Module()
+    model.body = nn.Linear(4, 4)
+    model.class_embed = nn.Linear(4, classes)
+    return model
+
+
+def test_save_is_atomic_and_round_trips(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "checkpoint.pth"
+    ck.save_checkpoint({"model": model.state_dict(), "epoch": 3,
+                        "args": argparse.Namespace(no_enact=True)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]   # no temp file left
+    loaded = ck.load_checkpoint(path)
+    assert loaded["epoch"] == 3
+    assert torch.equal(loaded["model"]["body.weight"], model.body.weight)
+    # The Namespace is allow-listed, so weights_only loading works too.
+    assert torch.load(path, weights_only=True)["args"].no_enact is True
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    ck.save_checkpoint({"model": {}, "epoch": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ck.save_checkpoint({"model": {}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert ck.load_checkpoint(path)["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"]
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(ck.CheckpointError, match=r"nope\.pth: checkpoint file not found"):
+        ck.load_checkpoint(tmp_path / "nope.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ck.CheckpointError, match=r"bad\.pth: not a readable PyTorch checkpoint"):
+        ck.load_checkpoint(bad)
+    other = tmp_path / "other.pth"
+    torch.save([1, 2], other)
+    with pytest.raises(ck.CheckpointError, match=r"other\.pth: not a detector checkpoint"):
+        ck.load_checkpoint(other)
+
+
+def test_wrong_detector_and_wrong_shape(tmp_path):
+    path = tmp_path / "c.pth"
+    ck.save_checkpoint({"model": tiny_model(5).state_dict(), "detector": "anchor_detr"}, path)
+    ckpt = ck.load_checkpoint(path)
+    with pytest.raises(ck.CheckpointError, match="this is a 'anchor_detr' checkpoint, not 'detr'"):
+        ck.check_detector(path, ckpt, "detr")
+    with pytest.raises(ck.CheckpointError,
+                       match=r"2 shape mismatches \(e.g. class_embed.weight: checkpoint \[5, 4\] "
+                             r"vs model \[3, 4\]\)"):
+        ck.load_model_state(tiny_model(3), path, ckpt, None)
+
+
+def test_enact_mismatch_hint(tmp_path):
+    path = tmp_path / "c.pth"
+    state = tiny_model().state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    ckpt = {"model": state, "args": argparse.Namespace(no_enact=True)}
+    with pytest.raises(ck.CheckpointError, match="trained without ENACT: add --no_enact"):
+        ck.load_model_state(tiny_model(), path, ckpt, argparse.Namespace(no_enact=False))
+
+
+def test_pretrained_reinitialises_a_different_class_head(tmp_path):
+    source = tiny_model(7)
+    path = tmp_path / "c.pth"
+    ck.save_checkpoint({"model": source.state_dict(), "detector": "detr"}, path)
+    target = tiny_model(3)
+    head_before = target.class_embed.weight.clone()
+    ck.load_pretrained(target, path, "detr")
+    assert torch.equal(target.body.weight, source.body.weight)
+    assert torch.equal(target.class_embed.weight, head_before)
