@@ -1,0 +1,137 @@
+"""Row-column decoupled attention (RCDA, Anchor DETR spec §3.4), batch-first, and its ENACT form.
+
+Parameters as upstream ``MultiheadRCDA``: ``in_proj_weight`` (5E, E) with row slices
+[q_row | q_col | k_row | k_col | v] (each E x E), ``in_proj_bias`` (5E,), ``out_proj``
+Linear(E, E). Head split is head-major (head i = channels i*d_h .. (i+1)*d_h - 1).
+
+``forward`` (upstream RCDA): queries (B, L, E); keys/value on the grid (B, H, W, E);
+key_padding_mask (B, H, W) True = padding (padding is bottom/right, so a valid region is a
+rectangle: row validity is read from the first column, column validity from the first row).
+Row keys = k_row projection averaged over the VALID rows (W keys); column keys = k_col
+projection averaged over the VALID columns (H keys). Upstream averages over all rows/columns,
+padding included; averaging over valid ones only is our fix so an image's result does not depend
+on the padding of its batch (identical when there is no padding).
+A_row = softmax over the W keys, A_col = softmax over the H keys (each scaled by 1/sqrt(d_h),
+padding masked), out[l] = sum_y sum_x A_col[l,y] A_row[l,x] v[y,x], then out_proj.
+
+``forward_clustered`` (ENACT paper mode, DESIGN §4, spec §6 items 17-18): every pixel keeps its
+own row and column queries; row keys, column keys and values are the image's clusters (B, R, E)
+(clustered before projection, which is exact because the region weights sum to 1). One joint
+softmax over the clusters of the summed row and column logits:
+    w[i, r] = softmax_r((q_row_i . k_row_r + q_col_i . k_col_r) / sqrt(d_h))
+which is SDPA of [q_row, q_col] against [k_row, k_col] at head dim 2*d_h with scale 1/sqrt(d_h).
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# in_proj slot order (upstream meaning, kept in ENACT mode too)
+Q_ROW, Q_COL, K_ROW, K_COL, V = range(5)
+
+
+def masked_mean(x: Tensor, valid: Tensor, dim: int) -> Tensor:
+    """Mean of x (B, H, W, E) over dim (1 or 2) counting only entries where valid (B, H or W)."""
+    w = valid.to(x.dtype)
+    w = w / w.sum(-1, keepdim=True).clamp(min=1)
+    if dim == 1:
+        return torch.einsum("bhwe,bh->bwe", x, w)
+    return torch.einsum("bhwe,bw->bhe", x, w)
+
+
+class RCDA(nn.Module):
+    """Multi-head row-column decoupled attention; see the module docstring."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(5 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(5 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def project(self, x: Tensor, slot: int) -> Tensor:
+        """Apply in_proj slice ``slot`` (Q_ROW .. V) to x (..., E)."""
+        e = self.embed_dim
+        return F.linear(x, self.in_proj_weight[slot * e:(slot + 1) * e],
+                        self.in_proj_bias[slot * e:(slot + 1) * e])
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(B, L, E) -> (B, h, L, d_h)."""
+        b, n, _ = x.shape
+        return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _merge(self, x: Tensor) -> Tensor:
+        """(B, h, L, d_h) -> out_proj of (B, L, E)."""
+        b, _, n, _ = x.shape
+        return self.out_proj(x.transpose(1, 2).reshape(b, n, self.embed_dim))
+
+    def forward(self, query_row: Tensor, query_col: Tensor, key_row: Tensor, key_col: Tensor,
+                value: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """query_row/col (B,L,E); key_row/key_col/value (B,H,W,E); mask (B,H,W) -> (B,L,E)."""
+        b, h, w, e = value.shape
+        nh, dh = self.num_heads, self.head_dim
+        scale = dh ** -0.5
+        if key_padding_mask is None:
+            row_valid = value.new_ones(b, h, dtype=torch.bool)
+            col_valid = value.new_ones(b, w, dtype=torch.bool)
+        else:
+            row_valid = ~key_padding_mask[:, :, 0]
+            col_valid = ~key_padding_mask[:, 0, :]
+        # averaging commutes with the affine projection, so pool first (W and H rows, not H*W)
+        k_row = self._heads(self.project(masked_mean(key_row, row_valid, 1), K_ROW))  # (B,h,W,d)
+        k_col = self._heads(self.project(masked_mean(key_col, col_valid, 2), K_COL))  # (B,h,H,d)
+        q_row = self._heads(self.project(query_row, Q_ROW)) * scale                    # (B,h,L,d)
+        q_col = self._heads(self.project(query_col, Q_COL)) * scale
+        v = self.project(value, V).reshape(b, h, w, nh, dh).permute(0, 3, 1, 2, 4)    # (B,h,H,W,d)
+
+        a_row = torch.matmul(q_row, k_row.transpose(-2, -1))                          # (B,h,L,W)
+        a_col = torch.matmul(q_col, k_col.transpose(-2, -1))                          # (B,h,L,H)
+        if key_padding_mask is not None:
+            a_row = a_row.masked_fill(~col_valid[:, None, None, :], float("-inf"))
+            a_col = a_col.masked_fill(~row_valid[:, None, None, :], float("-inf"))
+        a_row = a_row.softmax(-1)
+        a_col = a_col.softmax(-1)
+        if self.training and self.dropout > 0:
+            a_row = F.dropout(a_row, self.dropout)
+            a_col = F.dropout(a_col, self.dropout)
+        n_q = a_row.shape[2]
+        if h <= w:  # contract the longer axis (x) first: intermediate (B,h,L,H,d)
+            t = torch.matmul(a_row, v.transpose(2, 3).reshape(b, nh, w, h * dh))
+            out = torch.matmul(a_col[..., None, :], t.reshape(b, nh, n_q, h, dh))
+        else:       # contract y first: intermediate (B,h,L,W,d)
+            t = torch.matmul(a_col, v.reshape(b, nh, h, w * dh))
+            out = torch.matmul(a_row[..., None, :], t.reshape(b, nh, n_q, w, dh))
+        return self._merge(out.squeeze(-2))
+
+    def forward_clustered(self, query_row: Tensor, query_col: Tensor, key_row: Tensor,
+                          key_col: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                          impl: str = "auto") -> Tensor:
+        """ENACT joint softmax over clusters.
+
+        query_row/col (B,N,E) per pixel; key_row/key_col/value (B,R,E) clustered (unprojected);
+        key_padding_mask (B,R) True = no cluster -> (B,N,E).
+        """
+        import enact_cuda
+
+        q = torch.cat((self._heads(self.project(query_row, Q_ROW)),
+                       self._heads(self.project(query_col, Q_COL))), dim=-1)     # (B,h,N,2d)
+        k = torch.cat((self._heads(self.project(key_row, K_ROW)),
+                       self._heads(self.project(key_col, K_COL))), dim=-1)       # (B,h,R,2d)
+        v = self._heads(self.project(value, V))                                   # (B,h,R,d)
+        out = enact_cuda.clustered_attention(
+            q, k, v, key_padding_mask, dropout_p=self.dropout if self.training else 0.0,
+            impl=impl, scale=1.0 / math.sqrt(self.head_dim))
+        return self._merge(out)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
