@@ -1,5 +1,6 @@
 """The training programme shared by the three ``main.py``: data, model, optimiser, resume,
 epochs, checkpoints, evaluation and ``log.txt``. A detector plugs in through :class:`Detector`."""
+import json
 import logging
 import random
 import sys
@@ -44,6 +45,8 @@ class UsageError(RuntimeError):
 
 
 def _seed_everything(seed):
+    """Seed torch, numpy and random. Called at every epoch start with a seed derived from
+    (--seed, epoch, rank), so a resumed run repeats the epochs of an uninterrupted one."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2 ** 32)
     random.seed(seed)
@@ -91,6 +94,8 @@ def _checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch, args, detec
 
 
 def _report_eval(evaluator, stats, output_dir):
+    """Print the COCO table and per-class APs; write them with the detections and
+    ``eval.json`` (the ``test_*`` statistics, as log.txt would name them)."""
     if not is_main_process():
         return
     print(evaluator.summary, flush=True)
@@ -98,6 +103,8 @@ def _report_eval(evaluator, stats, output_dir):
         print(evaluator.per_class_table(), flush=True)
     if output_dir:
         evaluator.write(output_dir, detections=True)
+        (output_dir / "eval.json").write_text(
+            json.dumps({f"test_{k}": v for k, v in stats.items()}, indent=1))
 
 
 def run(args, detector):
@@ -164,6 +171,7 @@ def run(args, detector):
     log.info("training epochs %d..%d", args.start_epoch, args.epochs - 1)
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
+        _seed_everything(args.seed + 1_000_003 * (epoch + 1) + get_rank())
         if isinstance(loader_train.sampler, DistributedSampler):
             loader_train.sampler.set_epoch(epoch)
         elif isinstance(loader_train.sampler, RandomSampler):

@@ -1,0 +1,25 @@
+"""Run a detector's main.py in a subprocess, as a user would."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny configuration that trains in seconds on 2 CPU cores.
+TINY = ["--device", "cpu", "--backbone", "resnet18", "--backbone_weights", "none",
+        "--hidden_dim", "32", "--nheads", "4", "--enc_layers", "1", "--dec_layers", "1",
+        "--dim_feedforward", "64", "--num_queries", "10", "--train_sizes", "64",
+        "--eval_size", "64", "--max_size", "96", "--batch_size", "4", "--num_workers", "0",
+        "--dropout", "0.0", "--print_freq", "1"]
+
+
+def run_main(folder, *args, check=True, timeout=600, env=None):
+    """``python <folder>/main.py *args``; returns the CompletedProcess (text output)."""
+    cmd = [sys.executable, str(ROOT / folder / "main.py"), *map(str, args)]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc

@@ -1,0 +1,68 @@
+"""Each bad input ends main.py with one clear line naming the file and the problem."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from _cli import TINY, run_main
+
+
+def fails_with(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+def detr(coco_path, out, *extra):
+    return run_main("DETR-ENACT", "--coco_path", coco_path, "--output_dir", out, "--no_enact",
+                    *TINY, *extra, check=False)
+
+
+@pytest.fixture()
+def coco_copy(shapes_coco, tmp_path):
+    dst = tmp_path / "coco"
+    shutil.copytree(shapes_coco, dst)
+    return dst
+
+
+def test_missing_coco_path(tmp_path):
+    fails_with(detr(tmp_path / "nowhere", tmp_path / "o", "--epochs", "1"), "nowhere")
+
+
+def test_missing_annotation_file(coco_copy, tmp_path):
+    (coco_copy / "annotations" / "instances_val2017.json").unlink()
+    fails_with(detr(coco_copy, tmp_path / "o", "--epochs", "1"), "instances_val2017.json")
+
+
+def test_malformed_annotation_json(coco_copy, tmp_path):
+    (coco_copy / "annotations" / "instances_train2017.json").write_text("{not json")
+    fails_with(detr(coco_copy, tmp_path / "o", "--epochs", "1"), "instances_train2017.json")
+
+
+def test_corrupt_image(coco_copy, tmp_path):
+    images = sorted((coco_copy / "val2017").iterdir())
+    images[0].write_bytes(b"garbage")
+    fails_with(detr(coco_copy, tmp_path / "o", "--epochs", "1"), images[0].name)
+
+
+def test_checkpoint_of_another_detector(shapes_coco, tmp_path):
+    path = tmp_path / "anchor.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "detector": "anchor_detr", "epoch": 0}, path)
+    fails_with(detr(shapes_coco, tmp_path / "o", "--resume", path, "--eval"),
+               "anchor.pth", "'anchor_detr' checkpoint")
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_shape_and_resume_past_the_end(shapes_coco, tmp_path):
+    run = tmp_path / "run"
+    detr(shapes_coco, run, "--epochs", "1")
+    ckpt = run / "checkpoint.pth"
+    fails_with(detr(shapes_coco, tmp_path / "o", "--resume", ckpt, "--eval",
+                    "--num_queries", "12"), "checkpoint.pth", "query_embed.weight")
+    fails_with(detr(shapes_coco, tmp_path / "o", "--resume", ckpt, "--epochs", "1"),
+               "checkpoint.pth", "already finished epoch 0")

@@ -1,0 +1,56 @@
+"""DETR through main.py on the shapes data: training, resume, --eval, log.txt."""
+import json
+
+import pytest
+import torch
+
+from _cli import TINY, run_main
+from detr_common.logs import read_log
+
+pytestmark = pytest.mark.slow
+
+
+def train(shapes_coco, out, *extra):
+    return run_main("DETR-ENACT", "--coco_path", shapes_coco, "--output_dir", out,
+                    "--no_enact", *TINY, "--lr_drop", "2", *extra)
+
+
+def test_resume_repeats_the_uninterrupted_run(shapes_coco, tmp_path):
+    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
+    train(shapes_coco, straight, "--epochs", "3")
+    train(shapes_coco, first, "--epochs", "2")
+    ckpt = torch.load(first / "checkpoint.pth", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["detector"] == "detr"
+    assert (first / "checkpoint0001.pth").is_file()            # lr drop after epoch index 1
+    train(shapes_coco, resumed, "--epochs", "3", "--resume", first / "checkpoint.pth")
+
+    log_straight, log_resumed = read_log(straight / "log.txt"), read_log(resumed / "log.txt")
+    assert [r["epoch"] for r in log_straight] == [0, 1, 2]
+    assert [r["epoch"] for r in log_resumed] == [2]
+    a, b = log_straight[2], log_resumed[0]
+    assert b["train_lr"] == pytest.approx(5e-6)                  # 5e-5 dropped once at epoch 2
+    for key in ("train_lr", "train_loss", "train_loss_ce", "train_loss_bbox", "test_loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    end_a = torch.load(straight / "checkpoint.pth", weights_only=False)
+    end_b = torch.load(resumed / "checkpoint.pth", weights_only=False)
+    assert end_b["lr_scheduler"] == end_a["lr_scheduler"]
+    for k, v in end_a["model"].items():
+        assert torch.allclose(end_b["model"][k], v, atol=1e-5), k
+    for key in ("train_peak_mem_gib", "train_s_per_img", "test_coco_eval_bbox", "n_parameters"):
+        assert key in a
+    assert len(a["test_coco_eval_bbox"]) == 12
+
+
+def test_eval_reproduces_the_logged_numbers(shapes_coco, tmp_path):
+    run = tmp_path / "run"
+    train(shapes_coco, run, "--epochs", "1")
+    logged = read_log(run / "log.txt")[-1]
+    ev = run_main("DETR-ENACT", "--coco_path", shapes_coco, "--output_dir", tmp_path / "ev",
+                  "--no_enact", *TINY, "--resume", run / "checkpoint.pth", "--eval")
+    assert "Average Precision" in ev.stdout or "every AP is 0" in ev.stdout
+    stats = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert stats["test_loss"] == pytest.approx(logged["test_loss"], rel=1e-6)
+    assert stats["test_coco_eval_bbox"] == pytest.approx(logged["test_coco_eval_bbox"], abs=1e-9)
+    dets = json.loads((tmp_path / "ev" / "detections.json").read_text())
+    assert len(dets) == 4 * 10                                    # 4 val images x 10 queries
+    assert set(dets[0]) == {"image_id", "category_id", "bbox", "score"}
