@@ -215,6 +215,20 @@ def test_regions_match_reference(name, B, H, W, sizes, sigma, row_breaks):
     assert ridx.dtype == torch.int64 and counts.dtype == torch.int64
 
 
+def test_regions_of_a_single_spike_hand_computed():
+    """sigma=1 spike at 10: curvature > 0 only at 9..11 (the bump); exactly 0 far away -> step 0."""
+    info = torch.zeros(1, 21)
+    info[0, 10] = 1.0
+    sm, ridx, counts = regions(info, None, 1)
+    assert torch.allclose(sm[0, 7:14], gaussian_taps(1))
+    assert torch.all(sm[0, :7] == 0) and torch.all(sm[0, 14:] == 0)
+    assert torch.equal(ridx[0], torch.tensor([0] * 9 + [1] * 3 + [2] * 9))
+    assert torch.equal(counts, torch.tensor([3]))
+    # at the end of an image the zero padding acts the same way
+    sm, ridx, counts = regions(info[:, 3:14], None, 1)
+    assert torch.equal(ridx[0], torch.tensor([0] * 6 + [1] * 3 + [2] * 2))
+
+
 def test_regions_ignore_information_on_padding():
     torch.manual_seed(3)
     info = torch.rand(2, 20, dtype=torch.float64)

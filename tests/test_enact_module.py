@@ -1,0 +1,203 @@
+"""enact_cuda.ENACTAttention and ENACTClustering (drop-in encoder self-attention), CPU."""
+import math
+
+import pytest
+import torch
+
+from enact_cuda import (Clusters, ENACTAttention, ENACTClustering, cluster, regions,
+                        self_information)
+
+
+def box_mask(B, H, W, sizes):
+    """Bottom/right padding: image b is valid on [0, h_b) x [0, w_b)."""
+    m = torch.ones(B, H, W, dtype=torch.bool)
+    for b, (h, w) in enumerate(sizes):
+        m[b, :h, :w] = False
+    return m.flatten(1)
+
+
+def reference_forward(mod, src, pos, mask, hw):
+    """Per image, in plain ops: regions of the image's valid pixels, project THEN cluster
+    (spec §1.6 says this equals clustering first), per-head softmax attention, W_o."""
+    B, N, d = src.shape
+    h, e = mod.nhead, d // mod.nhead
+    out = torch.zeros(B, N, d, dtype=src.dtype)
+    W = hw[1]
+    for b in range(B):
+        valid = ~mask[b]
+        keys = (src[b] + pos[b])
+        kv = keys[valid]
+        z = kv @ mod.W_prob.weight[0] + mod.W_prob.bias[0]
+        p = torch.softmax(z, 0) + 1e-8
+        info = -p * torch.log2(p)
+        width = int(valid[:W].sum())
+        sm, ridx, counts = regions(info[None], None, mod.sigma, mod.row_breaks,
+                                   (len(kv) // width, width) if mod.row_breaks else None)
+        k_proj = mod.W_k(kv)
+        v_proj = mod.W_v(src[b][valid])
+        ks, vs = [], []
+        for r in range(int(counts[0])):
+            sel = ridx[0] == r
+            w = torch.softmax(sm[0, sel], 0)
+            ks.append((w[:, None] * k_proj[sel]).sum(0))
+            vs.append((w[:, None] * v_proj[sel]).sum(0))
+        K, V = torch.stack(ks), torch.stack(vs)            # (R_b, d)
+        q = mod.W_q(keys)                                  # all N pixels query
+        heads = []
+        for i in range(h):
+            sl = slice(i * e, (i + 1) * e)
+            a = torch.softmax(q[:, sl] @ K[:, sl].T / math.sqrt(e), -1)
+            heads.append(a @ V[:, sl])
+        out[b] = mod.W_o(torch.cat(heads, -1))
+    return out
+
+
+@pytest.mark.parametrize("row_breaks", [False, True])
+def test_forward_matches_per_image_reference(row_breaks):
+    torch.manual_seed(0)
+    B, H, W, d = 3, 5, 6, 8
+    mod = ENACTAttention(d, 2, sigma=1, impl="torch", row_breaks=row_breaks).double()
+    with torch.no_grad():
+        mod.W_prob.weight.mul_(20)  # make the information vary
+        for lin in (mod.W_q, mod.W_k, mod.W_v, mod.W_o, mod.W_prob):
+            lin.bias.normal_()
+    src = torch.randn(B, H * W, d, dtype=torch.float64)
+    pos = torch.randn(B, H * W, d, dtype=torch.float64)
+    mask = box_mask(B, H, W, [(5, 6), (3, 4), (1, 2)])
+    out = mod(src, pos, mask, (H, W))
+    assert out.shape == (B, H * W, d)
+    assert torch.allclose(out, reference_forward(mod, src, pos, mask, (H, W)), atol=1e-10)
+
+
+@pytest.mark.parametrize("row_breaks", [False, True])
+def test_output_is_batch_invariant(row_breaks):
+    torch.manual_seed(1)
+    d, h0, w0, H, W = 16, 6, 5, 9, 8
+    mod = ENACTAttention(d, 4, sigma=2, impl="torch", row_breaks=row_breaks).eval()
+    with torch.no_grad():
+        mod.W_prob.weight.mul_(10)
+    img, img_pos = torch.randn(h0, w0, d), torch.randn(h0, w0, d)
+    alone = mod(img.reshape(1, -1, d), img_pos.reshape(1, -1, d),
+                torch.zeros(1, h0 * w0, dtype=torch.bool), (h0, w0))
+    alone_clusters = mod.last_stats["clusters_per_image"].clone()
+
+    src, pos = torch.randn(3, H, W, d) * 5, torch.randn(3, H, W, d) * 5
+    src[2, :h0, :w0], pos[2, :h0, :w0] = img, img_pos
+    mask = box_mask(3, H, W, [(H, W), (4, 7), (h0, w0)])
+    batch = mod(src.reshape(3, -1, d), pos.reshape(3, -1, d), mask, (H, W))
+    got = batch[2].reshape(H, W, d)[:h0, :w0].reshape(-1, d)
+    assert torch.allclose(got, alone[0], atol=1e-5)
+    assert torch.equal(mod.last_stats["clusters_per_image"][2], alone_clusters[0])
+
+
+def test_parameters_names_and_init():
+    mod = ENACTAttention(32, 4, sigma=3)
+    keys = set(mod.state_dict())
+    expected = {f"{n}.{p}" for n in ("W_q", "W_k", "W_v", "W_o", "W_prob")
+                for p in ("weight", "bias")}
+    assert keys == expected
+    assert mod.W_prob.weight.shape == (1, 32) and mod.W_prob.bias.shape == (1,)
+    for name in ("W_q", "W_k", "W_v", "W_o", "W_prob"):
+        lin = getattr(mod, name)
+        assert torch.all(lin.bias == 0)
+        bound = math.sqrt(6.0 / (lin.in_features + lin.out_features))
+        assert lin.weight.abs().max() <= bound
+    with pytest.raises(ValueError, match="divisible"):
+        ENACTAttention(30, 4, sigma=3)
+    with pytest.raises(ValueError, match="sigma"):
+        ENACTAttention(32, 4, sigma=2.5)
+    with pytest.raises(ValueError, match="impl"):
+        ENACTAttention(32, 4, sigma=3, impl="gpu")
+
+
+def test_last_stats_and_information_maps():
+    torch.manual_seed(2)
+    B, H, W, d = 2, 4, 5, 8
+    mod = ENACTAttention(d, 2, sigma=1)
+    src = torch.randn(B, H * W, d, requires_grad=True)
+    pos = torch.randn(B, H * W, d)
+    mask = box_mask(B, H, W, [(4, 5), (2, 3)])
+    mod(src, pos, mask, (H, W)).sum().backward()
+    stats = mod.last_stats
+    info = self_information(src + pos, mod.W_prob.weight, mod.W_prob.bias, mask)
+    sm, ridx, counts = regions(info, mask, 1)
+    assert torch.equal(stats["clusters_per_image"], counts.float())
+    assert torch.equal(stats["pixels_per_image"], torch.tensor([20.0, 6.0]))
+    assert torch.allclose(stats["mean_region_length"], torch.tensor([20.0, 6.0]) / counts)
+    assert torch.allclose(mod.information, info)
+    assert torch.allclose(mod.smoothed_information, sm)
+    for t in (*stats.values(), mod.information, mod.smoothed_information):
+        assert not t.requires_grad
+    assert mod.W_prob.weight.grad is not None and mod.W_prob.weight.grad.abs().sum() > 0
+    # no mask and no pos are accepted
+    out = mod(src.detach(), None, None, None)
+    assert out.shape == src.shape
+    assert torch.equal(mod.last_stats["pixels_per_image"], torch.tensor([20.0, 20.0]))
+
+
+def test_module_gradcheck():
+    torch.manual_seed(3)
+    B, H, W, d = 2, 3, 3, 4
+    mod = ENACTAttention(d, 2, sigma=1, impl="torch").double()
+    with torch.no_grad():
+        mod.W_prob.weight.mul_(10)
+    mask = box_mask(B, H, W, [(3, 3), (2, 2)])
+    src = torch.randn(B, H * W, d, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(B, H * W, d, dtype=torch.float64)
+    names = ["W_prob.weight", "W_prob.bias", "W_k.weight", "W_v.bias"]
+    params = tuple(dict(mod.named_parameters())[n].detach().clone().requires_grad_()
+                   for n in names)
+
+    def f(src, *ps):
+        out = torch.func.functional_call(mod, dict(zip(names, ps)), (src, pos, mask, (H, W)))
+        return out
+
+    assert torch.autograd.gradcheck(f, (src, *params), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(4)
+    mod = ENACTAttention(8, 2, sigma=1, dropout=0.5)
+    src, pos = torch.randn(2, 12, 8), torch.randn(2, 12, 8)
+    mod.eval()
+    a, b = mod(src, pos, None, (3, 4)), mod(src, pos, None, (3, 4))
+    assert torch.allclose(a, b)
+    mod.train()
+    c = mod(src, pos, None, (3, 4))
+    assert torch.isfinite(c).all() and not torch.allclose(a, c)
+
+
+def test_bad_inputs_are_rejected():
+    mod = ENACTAttention(8, 2, sigma=1, impl="torch")
+    src = torch.randn(2, 12, 8)
+    with pytest.raises(ValueError, match="hw"):
+        mod(src, None, None, (3, 5))
+    with pytest.raises(ValueError, match="batch-first"):
+        mod(src[0], None, None, None)
+    with pytest.raises(RuntimeError, match="impl='cuda'"):
+        ENACTAttention(8, 2, sigma=1, impl="cuda")(src, None, None, (3, 4))
+    with pytest.raises(ValueError, match="hw"):
+        ENACTAttention(8, 2, sigma=1, row_breaks=True)(src, None, None, None)
+
+
+def test_clustering_entry_point_matches_functional_cluster():
+    torch.manual_seed(5)
+    B, H, W, d = 2, 4, 6, 8
+    mod = ENACTClustering(d, sigma=2, impl="torch", row_breaks=True)
+    assert set(mod.state_dict()) == {"W_prob.weight", "W_prob.bias"}
+    with torch.no_grad():
+        mod.W_prob.weight.mul_(10)
+    row_k, col_k, val = (torch.randn(B, H * W, d) for _ in range(3))
+    mask = box_mask(B, H, W, [(4, 6), (3, 2)])
+    out = mod(row_k, (row_k, col_k, val), mask, (H, W))
+    assert isinstance(out, Clusters) and out.keys is None
+    assert isinstance(out.values, tuple) and len(out.values) == 3
+    info = self_information(row_k, mod.W_prob.weight, mod.W_prob.bias, mask)
+    ref = cluster(row_k, (col_k, val), info, mask, 2, row_breaks=True, hw=(H, W), impl="torch")
+    assert torch.allclose(out.values[0], ref.keys)
+    assert torch.allclose(out.values[1], ref.values[0])
+    assert torch.allclose(out.values[2], ref.values[1])
+    assert torch.equal(out.key_padding_mask, ref.key_padding_mask)
+    assert torch.equal(out.region_index, ref.region_index)
+    assert torch.equal(mod.last_stats["clusters_per_image"], ref.counts.float())
+    assert torch.allclose(mod.information, info)
