@@ -203,9 +203,8 @@ class ToTensor:
     """PIL RGB image -> float32 (3, H, W) in [0, 1]."""
 
     def __call__(self, image, target=None):
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-        return tensor, target
+        array = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), target
 
     def __repr__(self):
         return "ToTensor()"
