@@ -59,6 +59,8 @@ class _ENACTRegions(nn.Module):
         backend = resolve_impl(self.impl, info_keys, *tensors)
         cb = cuda_backend_or_reason()[0] if backend == "cuda" else None
         z = self.W_prob(info_keys).squeeze(-1)  # (B, N) logits
+        if z.dtype not in (torch.float32, torch.float64):
+            z = z.float()  # autocast gives bf16 logits; the entropy needs fp32 (~1e-3 bits)
         if cb is not None:
             info, smoothed, region_index, counts = cb.information_regions(
                 z, key_padding_mask, self.sigma, self.row_breaks, hw)

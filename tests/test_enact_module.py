@@ -201,3 +201,15 @@ def test_clustering_entry_point_matches_functional_cluster():
     assert torch.equal(out.region_index, ref.region_index)
     assert torch.equal(mod.last_stats["clusters_per_image"], ref.counts.float())
     assert torch.allclose(mod.information, info)
+
+
+def test_autocast_bfloat16_keeps_information_in_float32():
+    torch.manual_seed(6)
+    mod = ENACTAttention(16, 2, sigma=1, impl="torch")
+    src = torch.randn(2, 20, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mod(src, src, None, (4, 5))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert mod.information.dtype == torch.float32
+    ref = mod(src, src, None, (4, 5))
+    assert torch.allclose(out.float(), ref, atol=5e-2, rtol=5e-2)
