@@ -1,0 +1,174 @@
+"""Backbone: frozen BN math, freezing, dilation, weights handling; sine positional encoding."""
+import math
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from detr_common.backbone import Backbone, FrozenBatchNorm2d, Joiner, build_backbone
+from detr_common.data.collate import ImageBatch
+from detr_common.position_encoding import PositionEmbeddingSine
+
+
+def _bn_with_stats(c=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(c, generator=g))
+        bn.running_mean.copy_(torch.randn(c, generator=g))
+        bn.running_var.copy_(torch.rand(c, generator=g) + 0.1)
+    return bn.eval()
+
+
+def test_frozen_bn_math_and_state_dict():
+    bn = _bn_with_stats()
+    frozen = FrozenBatchNorm2d(5)
+    frozen.load_state_dict(bn.state_dict(), strict=True)  # num_batches_tracked ignored
+    assert set(frozen.state_dict()) == {"weight", "bias", "running_mean", "running_var"}
+    assert list(frozen.parameters()) == []
+    x = torch.randn(2, 5, 3, 4)
+    shape = (1, 5, 1, 1)
+    manual = ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + 1e-5)
+              * bn.weight.view(shape) + bn.bias.view(shape))
+    assert torch.allclose(frozen(x), manual, atol=1e-5)
+    assert torch.allclose(frozen(x), bn(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("train_backbone", [True, False])
+def test_freezing(train_backbone):
+    bb = Backbone("resnet18", train_backbone=train_backbone, weights="none")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in bb.modules())
+    for name, p in bb.body.named_parameters():
+        trainable = train_backbone and name.split(".")[0] in ("layer2", "layer3", "layer4")
+        assert p.requires_grad == trainable, name
+    assert not hasattr(bb.body, "fc") and not hasattr(bb.body, "avgpool")
+    if train_backbone:
+        x = torch.randn(1, 3, 64, 64)
+        feat, _ = bb(ImageBatch(x, torch.zeros(1, 64, 64, dtype=torch.bool)))[0]
+        feat.sum().backward()
+        assert bb.body.conv1.weight.grad is None
+        assert bb.body.layer1[0].conv1.weight.grad is None
+        assert bb.body.layer2[0].conv1.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_dilation_doubles_the_feature_size(name):
+    x = torch.randn(1, 3, 64, 96)
+    batch = ImageBatch(x, torch.zeros(1, 64, 96, dtype=torch.bool))
+    plain = Backbone(name, False, weights="none").eval()
+    dc5 = Backbone(name, False, dilation=True, weights="none").eval()
+    with torch.no_grad():
+        f_plain, f_dc5 = plain(batch)[0][0], dc5(batch)[0][0]
+    assert f_plain.shape[-2:] == (2, 3)
+    assert f_dc5.shape[-2:] == (4, 6)
+    assert plain.strides == [32] and dc5.strides == [16]
+    assert f_dc5.shape[1] == plain.num_channels[0] == (512 if name == "resnet18" else 2048)
+    # the same weights load into both (shapes unchanged by dilation)
+    dc5.load_state_dict(plain.state_dict(), strict=True)
+
+
+def test_multi_level_outputs_and_mask_resizing():
+    bb = Backbone("resnet18", False, return_layers=("layer2", "layer3", "layer4"), weights="none")
+    assert bb.num_channels == [128, 256, 512] and bb.strides == [8, 16, 32]
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+    mask[1, :, 32:] = True  # image 1 is 64 x 32
+    with torch.no_grad():
+        out = bb(ImageBatch(x, mask))
+    for (feat, m), size in zip(out, (8, 4, 2)):
+        assert feat.shape[-2:] == (size, size) and m.shape == (2, size, size)
+        assert m.dtype == torch.bool and not m[0].any()
+        assert m[1, :, : size // 2].logical_not().all() and m[1, :, size // 2:].all()
+
+
+def test_imagenet_weights_unreachable_gives_one_clear_line(monkeypatch):
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(RuntimeError) as info:
+        Backbone("resnet50", True, weights="imagenet")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("could not fetch ImageNet weights for resnet50: ")
+    assert "Name or service not known" in message
+    assert message.endswith("pass --backbone_weights none or a local .pth")
+
+
+def test_imagenet_uses_v1_weights(monkeypatch):
+    seen = []
+
+    def fake(self, *args, **kwargs):
+        seen.append(self.url)
+        sd = torchvision.models.resnet18().state_dict()
+        return {k: torch.full_like(v, 0.5) if v.is_floating_point() else v
+                for k, v in sd.items()}
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", fake)
+    bb = Backbone("resnet18", True, weights="imagenet")
+    assert seen == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url]
+    assert torch.allclose(bb.body.layer3[1].conv2.weight, torch.full((256, 256, 3, 3), 0.5))
+
+
+def test_local_weights_file(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18()  # plain BN: has num_batches_tracked and fc.*
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)
+    bb = Backbone("resnet18", True, weights=str(path))
+    assert torch.allclose(bb.body.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert torch.allclose(bb.body.bn1.running_var, reference.bn1.running_var)
+
+    with pytest.raises(FileNotFoundError, match="nowhere.pth: file not found"):
+        Backbone("resnet18", True, weights=str(tmp_path / "nowhere.pth"))
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(RuntimeError, match=r"r34.pth: not a resnet18 state_dict: .*unexpected"):
+        Backbone("resnet18", True, weights=str(tmp_path / "r34.pth"))
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pth")
+    with pytest.raises(RuntimeError, match="missing keys"):
+        Backbone("resnet18", True, weights=str(tmp_path / "partial.pth"))
+
+
+def test_build_backbone_reads_args():
+    class Args:
+        backbone, lr_backbone, dilation, backbone_weights = "resnet34", 0.0, True, "none"
+    bb = build_backbone(Args())
+    assert bb.num_channels == [512] and bb.strides == [16]
+    assert not any(p.requires_grad for p in bb.parameters())
+    with pytest.raises(ValueError, match="unknown backbone"):
+        Backbone("resnet7", False)
+
+
+def test_joiner_keys_and_positions():
+    joiner = Joiner(Backbone("resnet18", True, weights="none"), PositionEmbeddingSine(16))
+    assert "0.body.conv1.weight" in joiner.state_dict()
+    assert "0.body.layer4.1.bn2.running_var" in joiner.state_dict()
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+    with torch.no_grad():
+        features, positions = joiner(ImageBatch(x, mask))
+    assert len(features) == len(positions) == 1
+    assert positions[0].shape == (2, 32, 2, 2)
+
+
+def test_sine_encoding_hand_values():
+    pe = PositionEmbeddingSine(num_pos_feats=4, temperature=10000, normalize=True)
+    mask = torch.zeros(1, 2, 3, dtype=torch.bool)
+    out = pe(mask)
+    assert out.shape == (1, 8, 2, 3)
+    y = 2 / (2 + 1e-6) * 2 * math.pi  # row 1: 2 valid pixels above-and-including / total 2
+    x = 1 / (3 + 1e-6) * 2 * math.pi  # column 0
+    f2 = 10000 ** (2 / 4)
+    expected_y = torch.tensor([math.sin(y), math.cos(y), math.sin(y / f2), math.cos(y / f2)])
+    expected_x = torch.tensor([math.sin(x), math.cos(x), math.sin(x / f2), math.cos(x / f2)])
+    assert torch.allclose(out[0, :4, 1, 0], expected_y, atol=1e-6)
+    assert torch.allclose(out[0, 4:, 1, 0], expected_x, atol=1e-6)
+
+
+def test_sine_encoding_is_relative_to_the_unpadded_image():
+    pe = PositionEmbeddingSine(8)
+    alone = pe(torch.zeros(1, 3, 4, dtype=torch.bool))
+    mask = torch.ones(1, 5, 7, dtype=torch.bool)
+    mask[0, :3, :4] = False
+    padded = pe(mask)
+    assert torch.allclose(padded[:, :, :3, :4], alone, atol=1e-6)
