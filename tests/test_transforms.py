@@ -60,8 +60,10 @@ def _check_consistent(pixels, boxes_xyxy, labels, tol):
                 assert xs.min() >= x1 - tol and xs.max() + 1 <= x2 + tol
             continue
         assert len(xs), f"box {label} kept but its colour is gone"
-        region = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
-        assert torch.allclose(region, torch.tensor([x1, y1, x2, y2]), atol=tol), (region, x1, y1, x2, y2)
+        region = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1],
+                              dtype=torch.float32)
+        box = torch.tensor([x1, y1, x2, y2])
+        assert torch.allclose(region, box, atol=tol), (region, box)
 
 
 # --------------------------------------------------------------------------- resize rule

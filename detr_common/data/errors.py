@@ -5,8 +5,8 @@ class DatasetError(Exception):
     """Bad input data: the message is ONE line that names the file and the problem.
 
     A DataLoader worker re-raises an exception in the main process as
-    ``DatasetError("Caught DatasetError in DataLoader worker process 0.\\nOriginal Traceback ...")``;
-    the constructor keeps only the original one-line message in that case, so the user still
+    ``DatasetError("Caught DatasetError in DataLoader worker process 0.\\nOriginal ...")``; the
+    constructor keeps only the original one-line message in that case, so the user still
     sees a single clear line.
     """
 
