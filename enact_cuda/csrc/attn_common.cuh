@@ -1,0 +1,125 @@
+// Shared pieces of the clustered-attention kernels (attn_fwd.cu, attn_bwd.cu).
+//
+// Thread layout: a query (or key) row of head dim E is owned by TP = E / 32 adjacent threads,
+// each holding 32 of its elements in registers ("part"); dot products are finished with one
+// __shfl_xor per extra part. Tiles of rows are staged in shared memory as float; a row's parts
+// are stored 32 + PAD floats apart (PAD = 4 when TP > 1) so that the parts' 16-byte reads of
+// one row fall in different banks.
+#pragma once
+
+#include "common.cuh"
+#include "enact.h"
+
+namespace enact {
+
+template <int E>
+struct AttnLayout {
+  static_assert(E == 32 || E == 64, "head dim must be 32 or 64");
+  static constexpr int TP = E / 32;                 // threads per row
+  static constexpr int PAD = TP > 1 ? 4 : 0;
+  static constexpr int PW = 32 + PAD;               // floats per part in shared memory
+  static constexpr int RS = TP * PW;                // floats per row in shared memory
+};
+
+// Number of keys of image b: the count of False entries of its key padding mask row (the
+// mask is a suffix, so keys [0, count) exist). Every thread of the block gets it.
+__device__ __forceinline__ int block_key_count(const bool* __restrict__ kpm_row, int R) {
+  int cnt = 0;
+  for (int r0 = 0; r0 < R; r0 += blockDim.x) {
+    const int r = r0 + threadIdx.x;
+    cnt += __syncthreads_count(r < R && !kpm_row[r]);
+  }
+  return cnt;
+}
+
+// 32 consecutive elements (one part of a row) -> registers as float. p 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void load_part(const T* __restrict__ p, float (&x)[32]) {
+  constexpr int V = 16 / sizeof(T);
+#pragma unroll
+  for (int c = 0; c < 32 / V; ++c) {
+    float tmp[V];
+    load_vec<T, V>(p + c * V, tmp);
+#pragma unroll
+    for (int v = 0; v < V; ++v) x[c * V + v] = tmp[v];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_part(T* __restrict__ p, const float (&x)[32], float mul) {
+  constexpr int V = 16 / sizeof(T);
+#pragma unroll
+  for (int c = 0; c < 32 / V; ++c) {
+    float tmp[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) tmp[v] = x[c * V + v] * mul;
+    store_vec<T, V>(p + c * V, tmp);
+  }
+}
+
+// Rows [row0, row0 + nrows) of a (L, E) slice with row stride `stride` -> shared tile of
+// ROWS rows (rows >= nrows are zero-filled). Cooperative over the whole block.
+template <typename T, int E, int ROWS>
+__device__ __forceinline__ void load_tile(float* __restrict__ tile, const T* __restrict__ base,
+                                          int64_t stride, int row0, int nrows) {
+  using Lay = AttnLayout<E>;
+  constexpr int V = 16 / sizeof(T);
+  constexpr int CPR = E / V;  // 16-byte chunks per row
+  for (int idx = threadIdx.x; idx < ROWS * CPR; idx += blockDim.x) {
+    const int row = idx / CPR, c = idx % CPR, e0 = c * V;
+    float tmp[V];
+    if (row < nrows) {
+      load_vec<T, V>(base + static_cast<int64_t>(row0 + row) * stride + e0, tmp);
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v) tmp[v] = 0.f;
+    }
+    float* dst = tile + row * Lay::RS + (e0 / 32) * Lay::PW + (e0 % 32);
+#pragma unroll
+    for (int v = 0; v < V; v += 4)
+      *reinterpret_cast<float4*>(dst + v) = make_float4(tmp[v], tmp[v + 1], tmp[v + 2], tmp[v + 3]);
+  }
+}
+
+// Partial dot product of a register part with a shared-memory part (4 accumulators).
+__device__ __forceinline__ float dot_part(const float (&x)[32], const float* __restrict__ row) {
+  const float4* r4 = reinterpret_cast<const float4*>(row);
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma unroll
+  for (int d4 = 0; d4 < 8; ++d4) {
+    const float4 y = r4[d4];
+    a0 = fmaf(x[4 * d4 + 0], y.x, a0);
+    a1 = fmaf(x[4 * d4 + 1], y.y, a1);
+    a2 = fmaf(x[4 * d4 + 2], y.z, a2);
+    a3 = fmaf(x[4 * d4 + 3], y.w, a3);
+  }
+  return (a0 + a1) + (a2 + a3);
+}
+
+// acc += c * row (shared-memory part)
+__device__ __forceinline__ void axpy_part(float (&acc)[32], float c, const float* __restrict__ row) {
+  const float4* r4 = reinterpret_cast<const float4*>(row);
+#pragma unroll
+  for (int d4 = 0; d4 < 8; ++d4) {
+    const float4 y = r4[d4];
+    acc[4 * d4 + 0] = fmaf(c, y.x, acc[4 * d4 + 0]);
+    acc[4 * d4 + 1] = fmaf(c, y.y, acc[4 * d4 + 1]);
+    acc[4 * d4 + 2] = fmaf(c, y.z, acc[4 * d4 + 2]);
+    acc[4 * d4 + 3] = fmaf(c, y.w, acc[4 * d4 + 3]);
+  }
+}
+
+template <int TP>
+__device__ __forceinline__ float finish_dot(float x) {
+  if constexpr (TP == 2) x += __shfl_xor_sync(ENACT_FULL_MASK, x, 1);
+  return x;
+}
+
+// Dropout threshold / scale from p.
+struct DropoutParams {
+  uint32_t threshold;  // keep iff hash >= threshold = round(p * 2^32)
+  float inv_keep;      // 1 / (1 - p)  (0 for p >= 1)
+};
+DropoutParams make_dropout_params(float p);  // attn_fwd.cu
+
+}  // namespace enact

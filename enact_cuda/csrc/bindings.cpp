@@ -1,0 +1,414 @@
+// Python bindings of the enact_cuda kernels: tensor checks, allocation, stream/device handling.
+// The autograd wiring lives in enact_cuda/cuda_backend.py; these are the raw forward/backward
+// entry points (see enact.h for what each kernel computes).
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+#include "enact.h"
+
+namespace {
+
+#define ENACT_CHECK_CUDA(expr)                                                          \
+  do {                                                                                  \
+    cudaError_t _e = (expr);                                                            \
+    TORCH_CHECK(_e == cudaSuccess, "enact_cuda: ", #expr, " failed: ", cudaGetErrorString(_e)); \
+  } while (0)
+
+int device_attr(cudaDeviceAttr attr, int device) {
+  int v = 0;
+  ENACT_CHECK_CUDA(cudaDeviceGetAttribute(&v, attr, device));
+  return v;
+}
+
+enact::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return enact::DType::kFloat;
+    case at::kBFloat16: return enact::DType::kBFloat16;
+    case at::kHalf: return enact::DType::kHalf;
+    default: TORCH_CHECK(false, "enact_cuda: unsupported dtype ", t.scalar_type(),
+                         " (float32, bfloat16 or float16)");
+  }
+}
+
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "enact_cuda: ", name, " must be a CUDA tensor");
+}
+
+at::Tensor float_contig(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+std::optional<at::Tensor> check_mask(const std::optional<at::Tensor>& mask, int64_t B, int64_t N,
+                                     const at::Tensor& ref) {
+  if (!mask.has_value() || !mask->defined()) return std::nullopt;
+  TORCH_CHECK(mask->scalar_type() == at::kBool, "enact_cuda: padding_mask must be bool");
+  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == N,
+              "enact_cuda: padding_mask must be (B, N)");
+  TORCH_CHECK(mask->device() == ref.device(), "enact_cuda: padding_mask on another device");
+  return mask->contiguous();
+}
+
+// ------------------------------------------------------------------- information + regions
+constexpr int kInfoStaticSmem = 2048;  // taps + reduction buffers, with margin
+
+std::vector<at::Tensor> info_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& mask_in,
+                                     int64_t sigma, bool row_breaks, int64_t W, int64_t mode) {
+  check_cuda(x_in, "z");
+  TORCH_CHECK(x_in.dim() == 2, "enact_cuda: z / information must be (B, N)");
+  TORCH_CHECK(sigma >= 1 && sigma <= 64, "enact_cuda: sigma must be in [1, 64]");
+  TORCH_CHECK(mode == 0 || mode == 1, "enact_cuda: mode must be 0 or 1");
+  TORCH_CHECK(x_in.size(1) < (1LL << 31), "enact_cuda: N too large");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor x = float_contig(x_in);
+  const int64_t B = x.size(0), N = x.size(1);
+  auto mask = check_mask(mask_in, B, N, x);
+  at::Tensor info = mode == 0 ? at::empty_like(x) : at::Tensor();
+  at::Tensor smoothed = at::empty_like(x);
+  at::Tensor region = at::empty({B, N}, x.options().dtype(at::kLong));
+  at::Tensor counts = at::empty({B}, x.options().dtype(at::kLong));
+  const int limit =
+      device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()) - kInfoStaticSmem;
+  at::Tensor scratch;
+  if (enact::info_forward_smem_bytes(N, sigma) > static_cast<size_t>(limit))
+    scratch = at::empty({B, 3 * N}, x.options());
+  enact::InfoFwdArgs a{};
+  a.x = x.data_ptr<float>();
+  a.mask = mask ? mask->data_ptr<bool>() : nullptr;
+  a.info_out = mode == 0 ? info.data_ptr<float>() : nullptr;
+  a.smoothed_out = smoothed.data_ptr<float>();
+  a.region_out = region.data_ptr<int64_t>();
+  a.counts_out = counts.data_ptr<int64_t>();
+  a.scratch = scratch.defined() ? scratch.data_ptr<float>() : nullptr;
+  a.B = static_cast<int>(B);
+  a.N = static_cast<int>(N);
+  a.sigma = static_cast<int>(sigma);
+  a.row_breaks = row_breaks ? 1 : 0;
+  a.W = static_cast<int>(W);
+  a.mode = static_cast<int>(mode);
+  ENACT_CHECK_CUDA(enact::info_forward(a, limit, c10::cuda::getCurrentCUDAStream()));
+  return {mode == 0 ? info : smoothed.new_empty({0}), smoothed, region, counts};
+}
+
+at::Tensor info_backward(const at::Tensor& x_in, const std::optional<at::Tensor>& mask_in,
+                         const std::optional<at::Tensor>& grad_info,
+                         const std::optional<at::Tensor>& grad_sm, int64_t sigma, int64_t mode) {
+  check_cuda(x_in, "z");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor x = float_contig(x_in);
+  const int64_t B = x.size(0), N = x.size(1);
+  auto mask = check_mask(mask_in, B, N, x);
+  at::Tensor gi, gs;
+  if (grad_info.has_value() && grad_info->defined() && mode == 0) gi = float_contig(*grad_info);
+  if (grad_sm.has_value() && grad_sm->defined()) gs = float_contig(*grad_sm);
+  at::Tensor gx = at::empty_like(x);
+  const int limit =
+      device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()) - kInfoStaticSmem;
+  at::Tensor scratch;
+  if (enact::info_backward_smem_bytes(N, sigma) > static_cast<size_t>(limit))
+    scratch = at::empty({B, 4 * N}, x.options());
+  enact::InfoBwdArgs a{};
+  a.x = x.data_ptr<float>();
+  a.mask = mask ? mask->data_ptr<bool>() : nullptr;
+  a.grad_info = gi.defined() ? gi.data_ptr<float>() : nullptr;
+  a.grad_sm = gs.defined() ? gs.data_ptr<float>() : nullptr;
+  a.grad_x = gx.data_ptr<float>();
+  a.scratch = scratch.defined() ? scratch.data_ptr<float>() : nullptr;
+  a.B = static_cast<int>(B);
+  a.N = static_cast<int>(N);
+  a.sigma = static_cast<int>(sigma);
+  a.mode = static_cast<int>(mode);
+  ENACT_CHECK_CUDA(enact::info_backward(a, limit, c10::cuda::getCurrentCUDAStream()));
+  return gx;
+}
+
+// ------------------------------------------------------------------------------ clustering
+struct Group {
+  enact::DType dtype;
+  std::vector<size_t> idx;
+};
+
+// Tensors grouped by dtype, at most kMaxClusterTensors per launch.
+std::vector<Group> group_tensors(const std::vector<at::Tensor>& ts) {
+  std::vector<Group> groups;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const enact::DType dt = dtype_of(ts[i]);
+    bool placed = false;
+    for (auto& g : groups) {
+      if (g.dtype == dt && g.idx.size() < static_cast<size_t>(enact::kMaxClusterTensors)) {
+        g.idx.push_back(i);
+        placed = true;
+        break;
+      }
+    }
+    if (!placed) groups.push_back({dt, {i}});
+  }
+  return groups;
+}
+
+bool vec_ok(const at::Tensor& t, int64_t vec) {
+  // (B, N, d) with unit stride along d
+  return t.size(2) % vec == 0 && t.stride(1) % vec == 0 && t.stride(0) % vec == 0 && aligned16(t);
+}
+
+at::Tensor prep_cluster_input(const at::Tensor& t, int64_t B, int64_t N, const char* name) {
+  check_cuda(t, name);
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == N,
+              "enact_cuda: cluster_tensors inputs must be (B, N, d)");
+  dtype_of(t);
+  return t.stride(2) == 1 ? t : t.contiguous();
+}
+
+std::vector<at::Tensor> cluster_forward(const std::vector<at::Tensor>& tensors_in,
+                                        const at::Tensor& smoothed_in,
+                                        const at::Tensor& region_in, int64_t R) {
+  check_cuda(smoothed_in, "smoothed");
+  TORCH_CHECK(smoothed_in.dim() == 2, "enact_cuda: smoothed must be (B, N)");
+  TORCH_CHECK(!tensors_in.empty(), "enact_cuda: cluster_tensors needs at least one tensor");
+  TORCH_CHECK(R >= 0, "enact_cuda: num_clusters must be >= 0");
+  c10::cuda::CUDAGuard guard(smoothed_in.device());
+  at::Tensor sm = float_contig(smoothed_in);
+  const int64_t B = sm.size(0), N = sm.size(1);
+  at::Tensor ri = region_in.to(at::kLong).contiguous();
+  TORCH_CHECK(ri.sizes() == sm.sizes(), "enact_cuda: region_index must be (B, N)");
+  std::vector<at::Tensor> xs;
+  for (const auto& t : tensors_in) xs.push_back(prep_cluster_input(t, B, N, "tensor"));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor starts = at::empty({B, R + 1}, sm.options().dtype(at::kInt));
+  at::Tensor counts = at::empty({B}, sm.options().dtype(at::kInt));
+  at::Tensor w = at::empty({B, N}, sm.options());
+  ENACT_CHECK_CUDA(enact::cluster_starts(ri.data_ptr<int64_t>(), B, N, R, starts.data_ptr<int>(),
+                                         counts.data_ptr<int>(), stream));
+  std::vector<at::Tensor> outs(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) outs[i] = at::empty({B, R, xs[i].size(2)}, xs[i].options());
+  for (const auto& g : group_tensors(xs)) {
+    enact::ClusterFwdArgs a{};
+    a.smoothed = sm.data_ptr<float>();
+    a.region_index = ri.data_ptr<int64_t>();
+    a.starts = starts.data_ptr<int>();
+    a.counts = counts.data_ptr<int>();
+    a.w = w.data_ptr<float>();
+    a.n_tensors = static_cast<int>(g.idx.size());
+    a.B = static_cast<int>(B);
+    a.N = static_cast<int>(N);
+    a.R = static_cast<int>(R);
+    const int64_t vec = 16 / xs[g.idx[0]].element_size();
+    bool vec_all = true;
+    for (size_t k = 0; k < g.idx.size(); ++k) {
+      const at::Tensor& x = xs[g.idx[k]];
+      a.x[k] = x.data_ptr();
+      a.out[k] = outs[g.idx[k]].data_ptr();
+      a.x_row_stride[k] = x.stride(1);
+      a.x_batch_stride[k] = x.stride(0);
+      a.d[k] = static_cast<int>(x.size(2));
+      vec_all = vec_all && vec_ok(x, vec) && aligned16(outs[g.idx[k]]);
+    }
+    ENACT_CHECK_CUDA(enact::cluster_forward(a, g.dtype, vec_all, stream));
+  }
+  outs.push_back(w);
+  outs.push_back(starts);
+  outs.push_back(counts);
+  return outs;
+}
+
+std::vector<at::Tensor> cluster_backward(const std::vector<at::Tensor>& grads_in,
+                                         const std::vector<at::Tensor>& tensors_in,
+                                         const at::Tensor& w, const at::Tensor& region_in,
+                                         const at::Tensor& starts, const at::Tensor& counts,
+                                         int64_t R) {
+  TORCH_CHECK(grads_in.size() == tensors_in.size(), "enact_cuda: one grad per tensor");
+  c10::cuda::CUDAGuard guard(w.device());
+  const int64_t B = w.size(0), N = w.size(1);
+  at::Tensor ri = region_in.to(at::kLong).contiguous();
+  std::vector<at::Tensor> xs, gs, gxs;
+  for (size_t i = 0; i < tensors_in.size(); ++i) {
+    xs.push_back(prep_cluster_input(tensors_in[i], B, N, "tensor"));
+    gs.push_back(grads_in[i].to(xs[i].scalar_type()).contiguous());
+    TORCH_CHECK(gs[i].dim() == 3 && gs[i].size(0) == B && gs[i].size(1) == R &&
+                    gs[i].size(2) == xs[i].size(2),
+                "enact_cuda: grad of a clustered tensor must be (B, R, d)");
+    gxs.push_back(at::empty({B, N, xs[i].size(2)}, xs[i].options()));
+  }
+  at::Tensor dots = at::empty({B, N}, w.options());
+  at::Tensor gsm = at::empty({B, N}, w.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto groups = group_tensors(xs);
+  if (R == 0) {
+    for (auto& g : gxs) g.zero_();
+    gsm.zero_();
+  }
+  for (size_t gi = 0; gi < groups.size() && R > 0; ++gi) {
+    const auto& g = groups[gi];
+    enact::ClusterBwdArgs a{};
+    a.region_index = ri.data_ptr<int64_t>();
+    a.starts = starts.data_ptr<int>();
+    a.counts = counts.data_ptr<int>();
+    a.w = w.data_ptr<float>();
+    a.dots = dots.data_ptr<float>();
+    a.grad_sm = gsm.data_ptr<float>();
+    a.n_tensors = static_cast<int>(g.idx.size());
+    a.B = static_cast<int>(B);
+    a.N = static_cast<int>(N);
+    a.R = static_cast<int>(R);
+    const int64_t vec = 16 / xs[g.idx[0]].element_size();
+    bool vec_all = true;
+    for (size_t k = 0; k < g.idx.size(); ++k) {
+      const size_t i = g.idx[k];
+      a.g[k] = gs[i].data_ptr();
+      a.x[k] = xs[i].data_ptr();
+      a.gx[k] = gxs[i].data_ptr();
+      a.x_row_stride[k] = xs[i].stride(1);
+      a.x_batch_stride[k] = xs[i].stride(0);
+      a.d[k] = static_cast<int>(xs[i].size(2));
+      vec_all = vec_all && vec_ok(xs[i], vec) && aligned16(gs[i]) && aligned16(gxs[i]);
+    }
+    ENACT_CHECK_CUDA(enact::cluster_backward(a, g.dtype, vec_all, gi > 0, gi + 1 == groups.size(),
+                                             stream));
+  }
+  gxs.push_back(gsm);
+  return gxs;
+}
+
+// ------------------------------------------------------------------- clustered attention
+at::Tensor prep_attn(const at::Tensor& t, const char* name) {
+  check_cuda(t, name);
+  TORCH_CHECK(t.dim() == 4, "enact_cuda: ", name, " must be (B, heads, L, e)");
+  const int64_t vec = 16 / t.element_size();
+  const bool ok = t.stride(3) == 1 && t.stride(0) % vec == 0 && t.stride(1) % vec == 0 &&
+                  t.stride(2) % vec == 0 && aligned16(t);
+  return ok ? t : t.contiguous();
+}
+
+void set_strides(int64_t (&s)[3], const at::Tensor& t) {
+  s[0] = t.stride(0);
+  s[1] = t.stride(1);
+  s[2] = t.stride(2);
+}
+
+enact::AttnArgs attn_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& kpm, double scale, double dropout_p, int64_t seed) {
+  enact::AttnArgs a{};
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.kpm = kpm.data_ptr<bool>();
+  set_strides(a.sq, q);
+  set_strides(a.sk, k);
+  set_strides(a.sv, v);
+  a.B = static_cast<int>(q.size(0));
+  a.H = static_cast<int>(q.size(1));
+  a.N = static_cast<int>(q.size(2));
+  a.R = static_cast<int>(k.size(2));
+  a.E = static_cast<int>(q.size(3));
+  a.scale = static_cast<float>(scale);
+  a.dropout_p = static_cast<float>(dropout_p);
+  a.seed = static_cast<uint64_t>(seed);
+  return a;
+}
+
+void check_attn_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& kpm) {
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "enact_cuda: q, k, v must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "enact_cuda: clustered attention supports float32 and bfloat16");
+  const int64_t E = q.size(3);
+  TORCH_CHECK(E == 32 || E == 64, "enact_cuda: head dim must be 32 or 64, got ", E);
+  TORCH_CHECK(k.size(3) == E && v.size(3) == E, "enact_cuda: q, k, v head dims must match");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) &&
+                  v.size(1) == q.size(1) && v.size(2) == k.size(2),
+              "enact_cuda: q (B,h,N,e), k and v (B,h,R,e) shapes do not agree");
+  TORCH_CHECK(kpm.scalar_type() == at::kBool && kpm.dim() == 2 && kpm.size(0) == q.size(0) &&
+                  kpm.size(1) == k.size(2),
+              "enact_cuda: key_padding_mask must be bool (B, R)");
+  TORCH_CHECK(q.size(0) * q.size(1) < 65536, "enact_cuda: batch * heads must be < 65536");
+}
+
+std::vector<at::Tensor> attn_forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                     const at::Tensor& v_in, const at::Tensor& kpm_in, double scale,
+                                     double dropout_p, int64_t seed) {
+  c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor q = prep_attn(q_in, "q"), k = prep_attn(k_in, "k"), v = prep_attn(v_in, "v");
+  at::Tensor kpm = kpm_in.contiguous();
+  check_cuda(kpm, "key_padding_mask");
+  check_attn_shapes(q, k, v, kpm);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), E = q.size(3);
+  // (B, N, H, E) storage viewed as (B, H, N, E): transpose(1, 2).reshape(B, N, H*E) is free.
+  at::Tensor out = at::empty({B, N, H, E}, q.options()).permute({0, 2, 1, 3});
+  at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
+  enact::AttnArgs a = attn_args(q, k, v, kpm, scale, dropout_p, seed);
+  a.o_mut = out.data_ptr();
+  set_strides(a.so, out);
+  a.lse = lse.data_ptr<float>();
+  ENACT_CHECK_CUDA(enact::attn_forward(a, dtype_of(q), c10::cuda::getCurrentCUDAStream()));
+  return {out, lse};
+}
+
+std::vector<at::Tensor> attn_backward(const at::Tensor& dout_in, const at::Tensor& q_in,
+                                      const at::Tensor& k_in, const at::Tensor& v_in,
+                                      const at::Tensor& kpm_in, const at::Tensor& out_in,
+                                      const at::Tensor& lse_in, double scale, double dropout_p,
+                                      int64_t seed, int64_t nsplit) {
+  c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor q = prep_attn(q_in, "q"), k = prep_attn(k_in, "k"), v = prep_attn(v_in, "v");
+  at::Tensor out = prep_attn(out_in, "out");
+  at::Tensor dout = prep_attn(dout_in.to(q.scalar_type()), "grad_out");
+  at::Tensor kpm = kpm_in.contiguous();
+  at::Tensor lse = lse_in.contiguous();
+  check_attn_shapes(q, k, v, kpm);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "enact_cuda: grad_out / out must match q");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), R = k.size(2), E = q.size(3);
+  at::Tensor dq = at::empty_like(q);
+  at::Tensor dk = at::zeros({B, H, R, E}, q.options().dtype(at::kFloat));
+  at::Tensor dv = at::zeros({B, H, R, E}, q.options().dtype(at::kFloat));
+  at::Tensor delta = at::empty({B, H, N}, q.options().dtype(at::kFloat));
+  enact::AttnArgs a = attn_args(q, k, v, kpm, scale, dropout_p, seed);
+  a.o = out.data_ptr();
+  set_strides(a.so, out);
+  a.dout = dout.data_ptr();
+  set_strides(a.sdo, dout);
+  a.dq = dq.data_ptr();
+  set_strides(a.sdq, dq);
+  a.lse = lse.data_ptr<float>();
+  a.delta = delta.data_ptr<float>();
+  a.dk_acc = dk.data_ptr<float>();
+  a.dv_acc = dv.data_ptr<float>();
+  a.nsplit = static_cast<int>(nsplit);
+  const int sms = device_attr(cudaDevAttrMultiProcessorCount, q.get_device());
+  ENACT_CHECK_CUDA(enact::attn_backward(a, dtype_of(q), sms, c10::cuda::getCurrentCUDAStream()));
+  if (q.scalar_type() != at::kFloat) {
+    dk = dk.to(q.scalar_type());
+    dv = dv.to(q.scalar_type());
+  }
+  return {dq, dk, dv};
+}
+
+at::Tensor dropout_mask(int64_t B, int64_t H, int64_t N, int64_t R, double p, int64_t seed,
+                        const at::Tensor& like) {
+  check_cuda(like, "like");
+  c10::cuda::CUDAGuard guard(like.device());
+  at::Tensor out = at::empty({B, H, N, R}, like.options().dtype(at::kByte));
+  ENACT_CHECK_CUDA(enact::attn_dropout_mask(out.data_ptr<uint8_t>(), B, H, N, R,
+                                            static_cast<float>(p), static_cast<uint64_t>(seed),
+                                            c10::cuda::getCurrentCUDAStream()));
+  return out.to(at::kBool);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "enact_cuda kernels: fused information/regions, clustering, clustered attention";
+  m.def("info_forward", &info_forward, "information + smoothing + regions (forward)");
+  m.def("info_backward", &info_backward, "gradient of the information/smoothing wrt the input");
+  m.def("cluster_forward", &cluster_forward, "region-softmax weighted sums (forward)");
+  m.def("cluster_backward", &cluster_backward, "clustering backward (inputs and smoothed)");
+  m.def("attn_forward", &attn_forward, "clustered attention forward -> (out, lse)");
+  m.def("attn_backward", &attn_backward, "clustered attention backward -> (dq, dk, dv)");
+  m.def("dropout_mask", &dropout_mask, "the attention dropout keep mask (B, H, N, R) (tests)");
+}

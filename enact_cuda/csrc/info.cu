@@ -1,0 +1,238 @@
+// Fused information + smoothing + curvature + regions (forward) and its gradient (backward).
+//
+// One block per image. The image's valid pixels are compacted in raster order with a block
+// scan (any padding pattern works); everything after that runs on the compact sequence of
+// length L held in shared memory (or in a global scratch buffer when L does not fit):
+//   mode 0 (logits): p = softmax(z over valid), p~ = p + 1e-8, H = -p~ log2 p~
+//   smoothed = same-length zero-padded conv of H with the 6*sigma+1 Gaussian taps
+//   curvature = (2 s_j - s_{j-1}) - s_{j+1} (zero padded), step = curvature > 0
+//   region start: j == 0, step change, or (row_breaks) j % valid_width == 0
+//   region id = inclusive scan of starts - 1; counts = number of starts.
+// Backward: grad H = (symmetric) conv of grad smoothed over the compact sequence (+ grad of
+// the information output), entropy derivative -(ln p~ + 1)/ln 2, softmax Jacobian.
+#include "common.cuh"
+#include "enact.h"
+
+namespace enact {
+namespace {
+
+constexpr int kInfoThreads = 512;
+constexpr int kMaxTapHalf = 192;  // 3 * sigma <= 192  (sigma <= 64)
+
+// Taps g(t) = exp(-t^2 / (2 s^2)) / (s sqrt(2 pi)) for t = 0..3s, computed in double and
+// rounded to float (as the torch backend does), written to shared memory.
+__device__ void make_taps(float* taps, int sigma) {
+  const int T = 3 * sigma;
+  const double s = static_cast<double>(sigma);
+  const double norm = s * 2.5066282746310002;  // s * sqrt(2 pi)
+  for (int t = threadIdx.x; t <= T; t += blockDim.x) {
+    const double td = static_cast<double>(t);
+    taps[t] = static_cast<float>(exp(-td * td / (2.0 * s * s)) / norm);
+  }
+}
+
+// Same-length zero-padded symmetric convolution at compact position j.
+__device__ __forceinline__ float smooth_at(const float* h, const float* taps, int j, int L,
+                                           int T) {
+  const int lo = max(-T, -j), hi = min(T, L - 1 - j);
+  float acc = 0.f;
+  for (int t = lo; t <= hi; ++t) acc = fmaf(taps[t < 0 ? -t : t], h[j + t], acc);
+  return acc;
+}
+
+__device__ __forceinline__ bool step_at(const float* s, int j, int L) {
+  const float left = j > 0 ? s[j - 1] : 0.f;
+  const float right = j + 1 < L ? s[j + 1] : 0.f;
+  const float c = __fsub_rn(__fsub_rn(2.f * s[j], left), right);
+  return c > 0.f;
+}
+
+__global__ void __launch_bounds__(kInfoThreads) info_fwd_kernel(InfoFwdArgs a) {
+  extern __shared__ float4 dyn_smem4[];
+  __shared__ float taps[kMaxTapHalf + 1];
+  __shared__ float fbuf[32];
+  __shared__ int ibuf[32];
+
+  const int b = blockIdx.x, N = a.N, tid = threadIdx.x, nt = blockDim.x;
+  const int T = 3 * a.sigma;
+  float* base = a.scratch ? a.scratch + static_cast<int64_t>(b) * 3 * N
+                          : reinterpret_cast<float*>(dyn_smem4);
+  float* hb = base;                                // compact input, then information
+  float* sb = base + N;                            // compact smoothed
+  int* cidx = reinterpret_cast<int*>(base + 2 * N);  // compact -> original index
+
+  const float* x = a.x + static_cast<int64_t>(b) * N;
+  const bool* m = a.mask ? a.mask + static_cast<int64_t>(b) * N : nullptr;
+  float* info_out = a.info_out ? a.info_out + static_cast<int64_t>(b) * N : nullptr;
+  float* sm_out = a.smoothed_out + static_cast<int64_t>(b) * N;
+  int64_t* reg_out = a.region_out + static_cast<int64_t>(b) * N;
+
+  make_taps(taps, a.sigma);
+
+  // 1. compaction (+ padding outputs, + valid pixels of the first row for row breaks)
+  int L = 0, first_row = 0;
+  for (int i0 = 0; i0 < N; i0 += nt) {
+    const int i = i0 + tid;
+    const bool valid = i < N && !(m && m[i]);
+    int total;
+    const int incl = block_inclusive_scan(valid ? 1 : 0, ibuf, total);
+    if (valid) {
+      const int j = L + incl - 1;
+      cidx[j] = i;
+      hb[j] = x[i];
+    } else if (i < N) {
+      if (info_out) info_out[i] = 0.f;
+      sm_out[i] = 0.f;
+      reg_out[i] = -1;
+    }
+    if (a.row_breaks && i0 < a.W) first_row += __syncthreads_count(valid && i < a.W);
+    L += total;
+  }
+  __syncthreads();
+
+  // 2. information (mode 0)
+  if (a.mode == 0) {
+    float mx = -INFINITY;
+    for (int j = tid; j < L; j += nt) mx = fmaxf(mx, hb[j]);
+    mx = block_max(mx, fbuf);
+    float sum = 0.f;
+    for (int j = tid; j < L; j += nt) sum += expf(hb[j] - mx);
+    sum = block_sum(sum, fbuf);
+    for (int j = tid; j < L; j += nt) {
+      const float p = expf(hb[j] - mx) / sum + 1e-8f;
+      const float h = -p * log2f(p);
+      hb[j] = h;
+      info_out[cidx[j]] = h;
+    }
+    __syncthreads();
+  }
+
+  // 3. smoothing
+  for (int j = tid; j < L; j += nt) {
+    const float s = smooth_at(hb, taps, j, L, T);
+    sb[j] = s;
+    sm_out[cidx[j]] = s;
+  }
+  __syncthreads();
+
+  // 4. curvature, step, region starts, region ids
+  const int width = max(first_row, 1);
+  int regions = 0;
+  for (int j0 = 0; j0 < L; j0 += nt) {
+    const int j = j0 + tid;
+    int start = 0;
+    if (j < L) {
+      if (j == 0) {
+        start = 1;
+      } else {
+        start = step_at(sb, j, L) != step_at(sb, j - 1, L);
+        if (a.row_breaks && (j % width) == 0) start = 1;
+      }
+    }
+    int total;
+    const int incl = block_inclusive_scan(start, ibuf, total);
+    if (j < L) reg_out[cidx[j]] = regions + incl - 1;
+    regions += total;
+  }
+  if (tid == 0) a.counts_out[b] = regions;
+}
+
+__global__ void __launch_bounds__(kInfoThreads) info_bwd_kernel(InfoBwdArgs a) {
+  extern __shared__ float4 dyn_smem4[];
+  __shared__ float taps[kMaxTapHalf + 1];
+  __shared__ float fbuf[32];
+  __shared__ int ibuf[32];
+
+  const int b = blockIdx.x, N = a.N, tid = threadIdx.x, nt = blockDim.x;
+  const int T = 3 * a.sigma;
+  float* base = a.scratch ? a.scratch + static_cast<int64_t>(b) * 4 * N
+                          : reinterpret_cast<float*>(dyn_smem4);
+  float* xb = base;                                  // compact input (then p)
+  float* gsb = base + N;                             // compact grad smoothed
+  float* gpb = base + 2 * N;                         // grad wrt p (mode 0)
+  int* cidx = reinterpret_cast<int*>(base + 3 * N);
+
+  const int64_t off = static_cast<int64_t>(b) * N;
+  const float* x = a.x + off;
+  const bool* m = a.mask ? a.mask + off : nullptr;
+  const float* g_info = a.grad_info ? a.grad_info + off : nullptr;
+  const float* g_sm = a.grad_sm ? a.grad_sm + off : nullptr;
+  float* gx = a.grad_x + off;
+
+  make_taps(taps, a.sigma);
+
+  int L = 0;
+  for (int i0 = 0; i0 < N; i0 += nt) {
+    const int i = i0 + tid;
+    const bool valid = i < N && !(m && m[i]);
+    int total;
+    const int incl = block_inclusive_scan(valid ? 1 : 0, ibuf, total);
+    if (valid) {
+      const int j = L + incl - 1;
+      cidx[j] = i;
+      xb[j] = x[i];
+      gsb[j] = g_sm ? g_sm[i] : 0.f;
+    } else if (i < N) {
+      gx[i] = 0.f;
+    }
+    L += total;
+  }
+  __syncthreads();
+
+  if (a.mode == 1) {  // regions from information: grad information = adjoint of smoothing
+    for (int j = tid; j < L; j += nt) gx[cidx[j]] = g_sm ? smooth_at(gsb, taps, j, L, T) : 0.f;
+    return;
+  }
+
+  float mx = -INFINITY;
+  for (int j = tid; j < L; j += nt) mx = fmaxf(mx, xb[j]);
+  mx = block_max(mx, fbuf);
+  float sum = 0.f;
+  for (int j = tid; j < L; j += nt) sum += expf(xb[j] - mx);
+  sum = block_sum(sum, fbuf);
+
+  float dot = 0.f;
+  for (int j = tid; j < L; j += nt) {
+    const int i = cidx[j];
+    float gh = g_sm ? smooth_at(gsb, taps, j, L, T) : 0.f;
+    if (g_info) gh += g_info[i];
+    const float p = expf(xb[j] - mx) / sum;
+    const float gp = gh * (-(logf(p + 1e-8f) + 1.f) / kLn2);
+    xb[j] = p;  // only this thread reads xb[j] from here on
+    gpb[j] = gp;
+    dot += p * gp;
+  }
+  dot = block_sum(dot, fbuf);  // contains __syncthreads
+  for (int j = tid; j < L; j += nt) gx[cidx[j]] = xb[j] * (gpb[j] - dot);
+}
+
+}  // namespace
+
+size_t info_forward_smem_bytes(int N, int /*sigma*/) { return static_cast<size_t>(N) * 12; }
+size_t info_backward_smem_bytes(int N, int /*sigma*/) { return static_cast<size_t>(N) * 16; }
+
+cudaError_t info_forward(const InfoFwdArgs& a, int smem_limit, cudaStream_t stream) {
+  if (a.B == 0) return cudaSuccess;
+  const size_t smem = a.scratch ? 0 : info_forward_smem_bytes(a.N, a.sigma);
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(info_fwd_kernel,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit);
+    if (e != cudaSuccess) return e;
+  }
+  info_fwd_kernel<<<a.B, kInfoThreads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+cudaError_t info_backward(const InfoBwdArgs& a, int smem_limit, cudaStream_t stream) {
+  if (a.B == 0) return cudaSuccess;
+  const size_t smem = a.scratch ? 0 : info_backward_smem_bytes(a.N, a.sigma);
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(info_bwd_kernel,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit);
+    if (e != cudaSuccess) return e;
+  }
+  info_bwd_kernel<<<a.B, kInfoThreads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace enact
