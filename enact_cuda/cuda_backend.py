@@ -1,0 +1,244 @@
+"""CUDA backend of enact_cuda: autograd wrappers around the kernels in csrc/ (build.py).
+
+Same signatures and semantics as the torch backend (information.py, clustering.py,
+attention.py); all tensors batch-first, masks bool with True = padding.
+
+- information_regions(z (B,N), padding_mask (B,N)|None, sigma, row_breaks, hw)
+    -> (information, smoothed, region_index, counts): ONE fused kernel per direction
+    (softmax over valid pixels, +1e-8, -p log2 p, Gaussian smoothing, [-1,2,-1] curvature,
+    step, region scan); differentiable w.r.t. z (through information and smoothed).
+- regions(information, padding_mask, sigma, row_breaks, hw) -> (smoothed, region_index,
+    counts): the same kernel starting from the information (differentiable w.r.t. it).
+- cluster_tensors(tensors, smoothed, region_index, num_clusters) -> tuple of (B, R, d_t):
+    region-softmax weighted sums, exact backward into the tensors and into `smoothed`.
+- clustered_attention(q, k, v, key_padding_mask, dropout_p, scale) -> (B, h, N, e):
+    fused online-softmax attention over each image's clusters [0, R_b), fp32 / bf16, head
+    dims 32 and 64, never materialising N x R; FlashAttention-style recomputing backward.
+    Attention dropout uses a counter-based hash of (seed, b, h, query, key): the backward
+    recomputes the forward's mask. The seed is drawn from torch's default CPU generator
+    (so torch.manual_seed makes runs repeatable; no device sync) unless `seed=` is given.
+
+Inputs the kernels do not cover fall back to the torch backend, documented per function:
+float64 inputs (gradcheck), attention dtypes other than fp32/bf16 or head dims other than
+32/64 (equal for k and v).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from . import build
+from .information import check_sigma
+
+__all__ = ["information_regions", "regions", "cluster_tensors", "clustered_attention",
+           "dropout_keep_mask", "extension"]
+
+# Query splits of the dk/dv backward kernel (0 = automatic, to fill the GPU); tests set 1
+# to exercise the non-atomic path.
+DKDV_NSPLIT = 0
+
+
+def extension():
+    """The compiled extension module (raises build.BuildError if it cannot be built)."""
+    return build.load_extension()
+
+
+def _row_width(hw, N: int, row_breaks: bool) -> int:
+    if not row_breaks:
+        return 0
+    if hw is None:
+        raise ValueError("row_breaks=True needs hw=(H, W), the feature map size")
+    H, W = int(hw[0]), int(hw[1])
+    if H * W != N:
+        raise ValueError(f"hw={tuple(hw)} does not match N={N} (H*W={H * W})")
+    return W
+
+
+def _check_mask(mask, shape, who):
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{who}: padding_mask must be bool (True = padding), got {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{who}: padding_mask shape {tuple(mask.shape)} != {tuple(shape)}")
+    return mask.contiguous()
+
+
+# ------------------------------------------------------------------ information + regions
+class _InfoRegions(torch.autograd.Function):
+    """mode 0: x = logits z; mode 1: x = unsmoothed information."""
+
+    @staticmethod
+    def forward(ctx, x, mask, sigma, row_breaks, width, mode):
+        info, smoothed, region_index, counts = extension().info_forward(
+            x, mask, sigma, row_breaks, width, mode)
+        ctx.save_for_backward(x, mask)
+        ctx.sigma, ctx.mode = sigma, mode
+        ctx.mark_non_differentiable(region_index, counts)
+        ctx.set_materialize_grads(False)
+        if mode == 1:
+            return smoothed, region_index, counts
+        return info, smoothed, region_index, counts
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, mask = ctx.saved_tensors
+        if ctx.mode == 0:
+            g_info, g_sm = grads[0], grads[1]
+        else:
+            g_info, g_sm = None, grads[0]
+        if g_info is None and g_sm is None:
+            return None, None, None, None, None, None
+        gx = extension().info_backward(x, mask, g_info, g_sm, ctx.sigma, ctx.mode)
+        return gx, None, None, None, None, None
+
+
+def information_regions(z: torch.Tensor, padding_mask: torch.Tensor | None, sigma,
+                        row_breaks: bool = False, hw=None):
+    """z (B, N) W_prob logits -> (information, smoothed, region_index, counts).
+
+    information / smoothed (B, N) float32 (0 on padding); region_index (B, N) int64, -1 on
+    padding; counts (B,) int64. Equals information_from_logits followed by regions().
+    float64 z uses the torch backend (the kernel computes in float32).
+    """
+    s = check_sigma(sigma)
+    if z.dim() != 2:
+        raise ValueError(f"information_regions: z must be (B, N), got {tuple(z.shape)}")
+    mask = _check_mask(padding_mask, z.shape, "information_regions")
+    if z.dtype == torch.float64:
+        from .information import information_from_logits, regions as torch_regions
+        info = information_from_logits(z, padding_mask)
+        return (info,) + tuple(torch_regions(info, padding_mask, s, row_breaks, hw))
+    width = _row_width(hw, z.shape[1], row_breaks)
+    return _InfoRegions.apply(z.float().contiguous(), mask, s, bool(row_breaks), width, 0)
+
+
+def regions(information: torch.Tensor, padding_mask: torch.Tensor | None, sigma,
+            row_breaks: bool = False, hw=None):
+    """information (B, N) unsmoothed -> (smoothed, region_index, counts), as the torch
+    backend's `regions` (float64 input uses it)."""
+    s = check_sigma(sigma)
+    if information.dim() != 2:
+        raise ValueError(f"regions: information must be (B, N), got {tuple(information.shape)}")
+    mask = _check_mask(padding_mask, information.shape, "regions")
+    if information.dtype == torch.float64:
+        from .information import regions as torch_regions
+        return torch_regions(information, padding_mask, s, row_breaks, hw)
+    width = _row_width(hw, information.shape[1], row_breaks)
+    return _InfoRegions.apply(information.float().contiguous(), mask, s, bool(row_breaks),
+                              width, 1)
+
+
+# ---------------------------------------------------------------------------- clustering
+class _Cluster(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, smoothed, region_index, num_clusters, *tensors):
+        res = extension().cluster_forward(list(tensors), smoothed, region_index, num_clusters)
+        outs, w, starts, counts = res[:-3], res[-3], res[-2], res[-1]
+        ctx.save_for_backward(region_index, w, starts, counts, *tensors)
+        ctx.num_clusters = num_clusters
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        region_index, w, starts, counts, *tensors = ctx.saved_tensors
+        grads = [g if g is not None else torch.zeros(t.shape[0], ctx.num_clusters, t.shape[2],
+                                                      dtype=t.dtype, device=t.device)
+                 for g, t in zip(grads, tensors)]
+        res = extension().cluster_backward(grads, list(tensors), w, region_index, starts,
+                                           counts, ctx.num_clusters)
+        return (res[-1], None, None) + tuple(res[:-1])
+
+
+def cluster_tensors(tensors: Sequence[torch.Tensor], smoothed: torch.Tensor,
+                    region_index: torch.Tensor, num_clusters: int) -> tuple:
+    """tensors: tuple of (B, N, d_t) (float32 / bf16 / fp16); smoothed (B, N); region_index
+    (B, N) int64, -1 on padding; num_clusters R_max -> tuple of (B, R_max, d_t) in each
+    tensor's dtype (fp32 accumulation), zero rows for r >= R_b. float64 inputs use the torch
+    backend."""
+    tensors = tuple(tensors)
+    if not tensors:
+        raise ValueError("cluster_tensors: needs at least one tensor")
+    B, N = smoothed.shape
+    for t in tensors:
+        if t.dim() != 3 or t.shape[:2] != (B, N):
+            raise ValueError(f"cluster_tensors: tensor shape {tuple(t.shape)} does not start "
+                             f"with (B, N) = {(B, N)}")
+    if smoothed.dtype == torch.float64 or any(t.dtype == torch.float64 for t in tensors):
+        from .clustering import cluster_tensors as torch_cluster
+        return torch_cluster(tensors, smoothed, region_index, num_clusters)
+    R = int(num_clusters)
+    return _Cluster.apply(smoothed.float().contiguous(), region_index.contiguous(), R, *tensors)
+
+
+# -------------------------------------------------------------------- clustered attention
+class _ClusteredAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, dropout_p, scale, seed):
+        out, lse = extension().attn_forward(q, k, v, key_padding_mask, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
+        ctx.dropout_p, ctx.scale, ctx.seed = dropout_p, scale, seed
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, kpm, out, lse = ctx.saved_tensors
+        dq, dk, dv = extension().attn_backward(grad_out, q, k, v, kpm, out, lse, ctx.scale,
+                                               ctx.dropout_p, ctx.seed, DKDV_NSPLIT)
+        return dq, dk, dv, None, None, None, None
+
+
+def _unsupported(q, k, v) -> str:
+    if q.dtype not in (torch.float32, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (kernel: float32 or bfloat16, all equal)"
+    if q.shape[-1] not in (32, 64) or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        return f"head dims q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]} (kernel: 32 or 64)"
+    return ""
+
+
+def _draw_seed() -> int:
+    # torch's default CPU generator: repeatable under torch.manual_seed, no GPU sync.
+    return int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
+
+
+def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_padding_mask: torch.Tensor | None, dropout_p: float = 0.0,
+                        scale: float | None = None, *, seed: int | None = None,
+                        return_lse: bool = False):
+    """q (B, h, N, e), k (B, h, R, e), v (B, h, R, e), key_padding_mask (B, R) bool (True = no
+    cluster, a suffix per image; None = all present) -> (B, h, N, e) (and the (B, h, N)
+    natural-log LSE of the scaled scores with return_lse=True). Output storage is
+    (B, N, h, e), so out.transpose(1, 2).reshape(B, N, h*e) is free. Images without clusters
+    give zeros. Unsupported dtypes / head dims use the torch backend.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("clustered_attention: q, k, v must be (B, heads, L, e)")
+    if key_padding_mask is None:
+        key_padding_mask = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    if _unsupported(q, k, v):
+        from .attention import clustered_attention_torch
+        if return_lse:
+            raise ValueError(f"clustered_attention: return_lse needs the CUDA kernel "
+                             f"({_unsupported(q, k, v)})")
+        return clustered_attention_torch(q, k, v, key_padding_mask, dropout_p, scale)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p > 0.0 and seed is None:
+        seed = _draw_seed()
+    out, lse = _ClusteredAttention.apply(q, k, v, key_padding_mask.contiguous(), dropout_p,
+                                         scale, int(seed or 0))
+    return (out, lse) if return_lse else out
+
+
+def dropout_keep_mask(B: int, H: int, N: int, R: int, dropout_p: float, seed: int,
+                      device) -> torch.Tensor:
+    """(B, H, N, R) bool: the keep mask the attention kernels apply for this seed (tests)."""
+    like = torch.empty(0, device=device)
+    return extension().dropout_mask(B, H, N, R, float(dropout_p), int(seed), like)

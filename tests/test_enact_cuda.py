@@ -1,0 +1,483 @@
+"""CUDA backend of enact_cuda vs the torch backend (forward and backward), on a GPU.
+
+Every test is marked `cuda` (skipped without a GPU by conftest). Tolerances: norm-relative
+error ||cuda - torch|| / ||torch|| <= 1e-5 in float32, <= 1e-2 in bfloat16. Shapes cover
+random and adversarial cases: one region per image, every pixel its own region, H x W not a
+multiple of 32, B = 1 and B = 16, padded batches (incl. a fully padded image), head dims 32/64.
+
+Region boundaries are thresholds (curvature > 0) on float32 sums whose order differs between
+the fused kernel and torch's conv1d; where the curvature is within rounding of 0 the two may
+legitimately disagree. `assert_same_regions` demands equality everywhere else.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import enact_cuda
+from enact_cuda.attention import clustered_attention_torch
+from enact_cuda.clustering import cluster_tensors as torch_cluster_tensors
+from enact_cuda.information import information_from_logits, regions as torch_regions
+from enact_cuda.information import regions_from_steps
+
+pytestmark = pytest.mark.cuda
+
+FP32_TOL = 1e-5
+BF16_TOL = 1e-2
+
+
+# ------------------------------------------------------------------------------ helpers
+@pytest.fixture(scope="module")
+def cb():
+    from enact_cuda import build, cuda_backend
+    build.load_extension()
+    return cuda_backend
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return torch.device("cuda")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-relative difference in float64; NaN anywhere fails."""
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values in the CUDA result"
+    denom = b.norm().item()
+    return (a - b).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def make_mask(B, H, W, device, full_first=True, gen=None, empty_image=False):
+    """Bottom/right padding (True = padding) with a random valid h x w per image."""
+    mask = torch.ones(B, H, W, dtype=torch.bool, device=device)
+    for b in range(B):
+        if b == 0 and full_first:
+            h, w = H, W
+        else:
+            h = int(torch.randint(1, H + 1, (1,), generator=gen))
+            w = int(torch.randint(1, W + 1, (1,), generator=gen))
+        mask[b, :h, :w] = False
+    if empty_image:
+        mask[-1] = True
+    return mask.reshape(B, H * W)
+
+
+def assert_same_regions(ri_cuda, ri_ref, smoothed_ref, mask, rel_tol=1e-5, max_ambiguous=8):
+    """region_index equal, except region starts next to a curvature within rounding of 0."""
+    assert ri_cuda.shape == ri_ref.shape and ri_cuda.dtype == torch.int64
+    if mask is not None:
+        assert torch.equal(ri_cuda[mask], torch.full_like(ri_cuda[mask], -1))
+    if torch.equal(ri_cuda, ri_ref):
+        return
+    B = ri_ref.shape[0]
+    ambiguous = 0
+    for b in range(B):
+        valid = torch.ones_like(ri_ref[b], dtype=torch.bool) if mask is None else ~mask[b]
+        rc, rr = ri_cuda[b][valid], ri_ref[b][valid]
+        if torch.equal(rc, rr):
+            continue
+        s = smoothed_ref[b][valid].double()
+        sp = torch.nn.functional.pad(s, (1, 1))
+        curv = 2 * s - sp[:-2] - sp[2:]
+        tol = rel_tol * max(s.abs().max().item(), 1e-30)
+        start_c = torch.ones_like(rc, dtype=torch.bool)
+        start_r = torch.ones_like(rr, dtype=torch.bool)
+        start_c[1:] = rc[1:] != rc[:-1]
+        start_r[1:] = rr[1:] != rr[:-1]
+        for j in torch.nonzero(start_c != start_r).flatten().tolist():
+            near = curv[max(j - 1, 0): j + 1].abs().min().item()
+            assert near < tol, (f"image {b}: region start differs at compact position {j} "
+                                f"where |curvature| = {near:.3e} >> rounding ({tol:.1e})")
+            ambiguous += 1
+    assert ambiguous <= max_ambiguous, f"{ambiguous} ambiguous region starts"
+
+
+# ------------------------------------------------------------------ information + regions
+INFO_CASES = [
+    # B, H, W, sigma, row_breaks, padded
+    (4, 13, 17, 3, False, True),
+    (1, 25, 38, 3, False, False),
+    (16, 9, 11, 3, True, True),
+    (3, 50, 76, 5, False, True),   # DC5 size
+    (2, 25, 38, 5, True, False),
+    (2, 7, 5, 1, False, True),
+]
+
+
+@pytest.mark.parametrize("B,H,W,sigma,row_breaks,padded", INFO_CASES)
+def test_information_regions_matches_torch(cb, dev, B, H, W, sigma, row_breaks, padded):
+    gen = torch.Generator().manual_seed(B * 1000 + H * W + sigma)
+    N = H * W
+    z = (torch.randn(B, N, generator=gen) * 2.0).to(dev)
+    mask = make_mask(B, H, W, dev, gen=gen) if padded else None
+    z1 = z.clone().requires_grad_(True)
+    z2 = z.clone().requires_grad_(True)
+
+    info_c, sm_c, ri_c, cnt_c = cb.information_regions(z1, mask, sigma, row_breaks, (H, W))
+    info_t = information_from_logits(z2, mask)
+    sm_t, ri_t, cnt_t = torch_regions(info_t, mask, sigma, row_breaks, (H, W))
+
+    assert info_c.dtype == torch.float32 and sm_c.shape == (B, N) and cnt_c.shape == (B,)
+    assert rel(info_c, info_t) <= FP32_TOL
+    assert rel(sm_c, sm_t) <= FP32_TOL
+    if mask is not None:
+        assert torch.all(info_c[mask] == 0) and torch.all(sm_c[mask] == 0)
+    assert_same_regions(ri_c, ri_t, sm_t.detach(), mask)
+    if torch.equal(ri_c, ri_t):
+        assert torch.equal(cnt_c, cnt_t)
+    assert torch.equal(cnt_c, ri_c.max(1).values + 1)
+
+    g1 = torch.randn(B, N, generator=gen).to(dev)
+    g2 = torch.randn(B, N, generator=gen).to(dev)
+    ((sm_c * g1).sum() + (info_c * g2).sum()).backward()
+    ((sm_t * g1).sum() + (info_t * g2).sum()).backward()
+    assert rel(z1.grad, z2.grad) <= FP32_TOL
+    if mask is not None:
+        assert torch.all(z1.grad[mask] == 0)
+
+
+def test_information_regions_grad_through_smoothed_only(cb, dev):
+    gen = torch.Generator().manual_seed(3)
+    B, H, W = 3, 10, 12
+    z = torch.randn(B, H * W, generator=gen).to(dev)
+    mask = make_mask(B, H, W, dev, gen=gen)
+    z1 = z.clone().requires_grad_(True)
+    z2 = z.clone().requires_grad_(True)
+    g = torch.randn(B, H * W, generator=gen).to(dev)
+    _, sm_c, _, _ = cb.information_regions(z1, mask, 3)
+    sm_t, _, _ = torch_regions(information_from_logits(z2, mask), mask, 3)
+    (sm_c * g).sum().backward()
+    (sm_t * g).sum().backward()
+    assert rel(z1.grad, z2.grad) <= FP32_TOL
+
+
+def test_information_regions_adversarial(cb, dev):
+    """Constant logits (flat information: curvature ~ 0 inside), images with 1 and 2 valid
+    pixels (one region each) and a fully padded image (no region)."""
+    B, H, W = 4, 6, 9
+    z = torch.zeros(B, H * W, device=dev)
+    mask = torch.ones(B, H, W, dtype=torch.bool, device=dev)
+    mask[0] = False          # constant logits over a full image
+    mask[1, 0, 0] = False    # one valid pixel
+    mask[2, 0, :2] = False   # two valid pixels (symmetric: one region)
+    mask = mask.reshape(B, -1)  # image 3 fully padded
+    info_c, sm_c, ri_c, cnt_c = cb.information_regions(z, mask, 3)
+    info_t = information_from_logits(z, mask)
+    sm_t, ri_t, cnt_t = torch_regions(info_t, mask, 3)
+    assert rel(info_c, info_t) <= FP32_TOL and rel(sm_c, sm_t) <= FP32_TOL
+    assert_same_regions(ri_c, ri_t, sm_t, mask, max_ambiguous=H * W)
+    assert cnt_c[1].item() == 1 and cnt_c[2].item() == 1 and cnt_c[3].item() == 0
+    assert torch.all(ri_c[3] == -1) and torch.all(info_c[3] == 0)
+
+
+def test_information_regions_large_n_uses_scratch(cb, dev):
+    """N beyond the shared-memory capacity of one block (global scratch path)."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, W = 2, 150, 140  # N = 21000: 252 KB forward / 336 KB backward > smem
+    z = torch.randn(B, H * W, generator=gen).to(dev)
+    mask = make_mask(B, H, W, dev, gen=gen)
+    z1 = z.clone().requires_grad_(True)
+    z2 = z.clone().requires_grad_(True)
+    info_c, sm_c, ri_c, _ = cb.information_regions(z1, mask, 3)
+    info_t = information_from_logits(z2, mask)
+    sm_t, ri_t, _ = torch_regions(info_t, mask, 3)
+    assert rel(sm_c, sm_t) <= FP32_TOL
+    assert_same_regions(ri_c, ri_t, sm_t.detach(), mask, max_ambiguous=20)
+    g = torch.randn(B, H * W, generator=gen).to(dev)
+    (sm_c * g).sum().backward()
+    (sm_t * g).sum().backward()
+    assert rel(z1.grad, z2.grad) <= FP32_TOL
+
+
+@pytest.mark.parametrize("row_breaks", [False, True])
+def test_regions_from_information_matches_torch(cb, dev, row_breaks):
+    gen = torch.Generator().manual_seed(11)
+    B, H, W = 5, 19, 23
+    info = (torch.rand(B, H * W, generator=gen) * 0.05).to(dev)
+    mask = make_mask(B, H, W, dev, gen=gen)
+    info = info.masked_fill(mask, 0.0)
+    i1 = info.clone().requires_grad_(True)
+    i2 = info.clone().requires_grad_(True)
+    sm_c, ri_c, cnt_c = cb.regions(i1, mask, 3, row_breaks, (H, W))
+    sm_t, ri_t, cnt_t = torch_regions(i2, mask, 3, row_breaks, (H, W))
+    assert rel(sm_c, sm_t) <= FP32_TOL
+    assert_same_regions(ri_c, ri_t, sm_t.detach(), mask)
+    g = torch.randn(B, H * W, generator=gen).to(dev)
+    (sm_c * g).sum().backward()
+    (sm_t * g).sum().backward()
+    assert rel(i1.grad, i2.grad) <= FP32_TOL
+
+
+# ---------------------------------------------------------------------------- clustering
+def _steps(kind, B, N, gen, device, mask=None):
+    """Step sequences (B, N) in original layout; 'every_pixel' alternates along each image's
+    compact (valid-pixel) sequence so that every valid pixel is its own region."""
+    if kind == "random":
+        return (torch.rand(B, N, generator=gen) < 0.3).to(device)
+    if kind == "one_region":
+        return torch.zeros(B, N, dtype=torch.bool, device=device)
+    if kind == "every_pixel":
+        valid = torch.ones(B, N, dtype=torch.bool, device=device) if mask is None else ~mask
+        return (valid.cumsum(1) % 2) == 1
+    raise ValueError(kind)
+
+
+CLUSTER_CASES = [
+    # B, H, W, kind, padded, dims
+    (4, 13, 17, "random", True, (256, 256)),
+    (1, 25, 38, "random", False, (256,)),
+    (16, 9, 11, "random", True, (64, 32, 256)),
+    (3, 10, 14, "one_region", True, (256, 128)),
+    (3, 10, 14, "every_pixel", True, (256, 64)),
+    (2, 50, 76, "random", True, (256, 256)),
+    (2, 7, 9, "random", True, (30, 6)),  # d not a multiple of 4: scalar path
+]
+
+
+def _cluster_inputs(B, H, W, kind, padded, dims, dtype, dev, seed):
+    gen = torch.Generator().manual_seed(seed)
+    N = H * W
+    mask = make_mask(B, H, W, dev, gen=gen, empty_image=padded and B > 2) if padded else None
+    ri, counts = regions_from_steps(_steps(kind, B, N, gen, dev, mask), mask)
+    sm = (torch.randn(B, N, generator=gen) * 0.5).to(dev)
+    if mask is not None:
+        sm = sm.masked_fill(mask, 0.0)
+    xs = [torch.randn(B, N, d, generator=gen).to(dev, dtype) for d in dims]
+    R = max(int(counts.max()), 1)
+    return mask, ri, counts, sm, xs, R, gen
+
+
+def _run_cluster(fn, xs, sm, ri, R, grads):
+    xs = [x.clone().requires_grad_(True) for x in xs]
+    sm = sm.clone().requires_grad_(True)
+    outs = fn(tuple(xs), sm, ri, R)
+    loss = sum((o.float() * g).sum() for o, g in zip(outs, grads))
+    loss.backward()
+    return outs, [x.grad for x in xs], sm.grad
+
+
+@pytest.mark.parametrize("B,H,W,kind,padded,dims", CLUSTER_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cluster_tensors_matches_torch(cb, dev, B, H, W, kind, padded, dims, dtype):
+    mask, ri, counts, sm, xs, R, gen = _cluster_inputs(B, H, W, kind, padded, dims, dtype, dev,
+                                                       seed=B * 100 + H + len(dims))
+    if kind == "one_region":
+        assert torch.all(counts[: B - 1 if padded and B > 2 else B] == 1)
+    if kind == "every_pixel":
+        valid = (~mask).sum(1) if mask is not None else torch.full((B,), H * W, device=dev)
+        assert torch.equal(counts, valid)
+    grads = [torch.randn(B, R, x.shape[2], generator=gen).to(dev) for x in xs]
+    out_c, gx_c, gs_c = _run_cluster(cb.cluster_tensors, xs, sm, ri, R, grads)
+    out_t, gx_t, gs_t = _run_cluster(torch_cluster_tensors, xs, sm, ri, R, grads)
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    for oc, ot, x in zip(out_c, out_t, xs):
+        assert oc.dtype == x.dtype and oc.shape == ot.shape == (B, R, x.shape[2])
+        assert rel(oc, ot) <= tol
+        # padding clusters are exactly zero
+        pad = torch.arange(R, device=dev)[None, :] >= counts[:, None]
+        assert torch.all(oc[pad] == 0)
+    for gc, gt in zip(gx_c, gx_t):
+        assert rel(gc, gt) <= tol
+    assert rel(gs_c, gs_t) <= (FP32_TOL if dtype == torch.float32 else 2 * BF16_TOL)
+    if mask is not None:
+        assert torch.all(gs_c[mask] == 0)
+        for gc in gx_c:
+            assert torch.all(gc[mask] == 0)
+
+
+def test_cluster_tensors_strided_mixed_dtypes_extra_clusters(cb, dev):
+    """Non-contiguous inputs (a slice of a wider tensor), mixed dtypes (two kernel launches
+    sharing the grad of `smoothed`), and num_clusters larger than any image's count."""
+    gen = torch.Generator().manual_seed(21)
+    B, H, W = 3, 11, 13
+    N = H * W
+    mask = make_mask(B, H, W, dev, gen=gen)
+    ri, counts = regions_from_steps(_steps("random", B, N, gen, dev), mask)
+    sm = torch.randn(B, N, generator=gen).to(dev).masked_fill(mask, 0.0)
+    wide = torch.randn(B, N, 384, generator=gen).to(dev)
+    xs = [wide[..., 64:320], torch.randn(B, N, 64, generator=gen).to(dev, torch.bfloat16)]
+    R = int(counts.max()) + 3
+    grads = [torch.randn(B, R, x.shape[2], generator=gen).to(dev) for x in xs]
+    out_c, gx_c, gs_c = _run_cluster(cb.cluster_tensors, xs, sm, ri, R, grads)
+    out_t, gx_t, gs_t = _run_cluster(torch_cluster_tensors, xs, sm, ri, R, grads)
+    assert rel(out_c[0], out_t[0]) <= FP32_TOL and rel(out_c[1], out_t[1]) <= BF16_TOL
+    assert rel(gx_c[0], gx_t[0]) <= FP32_TOL and rel(gx_c[1], gx_t[1]) <= BF16_TOL
+    assert rel(gs_c, gs_t) <= BF16_TOL
+    assert torch.all(out_c[0][:, -3:] == 0)
+
+
+# ------------------------------------------------------------------- clustered attention
+def _attn_inputs(B, h, N, R, e, dtype, dev, seed, empty_image=False, transposed=False):
+    gen = torch.Generator().manual_seed(seed)
+    if transposed:  # q as the usual view of a (B, N, h*e) projection
+        q = torch.randn(B, N, h, e, generator=gen).to(dev, dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, h, N, e, generator=gen).to(dev, dtype)
+    k = torch.randn(B, h, R, e, generator=gen).to(dev, dtype)
+    v = torch.randn(B, h, R, e, generator=gen).to(dev, dtype)
+    lengths = torch.randint(1, R + 1, (B,), generator=gen)
+    lengths[0] = R
+    if empty_image and B > 1:
+        lengths[-1] = 0
+    kpm = (torch.arange(R)[None, :] >= lengths[:, None]).to(dev)
+    go = torch.randn(B, h, N, e, generator=gen).to(dev, dtype)
+    return q, k, v, kpm, go
+
+
+def _run_attn(fn, q, k, v, kpm, go, **kw):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v, kpm, **kw)
+    (out.float() * go.float()).sum().backward()
+    return out, q.grad, k.grad, v.grad
+
+
+ATTN_CASES = [
+    # B, h, N, R, e
+    (2, 8, 950, 160, 32),     # C5-like
+    (1, 8, 300, 64, 32),
+    (16, 2, 143, 37, 64),
+    (3, 4, 1000, 200, 64),
+    (2, 8, 3800, 630, 32),    # DC5-like
+    (4, 2, 77, 1, 32),        # a single cluster
+    (2, 2, 65, 65, 64),       # as many clusters as pixels
+]
+
+
+@pytest.mark.parametrize("B,h,N,R,e", ATTN_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clustered_attention_matches_torch(cb, dev, B, h, N, R, e, dtype):
+    q, k, v, kpm, go = _attn_inputs(B, h, N, R, e, dtype, dev, seed=B + N + R + e,
+                                    empty_image=B >= 3, transposed=(N % 2 == 0))
+    out_c, dq_c, dk_c, dv_c = _run_attn(cb.clustered_attention, q, k, v, kpm, go)
+    out_t, dq_t, dk_t, dv_t = _run_attn(
+        lambda *a: clustered_attention_torch(*a, dropout_p=0.0, scale=None), q, k, v, kpm, go)
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    assert out_c.dtype == dtype and out_c.shape == (B, h, N, e)
+    assert rel(out_c, out_t) <= tol
+    assert rel(dq_c, dq_t) <= tol
+    assert rel(dk_c, dk_t) <= tol
+    assert rel(dv_c, dv_t) <= tol
+    lengths = (~kpm).sum(1)
+    for b in range(B):
+        if lengths[b] == 0:
+            assert torch.all(out_c[b] == 0) and torch.all(dq_c[b] == 0)
+        assert torch.all(dk_c[b, :, lengths[b]:] == 0) and torch.all(dv_c[b, :, lengths[b]:] == 0)
+
+
+@pytest.mark.parametrize("e", [32, 64])
+def test_clustered_attention_unsplit_backward_and_scale(cb, dev, monkeypatch, e):
+    """The dk/dv kernel without query splits (direct stores), and a custom scale."""
+    monkeypatch.setattr(cb, "DKDV_NSPLIT", 1)
+    q, k, v, kpm, go = _attn_inputs(3, 4, 257, 50, e, torch.float32, dev, seed=7)
+    out_c, dq_c, dk_c, dv_c = _run_attn(cb.clustered_attention, q, k, v, kpm, go, scale=0.3)
+    out_t, dq_t, dk_t, dv_t = _run_attn(
+        lambda *a: clustered_attention_torch(*a, dropout_p=0.0, scale=0.3), q, k, v, kpm, go)
+    for a, b in ((out_c, out_t), (dq_c, dq_t), (dk_c, dk_t), (dv_c, dv_t)):
+        assert rel(a, b) <= FP32_TOL
+
+
+def test_clustered_attention_lse(cb, dev):
+    q, k, v, kpm, _ = _attn_inputs(2, 2, 100, 20, 32, torch.float32, dev, seed=9)
+    _, lse = cb.clustered_attention(q, k, v, kpm, return_lse=True)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(32)
+    scores = scores.masked_fill(kpm[:, None, None, :], float("-inf"))
+    assert rel(lse, torch.logsumexp(scores, -1)) <= FP32_TOL
+
+
+# ----------------------------------------------------------------------------- dropout
+M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def _keep_mask_reference(B, H, N, R, p, seed):
+    """Independent (torch int64) implementation of the kernels' dropout hash."""
+    row = torch.arange(B * H * N, dtype=torch.int64)
+    s0, s1 = seed & M32, seed >> 32
+    r0, r1 = row & M32, row >> 32
+    rk = _mix32(r0 ^ _mix32(s0 ^ _mix32((r1 + 0x68E31DA4) & M32))) ^ s1
+    key = torch.arange(R, dtype=torch.int64)
+    u = _mix32((rk[:, None] + key[None, :] * 0x9E3779B9) & M32)
+    p32 = torch.tensor(p, dtype=torch.float32).item()
+    thr = min(int(p32 * 4294967296.0 + 0.5), M32)
+    return (u >= thr).reshape(B, H, N, R)
+
+
+def test_dropout_mask_matches_reference_hash(cb, dev):
+    B, H, N, R, p, seed = 2, 3, 50, 17, 0.25, 123456789012345
+    keep = cb.dropout_keep_mask(B, H, N, R, p, seed, dev)
+    assert torch.equal(keep.cpu(), _keep_mask_reference(B, H, N, R, p, seed))
+    frac = keep.float().mean().item()
+    assert abs(frac - 0.75) < 0.03
+
+
+@pytest.mark.parametrize("dtype,e", [(torch.float32, 32), (torch.float32, 64),
+                                     (torch.bfloat16, 64)])
+def test_clustered_attention_dropout_matches_masked_reference(cb, dev, dtype, e):
+    B, h, N, R, p, seed = 3, 4, 200, 40, 0.3, 987654321
+    q, k, v, kpm, go = _attn_inputs(B, h, N, R, e, dtype, dev, seed=13)
+    keep = cb.dropout_keep_mask(B, h, N, R, p, seed, dev)
+
+    def reference(q, k, v, kpm):
+        s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(e)
+        s = s.masked_fill(kpm[:, None, None, :], float("-inf"))
+        a = torch.softmax(s, -1) * keep / (1 - p)
+        return (a @ v.float()).to(q.dtype)
+
+    out_c, dq_c, dk_c, dv_c = _run_attn(cb.clustered_attention, q, k, v, kpm, go,
+                                        dropout_p=p, seed=seed)
+    out_t, dq_t, dk_t, dv_t = _run_attn(reference, q, k, v, kpm, go)
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    for a, b in ((out_c, out_t), (dq_c, dq_t), (dk_c, dk_t), (dv_c, dv_t)):
+        assert rel(a, b) <= tol
+    again = cb.clustered_attention(q, k, v, kpm, dropout_p=p, seed=seed)
+    assert torch.equal(again, out_c.detach())
+
+
+# ------------------------------------------------------------------ whole ENACT attention
+@pytest.mark.parametrize("nhead,d", [(8, 256), (4, 256)])
+def test_enact_attention_module_cuda_matches_torch(cb, dev, nhead, d):
+    torch.manual_seed(0)
+    B, H, W = 4, 15, 21
+    m_cuda = enact_cuda.ENACTAttention(d, nhead, sigma=3, impl="cuda").to(dev)
+    m_torch = enact_cuda.ENACTAttention(d, nhead, sigma=3, impl="torch").to(dev)
+    m_torch.load_state_dict(m_cuda.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    src = torch.randn(B, H * W, d, generator=gen).to(dev)
+    pos = torch.randn(B, H * W, d, generator=gen).to(dev)
+    mask = make_mask(B, H, W, dev, gen=gen)
+    go = torch.randn(B, H * W, d, generator=gen).to(dev)
+    outs = []
+    for m in (m_cuda, m_torch):
+        s = src.clone().requires_grad_(True)
+        out = m(s, pos, mask, (H, W))
+        (out * go).sum().backward()
+        outs.append((out, s.grad, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (oc, gc, pc), (ot, gt, pt) = outs
+    assert rel(oc, ot) <= FP32_TOL
+    assert rel(gc, gt) <= 2 * FP32_TOL
+    for name in pc:
+        assert rel(pc[name], pt[name]) <= 5 * FP32_TOL, name
+    assert torch.equal(m_cuda.last_stats["clusters_per_image"],
+                       m_torch.last_stats["clusters_per_image"])
+
+
+def test_enact_attention_module_cuda_bf16_autocast(cb, dev):
+    torch.manual_seed(0)
+    B, H, W, d = 2, 25, 38, 256
+    m = enact_cuda.ENACTAttention(d, 8, sigma=3, impl="cuda").to(dev)
+    src = torch.randn(B, H * W, d, device=dev, requires_grad=True)
+    pos = torch.randn(B, H * W, d, device=dev)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m(src, pos, None, (H, W))
+    out.float().square().mean().backward()
+    assert torch.isfinite(out.float()).all() and torch.isfinite(src.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
