@@ -1,0 +1,389 @@
+"""Benchmark of the enact_cuda kernels against the torch backend and dense attention (GPU).
+
+Measures, per dtype (fp32, bf16) and feature-map size (B = 8 images, H x W from 25x38 (C5)
+to 50x76 (DC5), d = 256, 8 heads, padded batch with random valid sizes >= 75 %):
+  * attention core, forward and forward+backward time and peak memory: dense eager
+    (materialised N x N weights), dense SDPA, clustered torch backend (padded clusters through
+    SDPA), clustered CUDA kernel (fused online softmax);
+  * ENACT's own overhead per layer (W_prob logits, information, smoothing, curvature, regions,
+    the R_max read, clustering of keys and values; forward+backward) for both backends,
+    against the clustered attention time;
+  * whole layers (projections included): ENACTAttention (cuda / torch) vs a dense layer with
+    the same projections (SDPA / eager); bf16 runs under autocast;
+  * the clustering kernels' achieved memory bandwidth on a large input against the GPU's
+    measured device-to-device copy bandwidth and its datasheet peak.
+Timing: CUDA events around each call, warm-ups first, median of the repeats. Prints the GPU,
+torch version and shapes, a table, and writes JSON (--out, default
+benchmarks/results/enact_kernels_<gpu>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import enact_cuda  # noqa: E402
+from enact_cuda.attention import clustered_attention_torch  # noqa: E402
+from enact_cuda.clustering import cluster_tensors as torch_cluster_tensors  # noqa: E402
+from enact_cuda.information import information_from_logits, regions as torch_regions  # noqa: E402
+
+# Datasheet memory bandwidth (bytes/s) by device-name substring.
+NOMINAL_BW = [("H200", 4.8e12), ("H100 80GB HBM3", 3.35e12), ("H100 PCIe", 2.0e12),
+              ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12), ("A100", 1.56e12)]
+
+
+# ----------------------------------------------------------------------------- timing
+def bench(fn, warmup: int, iters: int) -> float:
+    """Median milliseconds of fn() measured with CUDA events after warm-ups."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_mb(fn) -> float:
+    """Peak extra memory (MiB) allocated while fn() runs, above what was allocated before."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def measure(name, fwd, fwdbwd, args, rows, **info):
+    row = dict(info, op=name)
+    try:
+        row["fwd_ms"] = bench(fwd, args.warmup, args.iters)
+        row["fwdbwd_ms"] = bench(fwdbwd, args.warmup, args.iters)
+        row["peak_mb"] = peak_mb(fwdbwd)
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+        torch.cuda.empty_cache()
+    rows.append(row)
+    return row
+
+
+# ----------------------------------------------------------------------------- inputs
+def padded_mask(B, H, W, gen, device):
+    mask = torch.ones(B, H, W, dtype=torch.bool)
+    for b in range(B):
+        if b == 0:
+            h, w = H, W
+        else:
+            h = int(torch.randint(math.ceil(0.75 * H), H + 1, (1,), generator=gen))
+            w = int(torch.randint(math.ceil(0.75 * W), W + 1, (1,), generator=gen))
+        mask[b, :h, :w] = False
+    return mask.reshape(B, H * W).to(device)
+
+
+class DenseLayer(nn.Module):
+    """Dense encoder self-attention with ENACTAttention's projections (q = k = src + pos)."""
+
+    def __init__(self, d, nhead, impl):
+        super().__init__()
+        self.h, self.impl = nhead, impl
+        self.W_q, self.W_k, self.W_v, self.W_o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, src, pos, key_padding_mask, hw=None):
+        B, N, d = src.shape
+        h, e = self.h, d // self.h
+        x = src + pos
+        q = self.W_q(x).view(B, N, h, e).transpose(1, 2)
+        k = self.W_k(x).view(B, N, h, e).transpose(1, 2)
+        v = self.W_v(src).view(B, N, h, e).transpose(1, 2)
+        out = dense_attention(q, k, v, key_padding_mask, self.impl)
+        return self.W_o(out.transpose(1, 2).reshape(B, N, d))
+
+
+def dense_attention(q, k, v, key_padding_mask, impl):
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=~key_padding_mask[:, None, None, :])
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+# ------------------------------------------------------------------------- benchmarks
+def enact_overhead_fn(cb, keys, src, w_prob, mask, sigma, hw):
+    """forward: W_prob logits -> information -> regions -> R_max read -> clustering."""
+    def fwd():
+        z = F.linear(keys, w_prob.weight, w_prob.bias).squeeze(-1).float()
+        if cb is not None:
+            _, sm, ri, counts = cb.information_regions(z, mask, sigma, False, hw)
+            R = max(int(counts.max()), 1)
+            return cb.cluster_tensors((keys, src), sm, ri, R)
+        info = information_from_logits(z, mask)
+        sm, ri, counts = torch_regions(info, mask, sigma, False, hw)
+        R = max(int(counts.max()), 1)
+        return torch_cluster_tensors((keys, src), sm, ri, R)
+
+    def fwdbwd():
+        outs = fwd()
+        return torch.autograd.grad(outs, (keys, src) + tuple(w_prob.parameters()),
+                                   [torch.ones_like(o) for o in outs])
+    return fwd, fwdbwd
+
+
+def attention_fns(kind, cb, q, k, v, kpm):
+    def fwd():
+        if kind == "cuda":
+            return cb.clustered_attention(q, k, v, kpm, 0.0, None)
+        if kind == "torch":
+            return clustered_attention_torch(q, k, v, kpm, 0.0, None)
+        return dense_attention(q, k, v, kpm, kind)
+
+    go = torch.randn_like(q)
+
+    def fwdbwd():
+        return torch.autograd.grad(fwd(), (q, k, v), go)
+    return fwd, fwdbwd
+
+
+def bench_size(args, cb, dtype, H, W, rows, summary):
+    dev = torch.device("cuda")
+    B, d, nh, sigma = args.batch, args.d_model, args.heads, args.sigma
+    N, e = H * W, args.d_model // args.heads
+    gen = torch.Generator().manual_seed(H * W)
+    mask = padded_mask(B, H, W, gen, dev)
+    src = torch.randn(B, N, d, generator=gen).to(dev)
+    pos = torch.randn(B, N, d, generator=gen).to(dev)
+    w_prob = nn.Linear(d, 1).to(dev)
+    nn.init.xavier_uniform_(w_prob.weight)
+    nn.init.zeros_(w_prob.bias)
+    keys = (src + pos)
+    cdt = dtype  # clustering / attention dtype
+    keys_c = keys.to(cdt).requires_grad_(True)
+    src_c = src.to(cdt).requires_grad_(True)
+    with torch.no_grad():
+        _, sm, ri, counts = cb.information_regions(
+            F.linear(keys, w_prob.weight, w_prob.bias).squeeze(-1), mask, sigma, False, (H, W))
+    R = int(counts.max())
+    valid = (~mask).sum(1).float()
+    info = dict(dtype=str(dtype).replace("torch.", ""), B=B, H=H, W=W, N=N, d=d, heads=nh,
+                head_dim=e, sigma=sigma, R_max=R,
+                clusters_mean=float(counts.float().mean()),
+                pixels_mean=float(valid.mean()))
+    print(f"\n== {info['dtype']}  B={B}  HxW={H}x{W}  N={N}  d={d}  heads={nh}x{e}  "
+          f"R_max={R}  clusters/image={info['clusters_mean']:.0f}  "
+          f"valid pixels/image={info['pixels_mean']:.0f}", flush=True)
+
+    # ENACT overhead (information + regions + clustering), both backends
+    for backend, mod in (("cuda", cb), ("torch", None)):
+        fwd, fwdbwd = enact_overhead_fn(mod, keys_c, src_c, w_prob, mask, sigma, (H, W))
+        measure("enact_overhead", fwd, fwdbwd, args, rows, backend=backend, **info)
+
+    # attention core on the same queries: dense (N keys) vs clustered (R keys)
+    ck, cv = cb.cluster_tensors((keys_c.detach(), src_c.detach()), sm, ri, R)
+    kpm_c = torch.arange(R, device=dev)[None, :] >= counts[:, None]
+    q = torch.randn(B, N, nh, e, generator=gen).to(dev, dtype).transpose(1, 2).requires_grad_(True)
+    kc = ck.view(B, R, nh, e).transpose(1, 2).detach().requires_grad_(True)
+    vc = cv.view(B, R, nh, e).transpose(1, 2).detach().requires_grad_(True)
+    kd = keys_c.detach().view(B, N, nh, e).transpose(1, 2).requires_grad_(True)
+    vd = src_c.detach().view(B, N, nh, e).transpose(1, 2).requires_grad_(True)
+    for backend in ("cuda", "torch"):
+        fwd, fwdbwd = attention_fns(backend, cb, q, kc, vc, kpm_c)
+        measure("clustered_attention", fwd, fwdbwd, args, rows, backend=backend, **info)
+    for impl in ("sdpa", "eager"):
+        if impl == "eager" and args.skip_eager:
+            continue
+        fwd, fwdbwd = attention_fns(impl, cb, q, kd, vd, mask)
+        measure("dense_attention", fwd, fwdbwd, args, rows, backend=impl, **info)
+
+    # whole layers
+    layers = {
+        "enact_cuda": enact_cuda.ENACTAttention(d, nh, sigma, impl="cuda"),
+        "enact_torch": enact_cuda.ENACTAttention(d, nh, sigma, impl="torch"),
+        "dense_sdpa": DenseLayer(d, nh, "sdpa"),
+    }
+    if not args.skip_eager:
+        layers["dense_eager"] = DenseLayer(d, nh, "eager")
+    src_l = src.clone().requires_grad_(True)
+    for name, layer in layers.items():
+        layer = layer.to(dev)
+        amp = dtype == torch.bfloat16
+
+        def fwd(layer=layer, amp=amp):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                return layer(src_l, pos, mask, (H, W))
+
+        def fwdbwd(fwd=fwd, layer=layer):
+            out = fwd()
+            return torch.autograd.grad(out.float().sum(), [src_l] + list(layer.parameters()))
+        measure("layer", fwd, fwdbwd, args, rows, backend=name, **info)
+
+    def get(op, backend):
+        for r in rows:
+            if (r["op"], r.get("backend"), r["dtype"], r["H"], r["W"]) == \
+                    (op, backend, info["dtype"], H, W) and "fwdbwd_ms" in r:
+                return r
+        return None
+
+    s = dict(info)
+    for backend in ("cuda", "torch"):
+        ov, at = get("enact_overhead", backend), get("clustered_attention", backend)
+        lay = get("layer", f"enact_{backend}")
+        if ov and at:
+            s[f"overhead_over_attention_{backend}"] = ov["fwdbwd_ms"] / at["fwdbwd_ms"]
+        if ov and lay:
+            s[f"overhead_share_of_layer_{backend}"] = ov["fwdbwd_ms"] / lay["fwdbwd_ms"]
+    c, t, ds = get("clustered_attention", "cuda"), get("clustered_attention", "torch"), \
+        get("dense_attention", "sdpa")
+    if c and t:
+        s["fused_vs_padded_sdpa_speedup_fwdbwd"] = t["fwdbwd_ms"] / c["fwdbwd_ms"]
+    lc, ld = get("layer", "enact_cuda"), get("layer", "dense_sdpa")
+    if lc and ld:
+        s["enact_cuda_layer_vs_dense_sdpa_speedup_fwdbwd"] = ld["fwdbwd_ms"] / lc["fwdbwd_ms"]
+        s["enact_cuda_layer_vs_dense_sdpa_memory_ratio"] = lc["peak_mb"] / max(ld["peak_mb"], 1e-9)
+    if c and ds:
+        s["fused_clustered_vs_dense_sdpa_core_speedup_fwdbwd"] = ds["fwdbwd_ms"] / c["fwdbwd_ms"]
+    summary.append(s)
+
+
+def copy_bandwidth(iters=10) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), 1 GiB buffers."""
+    x = torch.empty(2 ** 28, device="cuda")
+    y = torch.empty_like(x)
+    x.normal_()
+    ms = bench(lambda: y.copy_(x), 3, iters)
+    del x, y
+    return 2 * 2 ** 30 / (ms * 1e-3)
+
+
+def clustering_bandwidth(args, cb, copy_bw, nominal):
+    """Achieved bandwidth of the clustering kernels (forward, backward) on a large input."""
+    ext = cb.extension()
+    dev = torch.device("cuda")
+    B, H, W, d = args.bw_batch, 50, 76, args.d_model
+    N = H * W
+    gen = torch.Generator().manual_seed(0)
+    mask = padded_mask(B, H, W, gen, dev)
+    res = []
+    for dtype in (torch.float32, torch.bfloat16):
+        xs = [torch.randn(B, N, d, generator=gen).to(dev, dtype) for _ in range(2)]
+        z = torch.randn(B, N, generator=gen).to(dev)
+        _, sm, ri, counts = cb.information_regions(z, mask, args.sigma, False, (H, W))
+        R = int(counts.max())
+        el = xs[0].element_size()
+        fwd_out = ext.cluster_forward(xs, sm, ri, R)
+        w, starts, cnt = fwd_out[-3], fwd_out[-2], fwd_out[-1]
+        grads = [torch.randn(B, R, d, generator=gen).to(dev, dtype) for _ in xs]
+        ms_f = bench(lambda: ext.cluster_forward(xs, sm, ri, R), args.warmup, args.iters * 2)
+        ms_b = bench(lambda: ext.cluster_backward(grads, xs, w, ri, starts, cnt, R),
+                     args.warmup, args.iters * 2)
+        # fewest bytes: fwd reads X, smoothed, region_index, writes X', w, starts;
+        # bwd reads G, X, w, region_index, writes dX, grad smoothed (dots scratch: r+w)
+        bytes_f = 2 * (B * N * d * el + B * R * d * el) + B * N * (4 + 8 + 4) + B * (R + 1) * 4
+        bytes_b = 2 * (B * R * d * el + 2 * B * N * d * el) + B * N * (4 + 8 + 4 + 8)
+        for name, ms, nbytes in (("cluster_forward", ms_f, bytes_f),
+                                 ("cluster_backward", ms_b, bytes_b)):
+            bw = nbytes / (ms * 1e-3)
+            res.append(dict(kernel=name, dtype=str(dtype).replace("torch.", ""), B=B, N=N, d=d,
+                            tensors=2, R_max=R, ms=ms, bytes=nbytes, bandwidth_GBps=bw / 1e9,
+                            fraction_of_copy_bw=bw / copy_bw,
+                            fraction_of_nominal_bw=(bw / nominal) if nominal else None))
+    return res
+
+
+def print_table(rows):
+    print("\n{:<7} {:>6} {:>5} {:<20} {:<12} {:>9} {:>11} {:>10}".format(
+        "dtype", "HxW", "R", "op", "backend", "fwd ms", "fwd+bwd ms", "peak MiB"))
+    for r in rows:
+        if "error" in r:
+            print("{:<7} {:>6} {:>5} {:<20} {:<12} {}".format(
+                r["dtype"], f"{r['H']}x{r['W']}", r["R_max"], r["op"], r["backend"], r["error"]))
+            continue
+        print("{:<7} {:>6} {:>5} {:<20} {:<12} {:>9.3f} {:>11.3f} {:>10.1f}".format(
+            r["dtype"], f"{r['H']}x{r['W']}", r["R_max"], r["op"], r["backend"], r["fwd_ms"],
+            r["fwdbwd_ms"], r["peak_mb"]))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None, help="JSON path (default "
+                   "benchmarks/results/enact_kernels_<gpu>.json)")
+    p.add_argument("--sizes", default="25x38,34x51,42x63,50x76")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--bw_batch", type=int, default=16)
+    p.add_argument("--d_model", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--sigma", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--skip_eager", action="store_true", help="skip dense eager attention")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_enact_kernels: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    from enact_cuda import build, cuda_backend as cb
+    build.load_extension()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    gpu = torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties(0)
+    nominal = next((bw for key, bw in NOMINAL_BW if key in gpu), None)
+    print(f"GPU: {gpu} ({props.multi_processor_count} SMs, "
+          f"{props.total_memory / 2 ** 30:.0f} GiB)  torch {torch.__version__}  "
+          f"CUDA {torch.version.cuda}  enact_cuda arch {build.arch_list()}", flush=True)
+    copy_bw = copy_bandwidth()
+    print(f"device-to-device copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write); "
+          f"datasheet: {nominal / 1e9 if nominal else float('nan'):.0f} GB/s", flush=True)
+
+    rows, summary = [], []
+    dtypes = [getattr(torch, n) for n in args.dtypes.split(",")]
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    for dtype in dtypes:
+        for H, W in sizes:
+            bench_size(args, cb, dtype, H, W, rows, summary)
+            torch.cuda.empty_cache()
+    bw = clustering_bandwidth(args, cb, copy_bw, nominal)
+
+    print_table(rows)
+    print("\nsummary (ratios; >1 speedup means the first is faster):")
+    for s in summary:
+        keys = [k for k in s if k.startswith(("overhead", "fused", "enact_cuda_layer"))]
+        print(f"  {s['dtype']:<8} {s['H']}x{s['W']} R={s['R_max']}: " +
+              ", ".join(f"{k}={s[k]:.3f}" for k in keys))
+    print("\nclustering kernels' bandwidth:")
+    for r in bw:
+        nom = (f", {100 * r['fraction_of_nominal_bw']:.0f}% of datasheet"
+               if r["fraction_of_nominal_bw"] else "")
+        print(f"  {r['kernel']:<17} {r['dtype']:<8} B={r['B']} N={r['N']} d={r['d']} "
+              f"x{r['tensors']} R={r['R_max']}: {r['ms']:.3f} ms, {r['bandwidth_GBps']:.0f} GB/s "
+              f"= {100 * r['fraction_of_copy_bw']:.0f}% of measured copy bandwidth{nom}")
+
+    slug = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"enact_kernels_{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(
+        gpu=gpu, sms=props.multi_processor_count, torch=torch.__version__,
+        cuda=torch.version.cuda, copy_bandwidth_GBps=copy_bw / 1e9,
+        nominal_bandwidth_GBps=nominal / 1e9 if nominal else None, args=vars(args),
+        rows=rows, summary=summary, clustering_bandwidth=bw), indent=1))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
