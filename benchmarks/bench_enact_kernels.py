@@ -175,6 +175,8 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
     cdt = dtype  # clustering / attention dtype
     keys_c = keys.to(cdt).requires_grad_(True)
     src_c = src.to(cdt).requires_grad_(True)
+    w_prob_c = nn.Linear(d, 1).to(dev, cdt)
+    w_prob_c.load_state_dict(w_prob.state_dict())
     with torch.no_grad():
         _, sm, ri, counts = cb.information_regions(
             F.linear(keys, w_prob.weight, w_prob.bias).squeeze(-1), mask, sigma, False, (H, W))
@@ -190,8 +192,14 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
 
     # ENACT overhead (information + regions + clustering), both backends
     for backend, mod in (("cuda", cb), ("torch", None)):
-        fwd, fwdbwd = enact_overhead_fn(mod, keys_c, src_c, w_prob, mask, sigma, (H, W))
+        fwd, fwdbwd = enact_overhead_fn(mod, keys_c, src_c, w_prob_c, mask, sigma, (H, W))
         measure("enact_overhead", fwd, fwdbwd, args, rows, backend=backend, **info)
+
+    do_profile = args.profile and f"{H}x{W}" in args.profile_sizes.split(",") \
+        and dtype == torch.float32
+    if do_profile:
+        fwd, fwdbwd = enact_overhead_fn(cb, keys_c, src_c, w_prob_c, mask, sigma, (H, W))
+        profile(f"ENACT overhead fwd+bwd (cuda backend) {info['dtype']} {H}x{W}", fwdbwd)
 
     # attention core on the same queries: dense (N keys) vs clustered (R keys)
     ck, cv = cb.cluster_tensors((keys_c.detach(), src_c.detach()), sm, ri, R)
@@ -204,6 +212,8 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
     for backend in ("cuda", "torch"):
         fwd, fwdbwd = attention_fns(backend, cb, q, kc, vc, kpm_c)
         measure("clustered_attention", fwd, fwdbwd, args, rows, backend=backend, **info)
+        if do_profile:
+            profile(f"clustered attention fwd+bwd ({backend}) {info['dtype']} {H}x{W}", fwdbwd)
     for impl in ("sdpa", "eager"):
         if impl == "eager" and args.skip_eager:
             continue
@@ -258,6 +268,25 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
     if c and ds:
         s["fused_clustered_vs_dense_sdpa_core_speedup_fwdbwd"] = ds["fwdbwd_ms"] / c["fwdbwd_ms"]
     summary.append(s)
+
+
+def profile(title, fn, reps=5):
+    """Per-kernel CUDA time of fn() (torch.profiler), averaged over reps."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    fn()
+    torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    print(f"\n-- profile: {title} (per call, {reps} calls)")
+    def dev_us(e):
+        return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+
+    events = [e for e in prof.key_averages() if dev_us(e) > 0]
+    events.sort(key=lambda e: -dev_us(e))
+    for e in events[:12]:
+        print(f"   {dev_us(e) / reps:9.1f} us  x{e.count // reps:<3} {e.key[:90]}")
 
 
 def copy_bandwidth(iters=10) -> float:
@@ -332,6 +361,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--skip_eager", action="store_true", help="skip dense eager attention")
+    p.add_argument("--profile", action="store_true",
+                   help="print per-kernel CUDA times of ENACT's overhead and the attention")
+    p.add_argument("--profile_sizes", default="25x38,50x76",
+                   help="sizes profiled with --profile")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_enact_kernels: needs a CUDA GPU", file=sys.stderr)
@@ -355,9 +388,16 @@ def main(argv=None):
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     for dtype in dtypes:
         for H, W in sizes:
-            bench_size(args, cb, dtype, H, W, rows, summary)
+            try:
+                bench_size(args, cb, dtype, H, W, rows, summary)
+            except Exception as exc:  # keep the other sizes' numbers
+                print(f"  size {H}x{W} {dtype} failed: {type(exc).__name__}: {exc}")
             torch.cuda.empty_cache()
-    bw = clustering_bandwidth(args, cb, copy_bw, nominal)
+    try:
+        bw = clustering_bandwidth(args, cb, copy_bw, nominal)
+    except Exception as exc:
+        print(f"clustering bandwidth failed: {type(exc).__name__}: {exc}")
+        bw = []
 
     print_table(rows)
     print("\nsummary (ratios; >1 speedup means the first is faster):")
