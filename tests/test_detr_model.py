@@ -313,3 +313,74 @@ def test_tiny_detr_overfits_two_images(one_thread):
             reached = step
             break
     assert reached is not None, f"no overfit within 200 steps ({time.time() - start:.0f} s)"
+
+
+def _torch_mha(ours):
+    ref = torch.nn.MultiheadAttention(ours.embed_dim, ours.num_heads, batch_first=True)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    return ref.eval()
+
+
+def _reference_transformer(t, src, mask, queries, pos, pre_norm):
+    """Spec §3.2 layer equations with torch.nn.MultiheadAttention and our weights."""
+    def ln(norm, x):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], norm.weight, norm.bias)
+
+    def ffn(layer, x):
+        return layer.linear2(torch.relu(layer.linear1(x)))
+
+    b = src.shape[0]
+    x = src.flatten(2).transpose(1, 2)
+    p = pos.flatten(2).transpose(1, 2)
+    m = mask.flatten(1)
+    for layer in t.encoder.layers:
+        attn = _torch_mha(layer.self_attn)
+        if pre_norm:
+            y = ln(layer.norm1, x)
+            x = x + attn(y + p, y + p, y, key_padding_mask=m)[0]
+            x = x + ffn(layer, ln(layer.norm2, x))
+        else:
+            x = ln(layer.norm1, x + attn(x + p, x + p, x, key_padding_mask=m)[0])
+            x = ln(layer.norm2, x + ffn(layer, x))
+    if pre_norm:
+        x = ln(t.encoder.norm, x)
+    memory, qpos = x, queries[None].expand(b, -1, -1)
+    tgt, outs = torch.zeros_like(qpos), []
+    for layer in t.decoder.layers:
+        sa, ca = _torch_mha(layer.self_attn), _torch_mha(layer.multihead_attn)
+        if pre_norm:
+            y = ln(layer.norm1, tgt)
+            tgt = tgt + sa(y + qpos, y + qpos, y)[0]
+            y = ln(layer.norm2, tgt)
+            tgt = tgt + ca(y + qpos, memory + p, memory, key_padding_mask=m)[0]
+            tgt = tgt + ffn(layer, ln(layer.norm3, tgt))
+        else:
+            tgt = ln(layer.norm1, tgt + sa(tgt + qpos, tgt + qpos, tgt)[0])
+            tgt = ln(layer.norm2, tgt + ca(tgt + qpos, memory + p, memory, key_padding_mask=m)[0])
+            tgt = ln(layer.norm3, tgt + ffn(layer, tgt))
+        outs.append(ln(t.decoder.norm, tgt))
+    return torch.stack(outs), memory
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_transformer_matches_reference_equations(pre_norm):
+    torch.manual_seed(0)
+    d = 32
+    t = Transformer(lambda: EncoderSelfAttention(d, 4, dropout=0.1), d_model=d, nhead=4,
+                    num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=48,
+                    normalize_before=pre_norm).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for name, p in t.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    src = torch.randn(2, d, 3, 4)
+    mask = torch.zeros(2, 3, 4, dtype=torch.bool)
+    mask[1, :, 3:] = True
+    pos = PositionEmbeddingSine(d // 2)(mask)
+    queries = torch.randn(5, d)
+    with torch.no_grad():
+        hs, memory = t(src, mask, queries, pos)
+        ref_hs, ref_memory = _reference_transformer(t, src, mask, queries, pos, pre_norm)
+    assert hs.shape == (2, 2, 5, d)
+    assert torch.allclose(memory, ref_memory, atol=1e-5)
+    assert torch.allclose(hs, ref_hs, atol=1e-5)

@@ -172,3 +172,13 @@ def test_bfloat16_outputs_under_autocast_match_fp32_matching():
     ref = _check(matcher, {k: v.float() for k, v in low.items()}, targets, "softmax")
     for (s1, t1), (s2, t2) in zip(got, ref):
         assert torch.equal(s1, s2) and torch.equal(t1, t2)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "focal"])
+def test_cost_matrix_values(kind):
+    matcher = HungarianMatcher(W_CLS, W_L1, W_GIOU, class_cost=kind)
+    outputs, targets = _random_case(5, [4], num_logits=6, seed=13)
+    logits, boxes = outputs["pred_logits"][0], outputs["pred_boxes"][0]
+    got = matcher.cost_matrix(logits, boxes, targets[0]["labels"], targets[0]["boxes"])
+    ref = _ref_cost(logits, boxes, targets[0]["labels"], targets[0]["boxes"], kind)
+    assert torch.allclose(got.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-5)
