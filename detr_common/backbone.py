@@ -55,7 +55,8 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + shift.reshape(1, -1, 1, 1).to(x.dtype)
+        shape = (1, -1, 1, 1)
+        return x * scale.reshape(shape).to(x.dtype) + shift.reshape(shape).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -114,7 +115,8 @@ def _resnet_state_dict(name: str, weights: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RuntimeError(f"--backbone_weights {path}: cannot read the state_dict: {exc}") from None
+        raise RuntimeError(f"--backbone_weights {path}: cannot read the state_dict: "
+                           f"{exc}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -138,7 +140,8 @@ def _load_resnet_weights(resnet: nn.Module, name: str, weights: str) -> None:
     expected = {k: v.shape for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+    wrong = sorted(k for k in set(expected) & set(state)
+                   if tuple(state[k].shape) != tuple(expected[k]))
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -148,7 +151,8 @@ def _load_resnet_weights(resnet: nn.Module, name: str, weights: str) -> None:
         if wrong:
             parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[0]}: "
                          f"{tuple(state[wrong[0]].shape)} vs {tuple(expected[wrong[0]])})")
-        raise RuntimeError(f"--backbone_weights {weights}: not a {name} state_dict: " + "; ".join(parts))
+        raise RuntimeError(f"--backbone_weights {weights}: not a {name} state_dict: "
+                           + "; ".join(parts))
     resnet.load_state_dict(state, strict=False)
 
 

@@ -11,7 +11,7 @@ matcher and returns a dict of losses (all fp32 scalars, computed with autocast d
 Auxiliary decoder outputs get the same losses with suffixes _0 .. _{L-2} (no class_error).
 num_boxes = total targets in the batch, averaged over distributed workers, clamped >= 1.
 """
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.distributed as dist

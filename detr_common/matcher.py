@@ -2,7 +2,8 @@
 
 Cost per (query, target): cost_class*C_cls + cost_bbox*L1(cxcywh) + cost_giou*(-GIoU(xyxy)).
 C_cls: "softmax": -softmax(logits)[target class] (DETR);
-       "focal": alpha(1-p)^g(-log(p+1e-8)) - (1-alpha)p^g(-log(1-p+1e-8)), p = sigmoid (Cond/Anchor).
+       "focal": alpha(1-p)^g(-log(p+1e-8)) - (1-alpha)p^g(-log(1-p+1e-8)), p = sigmoid
+                (Conditional / Anchor DETR).
 Computed in fp32 with autocast disabled; non-finite costs are replaced by a large finite value so
 scipy's linear_sum_assignment always succeeds. One assignment per image on the CPU.
 """
@@ -76,7 +77,8 @@ class HungarianMatcher(nn.Module):
         with torch.autocast(device_type=logits.device.type, enabled=False):
             tgt_labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
             tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device)
-            cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), tgt_labels, tgt_boxes)
+            cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), tgt_labels,
+                                    tgt_boxes)
         cost = cost.view(bs, num_queries, -1).cpu().double()
         indices = []
         for i, c in enumerate(cost.split(sizes, dim=-1)):

@@ -28,7 +28,8 @@ class PositionEmbeddingSine(nn.Module):
     def _encode(self, positions: Tensor) -> Tensor:
         """positions (B, H, W) float32 -> (B, F, H, W)."""
         k = torch.arange(self.num_pos_feats, dtype=torch.float32, device=positions.device)
-        freqs = self.temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / self.num_pos_feats)
+        pairs = torch.div(k, 2, rounding_mode="floor")
+        freqs = self.temperature ** (2 * pairs / self.num_pos_feats)
         angles = positions[:, None, :, :] / freqs[None, :, None, None]
         even = (k.long() % 2 == 0)[None, :, None, None]
         return torch.where(even, angles.sin(), angles.cos())
@@ -36,7 +37,8 @@ class PositionEmbeddingSine(nn.Module):
     def forward(self, mask: Tensor) -> Tensor:
         """mask (B, H, W) bool (True = padding) -> (B, 2*num_pos_feats, H, W) float32."""
         if mask.dim() != 3:
-            raise ValueError(f"PositionEmbeddingSine expects a (B, H, W) mask, got {tuple(mask.shape)}")
+            raise ValueError("PositionEmbeddingSine expects a (B, H, W) mask, "
+                             f"got {tuple(mask.shape)}")
         valid = (~mask).to(torch.float32)
         y = valid.cumsum(1)
         x = valid.cumsum(2)

@@ -162,7 +162,8 @@ def test_forward_shapes_and_aux_outputs():
 
 
 def test_enact_factory_is_not_wired_yet():
-    with pytest.raises(NotImplementedError, match="ENACT is not available yet; run with --no_enact"):
+    message = "ENACT is not available yet; run with --no_enact"
+    with pytest.raises(NotImplementedError, match=message):
         detr.build(_tiny_args(no_enact=False))
 
 
