@@ -1,4 +1,5 @@
 """Run a detector's main.py in a subprocess, as a user would."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -23,3 +24,25 @@ def run_main(folder, *args, check=True, timeout=600, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def _load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_main(folder):
+    """Import ``<folder>/main.py`` in-process. Every detector folder has an ``engine.py``, so
+    the folder's own one is bound to the name ``engine`` while main.py imports it."""
+    engine = _load(ROOT / folder / "engine.py", f"{folder}.engine")
+    saved = sys.modules.get("engine")
+    sys.modules["engine"] = engine
+    try:
+        return _load(ROOT / folder / "main.py", f"{folder}.main")
+    finally:
+        if saved is None:
+            sys.modules.pop("engine", None)
+        else:
+            sys.modules["engine"] = saved
