@@ -414,27 +414,40 @@ def _matched_ok(outputs, targets, matcher):
     return True
 
 
+@pytest.fixture
+def one_thread():
+    """The CI machine has 2 shared cores: one intra-op thread avoids oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("enact", [True, False], ids=["enact", "plain"])
-def test_overfit_two_images(enact):
+def test_overfit_two_images(enact, one_thread):
+    """40-50 steps (~20 s) suffice for seeds 0-3; the bound is 120 steps."""
     torch.manual_seed(0)
     model, criterion, _ = conditional_detr.build(make_args(enact, lr_backbone=1e-4))
     batch, targets = _two_images()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    model.eval()
+    with torch.no_grad():
+        assert not _matched_ok(model(batch), targets, criterion.matcher)
     ok = False
-    for step in range(400):
+    for step in range(120):
         model.train()
         losses = criterion(model(batch), targets)
         loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 0.1)
         opt.step()
-        if step % 20 == 19:
+        if step % 10 == 9:
             model.eval()
             with torch.no_grad():
                 ok = _matched_ok(model(batch), targets, criterion.matcher)
             if ok:
                 break
-    assert ok, f"did not overfit in {step + 1} steps (last loss {float(loss):.3f})"
+    assert ok, f"did not overfit in {step + 1} steps (last loss {float(loss.detach()):.3f})"
