@@ -9,6 +9,7 @@ import torch
 import detr
 from detr.transformer import Transformer
 from detr_common.attention import EncoderSelfAttention
+from enact_cuda import ENACTAttention
 from detr_common.box_ops import box_cxcywh_to_xyxy, box_iou
 from detr_common.data.collate import ImageBatch
 from detr_common.position_encoding import PositionEmbeddingSine
@@ -161,10 +162,29 @@ def test_forward_shapes_and_aux_outputs():
     assert set(no_aux[1].weight_dict) == {"loss_ce", "loss_bbox", "loss_giou"}
 
 
-def test_enact_factory_is_not_wired_yet():
-    message = "ENACT is not available yet; run with --no_enact"
-    with pytest.raises(NotImplementedError, match=message):
-        detr.build(_tiny_args(no_enact=False))
+def test_enact_encoder_keys_and_token_counts():
+    """ENACT replaces the encoder self-attention (keys W_q..W_o, W_prob as the official
+    DETR-ENACT, spec §4.2); its keys per image are fewer than H*W while the encoder output
+    keeps H*W tokens."""
+    torch.manual_seed(0)
+    model = detr.build(_tiny_args(no_enact=False, enact_impl="torch"))[0].eval()
+    keys = {k for k in model.state_dict() if k.startswith("transformer.encoder.layers.0.self_attn")}
+    assert keys == {f"transformer.encoder.layers.0.self_attn.{m}.{p}"
+                    for m in ("W_q", "W_k", "W_v", "W_o", "W_prob") for p in ("weight", "bias")}
+    batch = ImageBatch(torch.randn(2, 3, 128, 160), torch.zeros(2, 128, 160, dtype=torch.bool))
+    batch.mask[1, 96:] = True
+    with torch.no_grad():
+        features, positions = model.backbone(batch)
+        feat, mask = features[-1]
+        hs, memory = model.transformer(model.input_proj(feat), mask, model.query_embed.weight,
+                                       positions[-1])
+    h, w = feat.shape[-2:]
+    assert memory.shape == (2, h * w, 32)
+    valid = (~mask).flatten(1).sum(1)
+    for layer in model.transformer.encoder.layers:
+        clusters = layer.self_attn.last_stats["clusters_per_image"]
+        assert torch.equal(layer.self_attn.last_stats["pixels_per_image"].long(), valid)
+        assert (clusters >= 1).all() and (clusters < valid).all()
 
 
 def test_missing_num_classes_is_a_clear_error():
@@ -182,16 +202,23 @@ def test_pre_norm_builds_final_encoder_norm_and_runs():
     assert torch.isfinite(out["pred_boxes"]).all()
 
 
-@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+def _encoder_attention(kind, d):
+    if kind == "enact":
+        return lambda: ENACTAttention(d, 4, sigma=1, dropout=0.1, impl="torch")
+    return lambda: EncoderSelfAttention(d, 4, dropout=0.1, impl=kind)
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager", "enact"])
 @pytest.mark.parametrize("pre_norm", [False, True])
 def test_transformer_padding_invariance(attn_impl, pre_norm):
-    """Same backbone features alone or in a padded batch: same encoder/decoder outputs."""
+    """Same backbone features alone or in a padded batch: same encoder/decoder outputs
+    (plain attention and ENACT)."""
     torch.manual_seed(0)
     d = 32
-    transformer = Transformer(lambda: EncoderSelfAttention(d, 4, dropout=0.1, impl=attn_impl),
+    transformer = Transformer(_encoder_attention(attn_impl, d),
                               d_model=d, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
                               dim_feedforward=64, dropout=0.1, normalize_before=pre_norm,
-                              attn_impl=attn_impl).eval()
+                              attn_impl="sdpa" if attn_impl == "enact" else attn_impl).eval()
     pe = PositionEmbeddingSine(d // 2)
     queries = torch.randn(5, d)
     h, w, big_h, big_w = 3, 4, 5, 6
@@ -289,10 +316,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_tiny_detr_overfits_two_images(one_thread):
+@pytest.mark.parametrize("no_enact", [True, False], ids=["plain", "enact"])
+def test_tiny_detr_overfits_two_images(one_thread, no_enact):
     torch.manual_seed(0)
     args = _tiny_args(hidden_dim=64, enc_layers=1, dec_layers=1, dim_feedforward=128,
-                      dropout=0.0, num_queries=10, num_classes=4, lr_backbone=1e-4)
+                      dropout=0.0, num_queries=10, num_classes=4, lr_backbone=1e-4,
+                      no_enact=no_enact, enact_impl="torch")
     model, criterion, _ = detr.build(args)
     batch, targets = _synthetic_pair()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

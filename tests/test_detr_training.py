@@ -98,3 +98,17 @@ def test_resumed_epoch_starts_from_the_saved_state(shapes_coco, tmp_path, monkey
             assert torch.equal(opt["state"][i][name], value), (i, name)
     for k, v in saved["model"].items():
         assert torch.equal(seen["model"][k], v), k
+
+
+def test_enact_one_epoch_train_and_eval(shapes_coco, tmp_path):
+    """ENACT (the default) trains and evaluates through main.py and logs its cluster counts."""
+    out = tmp_path / "enact"
+    run_main("DETR-ENACT", "--coco_path", shapes_coco, "--output_dir", out, *TINY,
+             "--enact_impl", "torch", "--epochs", "1")
+    record = read_log(out / "log.txt")[0]
+    assert len(record["test_coco_eval_bbox"]) == 12
+    assert 1 <= record["train_enact_clusters_per_img"]
+    assert 0 < record["train_enact_cluster_ratio"] < 1
+    assert 0 < record["test_enact_cluster_ratio"] < 1
+    state = torch.load(out / "checkpoint.pth", weights_only=False)["model"]
+    assert "transformer.encoder.layers.0.self_attn.W_prob.weight" in state

@@ -5,14 +5,15 @@
 import torch
 
 from detr_common.backbone import Joiner, build_backbone
+from detr_common.encoder import build_encoder_attention
 from detr_common.position_encoding import build_position_encoding
 from detr_common.postprocess import PostProcess
 
 from .criterion import build_criterion
-from .model import DETR, MLP, encoder_attention
+from .model import DETR
 from .transformer import Transformer
 
-__all__ = ["DETR", "MLP", "Transformer", "build", "build_criterion", "encoder_attention"]
+__all__ = ["DETR", "Transformer", "build", "build_criterion"]
 
 _DEFAULTS = dict(num_queries=100, hidden_dim=256, nheads=8, enc_layers=6, dec_layers=6,
                  dim_feedforward=2048, dropout=0.1, pre_norm=False, aux_loss=True,
@@ -49,7 +50,7 @@ def build(args):
     if a.hidden_dim % a.nheads:
         raise ValueError(f"--hidden_dim {a.hidden_dim} must be divisible by --nheads {a.nheads}")
     backbone = Joiner(build_backbone(a), build_position_encoding(a))
-    transformer = Transformer(lambda: encoder_attention(a), d_model=a.hidden_dim,
+    transformer = Transformer(lambda: build_encoder_attention(a), d_model=a.hidden_dim,
                               nhead=a.nheads, num_encoder_layers=a.enc_layers,
                               num_decoder_layers=a.dec_layers,
                               dim_feedforward=a.dim_feedforward, dropout=a.dropout,

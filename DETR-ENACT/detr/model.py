@@ -6,27 +6,9 @@ forward(batch: ImageBatch (images (B,3,H,W), mask (B,H,W) True = padding)) ->
 """
 from typing import Dict
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from detr_common.attention import EncoderSelfAttention
-
-
-class MLP(nn.Module):
-    """num_layers Linear layers (in -> hidden ... -> out) with ReLU between; keys layers.N."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
+from detr_common.mlp import MLP
 
 
 class DETR(nn.Module):
@@ -56,17 +38,3 @@ class DETR(nn.Module):
         if self.aux_loss:
             aux = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
-
-
-def encoder_attention(args) -> nn.Module:
-    """The encoder self-attention module, called as (src, pos, key_padding_mask, hw).
-
-    --no_enact: EncoderSelfAttention (standard MHA, --attn_impl sdpa|eager);
-    otherwise ENACT (enact_cuda.ENACTAttention), wired in a later issue.
-    """
-    if getattr(args, "no_enact", False):
-        return EncoderSelfAttention(args.hidden_dim, args.nheads, dropout=args.dropout,
-                                    impl=getattr(args, "attn_impl", "sdpa"))
-    # Later: enact_cuda.ENACTAttention(args.hidden_dim, args.nheads, sigma=args.smoothing_sigma,
-    #                                  dropout=args.dropout, impl=args.enact_impl)
-    raise NotImplementedError("ENACT is not available yet; run with --no_enact")

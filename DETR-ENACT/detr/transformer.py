@@ -5,7 +5,8 @@ Module names follow upstream DETR so state_dict keys match (spec §4.2):
 ``decoder.layers.N.{self_attn,multihead_attn,linear1,linear2,norm1,norm2,norm3}``,
 ``decoder.norm``.
 
-The encoder's self-attention module comes from a factory: any module called as
+The encoder (detr_common.encoder, shared with Conditional DETR) takes its self-attention from a
+factory: any module called as
 ``self_attn(src (B,N,d), pos (B,N,d), key_padding_mask (B,N) or None, hw=(H, W)) -> (B,N,d)``
 (detr_common.attention.EncoderSelfAttention or enact_cuda.ENACTAttention).
 """
@@ -17,34 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detr_common.attention import MultiheadAttention
-
-
-class TransformerEncoderLayer(nn.Module):
-    """self-attn -> add & norm -> FFN -> add & norm (post-norm), or the pre-norm ordering."""
-
-    def __init__(self, self_attn: nn.Module, d_model: int, dim_feedforward: int = 2048,
-                 dropout: float = 0.1, normalize_before: bool = False):
-        super().__init__()
-        self.self_attn = self_attn
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
-
-    def _ffn(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
-
-    def forward(self, src: Tensor, pos: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                hw) -> Tensor:
-        if self.normalize_before:
-            src = src + self.dropout1(self.self_attn(self.norm1(src), pos, key_padding_mask, hw))
-            return src + self.dropout2(self._ffn(self.norm2(src)))
-        src = self.norm1(src + self.dropout1(self.self_attn(src, pos, key_padding_mask, hw)))
-        return self.norm2(src + self.dropout2(self._ffn(src)))
+from detr_common.encoder import TransformerEncoder, TransformerEncoderLayer
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -88,18 +62,6 @@ class TransformerDecoderLayer(nn.Module):
         tgt = self.norm2(tgt + self.dropout2(self._cross(tgt, query_pos, memory, pos,
                                                          memory_key_padding_mask)))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
-
-
-class TransformerEncoder(nn.Module):
-    def __init__(self, layers, norm: Optional[nn.Module] = None):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.norm = norm
-
-    def forward(self, src, pos, key_padding_mask, hw):
-        for layer in self.layers:
-            src = layer(src, pos, key_padding_mask, hw)
-        return self.norm(src) if self.norm is not None else src
 
 
 class TransformerDecoder(nn.Module):
