@@ -7,11 +7,11 @@ Boxes: sigmoid(bbox_embed(hs) + [inverse_sigmoid(reference), 0, 0]).
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from detr_common.box_ops import inverse_sigmoid
+from detr_common.mlp import MLP
 
-from .mlp import MLP
 from .transformer import Transformer
 
 

@@ -4,9 +4,9 @@ Shapes: memory / src / pos are (B, N, d) with N = H*W in raster order; masks (B,
 True = padding. Queries are (B, Q, d). Reference points are normalised (x, y) in [0, 1] of the
 unpadded image.
 
-The encoder is DETR's post-norm encoder with an injected self-attention module: either
-`detr_common.attention.EncoderSelfAttention` (plain) or `enact_cuda.ENACTAttention` (ENACT),
-both called as ``self_attn(src, pos, key_padding_mask, hw)``.
+The encoder is DETR's post-norm encoder (detr_common.encoder) with an injected self-attention:
+`detr_common.attention.EncoderSelfAttention` (--no_enact) or `enact_cuda.ENACTAttention`, both
+called as ``self_attn(src, pos, key_padding_mask, hw)``. The decoder is Conditional DETR's.
 """
 import math
 from typing import Optional, Tuple
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detr_common.attention import attention
-
-from .mlp import MLP
+from detr_common.encoder import TransformerEncoder, build_encoder
+from detr_common.mlp import MLP
 
 
 def sine_embed_points(points: Tensor, d_model: int, temperature: float = 10000.0) -> Tensor:
@@ -33,42 +33,6 @@ def sine_embed_points(points: Tensor, d_model: int, temperature: float = 10000.0
     args = scaled[..., None] / freqs                                   # (..., 2, num_feats/2)
     emb = torch.stack((args.sin(), args.cos()), dim=-1).flatten(-2)   # (..., 2, num_feats)
     return torch.cat((emb[..., 1, :], emb[..., 0, :]), dim=-1).to(points.dtype)
-
-
-class TransformerEncoderLayer(nn.Module):
-    """Post-norm DETR encoder layer: self_attn -> +dropout -> norm1 -> FFN -> +dropout -> norm2."""
-
-    def __init__(self, d_model: int, self_attn: nn.Module, dim_feedforward: int, dropout: float):
-        super().__init__()
-        self.self_attn = self_attn
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor],
-                hw: Tuple[int, int]) -> Tensor:
-        """src, pos (B, N, d); key_padding_mask (B, N) -> (B, N, d)."""
-        src = self.norm1(src + self.dropout1(self.self_attn(src, pos, key_padding_mask, hw)))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout2(ffn))
-
-
-class TransformerEncoder(nn.Module):
-    """A stack of encoder layers (no final norm: post-norm)."""
-
-    def __init__(self, layers):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor],
-                hw: Tuple[int, int]) -> Tensor:
-        for layer in self.layers:
-            src = layer(src, pos, key_padding_mask, hw)
-        return src
 
 
 class HeadAttention(nn.Module):
@@ -226,26 +190,11 @@ class Transformer(nn.Module):
                             mask.flatten(1))
 
 
-def build_encoder_self_attention(args) -> nn.Module:
-    """Plain MHA (args.no_enact) or ENACT, both with signature (src, pos, key_padding_mask, hw)."""
-    d, nheads, dropout = args.hidden_dim, args.nheads, args.dropout
-    if args.no_enact:
-        from detr_common.attention import EncoderSelfAttention
-        return EncoderSelfAttention(d, nheads, dropout, impl=args.attn_impl)
-    from enact_cuda import ENACTAttention
-    return ENACTAttention(d, nheads, sigma=args.smoothing_sigma, dropout=dropout,
-                          impl=args.enact_impl,
-                          row_breaks=bool(getattr(args, "enact_row_breaks", False)))
-
-
 def build_transformer(args) -> Transformer:
     if getattr(args, "pre_norm", False):
         raise ValueError("Conditional DETR supports only the post-norm transformer: "
                          "drop --pre_norm")
-    encoder = TransformerEncoder(
-        TransformerEncoderLayer(args.hidden_dim, build_encoder_self_attention(args),
-                                args.dim_feedforward, args.dropout)
-        for _ in range(args.enc_layers))
+    encoder = build_encoder(args, normalize_before=False)
     decoder = ConditionalDecoder(args.hidden_dim, args.nheads, args.dec_layers,
                                  args.dim_feedforward, args.dropout, args.attn_impl)
     return Transformer(encoder, decoder)
