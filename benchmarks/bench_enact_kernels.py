@@ -80,6 +80,8 @@ def measure(name, fwd, fwdbwd, args, rows, **info):
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
         torch.cuda.empty_cache()
+    except Exception as exc:  # record and go on with the other measurements
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
     rows.append(row)
     return row
 
@@ -315,14 +317,14 @@ def clustering_bandwidth(args, cb, copy_bw, nominal):
         R = int(counts.max())
         el = xs[0].element_size()
         fwd_out = ext.cluster_forward(xs, sm, ri, R)
-        w, starts, cnt = fwd_out[-3], fwd_out[-2], fwd_out[-1]
+        stats, starts, ends, cnt = fwd_out[-4:]
         grads = [torch.randn(B, R, d, generator=gen).to(dev, dtype) for _ in xs]
         ms_f = bench(lambda: ext.cluster_forward(xs, sm, ri, R), args.warmup, args.iters * 2)
-        ms_b = bench(lambda: ext.cluster_backward(grads, xs, w, ri, starts, cnt, R),
+        ms_b = bench(lambda: ext.cluster_backward(grads, xs, sm, stats, ri, starts, ends, cnt, R),
                      args.warmup, args.iters * 2)
-        # fewest bytes: fwd reads X, smoothed, region_index, writes X', w, starts;
-        # bwd reads G, X, w, region_index, writes dX, grad smoothed (dots scratch: r+w)
-        bytes_f = 2 * (B * N * d * el + B * R * d * el) + B * N * (4 + 8 + 4) + B * (R + 1) * 4
+        # fewest bytes: fwd reads X, smoothed, region_index, writes X' (+ small bounds/stats);
+        # bwd reads G, X, smoothed, region_index, writes dX, grad smoothed (dots scratch r+w)
+        bytes_f = 2 * (B * N * d * el + B * R * d * el) + B * N * (4 + 8) + B * R * 16
         bytes_b = 2 * (B * R * d * el + 2 * B * N * d * el) + B * N * (4 + 8 + 4 + 8)
         for name, ms, nbytes in (("cluster_forward", ms_f, bytes_f),
                                  ("cluster_backward", ms_b, bytes_b)):

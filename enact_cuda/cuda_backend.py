@@ -137,28 +137,38 @@ class _Cluster(torch.autograd.Function):
     @staticmethod
     def forward(ctx, smoothed, region_index, num_clusters, *tensors):
         res = extension().cluster_forward(list(tensors), smoothed, region_index, num_clusters)
-        outs, w, starts, counts = res[:-3], res[-3], res[-2], res[-1]
-        ctx.save_for_backward(region_index, w, starts, counts, *tensors)
+        outs, aux = res[:-4], res[-4:]  # aux: stats (B,R,2), starts, ends, counts
+        ctx.save_for_backward(smoothed, region_index, *aux, *tensors)
         ctx.num_clusters = num_clusters
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        region_index, w, starts, counts, *tensors = ctx.saved_tensors
+        smoothed, region_index, stats, starts, ends, counts, *tensors = ctx.saved_tensors
         grads = [g if g is not None else torch.zeros(t.shape[0], ctx.num_clusters, t.shape[2],
                                                       dtype=t.dtype, device=t.device)
                  for g, t in zip(grads, tensors)]
-        res = extension().cluster_backward(grads, list(tensors), w, region_index, starts,
-                                           counts, ctx.num_clusters)
+        res = extension().cluster_backward(grads, list(tensors), smoothed, stats, region_index,
+                                           starts, ends, counts, ctx.num_clusters)
         return (res[-1], None, None) + tuple(res[:-1])
+
+
+def _cluster_kernel_ok(t: torch.Tensor) -> bool:
+    """The kernels take float32/bf16/fp16 rows of d <= 256 * (16 bytes / element) when d is a
+    multiple of that vector width, else d <= 256; anything else uses the torch backend."""
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    vec = 16 // t.element_size()
+    d = t.shape[2]
+    return d <= (256 * vec if d % vec == 0 else 256)
 
 
 def cluster_tensors(tensors: Sequence[torch.Tensor], smoothed: torch.Tensor,
                     region_index: torch.Tensor, num_clusters: int) -> tuple:
     """tensors: tuple of (B, N, d_t) (float32 / bf16 / fp16); smoothed (B, N); region_index
     (B, N) int64, -1 on padding; num_clusters R_max -> tuple of (B, R_max, d_t) in each
-    tensor's dtype (fp32 accumulation), zero rows for r >= R_b. float64 inputs use the torch
-    backend."""
+    tensor's dtype (fp32 accumulation), zero rows for r >= R_b. float64 inputs and very wide
+    rows (see _cluster_kernel_ok) use the torch backend."""
     tensors = tuple(tensors)
     if not tensors:
         raise ValueError("cluster_tensors: needs at least one tensor")
@@ -167,7 +177,7 @@ def cluster_tensors(tensors: Sequence[torch.Tensor], smoothed: torch.Tensor,
         if t.dim() != 3 or t.shape[:2] != (B, N):
             raise ValueError(f"cluster_tensors: tensor shape {tuple(t.shape)} does not start "
                              f"with (B, N) = {(B, N)}")
-    if smoothed.dtype == torch.float64 or any(t.dtype == torch.float64 for t in tensors):
+    if smoothed.dtype == torch.float64 or any(not _cluster_kernel_ok(t) for t in tensors):
         from .clustering import cluster_tensors as torch_cluster
         return torch_cluster(tensors, smoothed, region_index, num_clusters)
     R = int(num_clusters)

@@ -235,6 +235,7 @@ CLUSTER_CASES = [
     (3, 10, 14, "every_pixel", True, (256, 64)),
     (2, 50, 76, "random", True, (256, 256)),
     (2, 7, 9, "random", True, (30, 6)),  # d not a multiple of 4: scalar path
+    (2, 12, 10, "random", True, (512, 8)),  # wide rows
 ]
 
 
@@ -287,6 +288,38 @@ def test_cluster_tensors_matches_torch(cb, dev, B, H, W, kind, padded, dims, dty
         assert torch.all(gs_c[mask] == 0)
         for gc in gx_c:
             assert torch.all(gc[mask] == 0)
+
+
+def test_arbitrary_padding_pattern(cb, dev):
+    """Padding anywhere (top/left too, not only bottom/right): information, regions and
+    clustering follow each image's valid pixels in raster order, padding rows get zero grads."""
+    gen = torch.Generator().manual_seed(17)
+    B, H, W = 3, 14, 15
+    N = H * W
+    mask = (torch.rand(B, N, generator=gen) < 0.3).to(dev)
+    mask[:, :5] = True  # leading padding
+    z = torch.randn(B, N, generator=gen).to(dev)
+    z1 = z.clone().requires_grad_(True)
+    z2 = z.clone().requires_grad_(True)
+    info_c, sm_c, ri_c, cnt_c = cb.information_regions(z1, mask, 3)
+    info_t = information_from_logits(z2, mask)
+    sm_t, ri_t, cnt_t = torch_regions(info_t, mask, 3)
+    assert rel(sm_c, sm_t) <= FP32_TOL
+    assert_same_regions(ri_c, ri_t, sm_t.detach(), mask)
+    g = torch.randn(B, N, generator=gen).to(dev)
+    (sm_c * g).sum().backward()
+    (sm_t * g).sum().backward()
+    assert rel(z1.grad, z2.grad) <= FP32_TOL
+
+    R = int(cnt_t.max())
+    xs = [torch.randn(B, N, 256, generator=gen).to(dev), torch.randn(B, N, 64, generator=gen).to(dev)]
+    grads = [torch.randn(B, R, x.shape[2], generator=gen).to(dev) for x in xs]
+    sm = sm_t.detach()
+    out_c, gx_c, gs_c = _run_cluster(cb.cluster_tensors, xs, sm, ri_t, R, grads)
+    out_t, gx_t, gs_t = _run_cluster(torch_cluster_tensors, xs, sm, ri_t, R, grads)
+    for a, b in zip(out_c + tuple(gx_c) + (gs_c,), out_t + tuple(gx_t) + (gs_t,)):
+        assert rel(a, b) <= FP32_TOL
+    assert torch.all(gx_c[0][mask] == 0) and torch.all(gs_c[mask] == 0)
 
 
 def test_cluster_tensors_strided_mixed_dtypes_extra_clusters(cb, dev):

@@ -161,7 +161,13 @@ at::Tensor prep_cluster_input(const at::Tensor& t, int64_t B, int64_t N, const c
   TORCH_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == N,
               "enact_cuda: cluster_tensors inputs must be (B, N, d)");
   dtype_of(t);
-  return t.stride(2) == 1 ? t : t.contiguous();
+  const int64_t vec = 16 / t.element_size();
+  // 16-byte path: d <= 256 * vec; scalar path (d not a multiple of vec): d <= 256
+  TORCH_CHECK(t.size(2) <= (t.size(2) % vec == 0 ? 256 * vec : 256),
+              "enact_cuda: cluster_tensors supports d <= ", 256 * vec, " (multiples of ", vec,
+              ") or d <= 256, got ", t.size(2));
+  if (t.stride(2) != 1 || (t.size(2) % vec == 0 && !vec_ok(t, vec))) return t.contiguous();
+  return t;
 }
 
 std::vector<at::Tensor> cluster_forward(const std::vector<at::Tensor>& tensors_in,
@@ -180,10 +186,11 @@ std::vector<at::Tensor> cluster_forward(const std::vector<at::Tensor>& tensors_i
   for (const auto& t : tensors_in) xs.push_back(prep_cluster_input(t, B, N, "tensor"));
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor starts = at::empty({B, R + 1}, sm.options().dtype(at::kInt));
+  at::Tensor ends = at::empty({B, R}, sm.options().dtype(at::kInt));
   at::Tensor counts = at::empty({B}, sm.options().dtype(at::kInt));
-  at::Tensor w = at::empty({B, N}, sm.options());
-  ENACT_CHECK_CUDA(enact::cluster_starts(ri.data_ptr<int64_t>(), B, N, R, starts.data_ptr<int>(),
-                                         counts.data_ptr<int>(), stream));
+  at::Tensor stats = at::empty({B, R, 2}, sm.options());
+  ENACT_CHECK_CUDA(enact::cluster_bounds(ri.data_ptr<int64_t>(), B, N, R, starts.data_ptr<int>(),
+                                         ends.data_ptr<int>(), counts.data_ptr<int>(), stream));
   std::vector<at::Tensor> outs(xs.size());
   for (size_t i = 0; i < xs.size(); ++i) outs[i] = at::empty({B, R, xs[i].size(2)}, xs[i].options());
   for (const auto& g : group_tensors(xs)) {
@@ -191,8 +198,9 @@ std::vector<at::Tensor> cluster_forward(const std::vector<at::Tensor>& tensors_i
     a.smoothed = sm.data_ptr<float>();
     a.region_index = ri.data_ptr<int64_t>();
     a.starts = starts.data_ptr<int>();
+    a.ends = ends.data_ptr<int>();
     a.counts = counts.data_ptr<int>();
-    a.w = w.data_ptr<float>();
+    a.stats = stats.data_ptr<float>();
     a.n_tensors = static_cast<int>(g.idx.size());
     a.B = static_cast<int>(B);
     a.N = static_cast<int>(N);
@@ -210,20 +218,23 @@ std::vector<at::Tensor> cluster_forward(const std::vector<at::Tensor>& tensors_i
     }
     ENACT_CHECK_CUDA(enact::cluster_forward(a, g.dtype, vec_all, stream));
   }
-  outs.push_back(w);
+  outs.push_back(stats);
   outs.push_back(starts);
+  outs.push_back(ends);
   outs.push_back(counts);
   return outs;
 }
 
 std::vector<at::Tensor> cluster_backward(const std::vector<at::Tensor>& grads_in,
                                          const std::vector<at::Tensor>& tensors_in,
-                                         const at::Tensor& w, const at::Tensor& region_in,
-                                         const at::Tensor& starts, const at::Tensor& counts,
+                                         const at::Tensor& smoothed_in, const at::Tensor& stats,
+                                         const at::Tensor& region_in, const at::Tensor& starts,
+                                         const at::Tensor& ends, const at::Tensor& counts,
                                          int64_t R) {
   TORCH_CHECK(grads_in.size() == tensors_in.size(), "enact_cuda: one grad per tensor");
-  c10::cuda::CUDAGuard guard(w.device());
-  const int64_t B = w.size(0), N = w.size(1);
+  c10::cuda::CUDAGuard guard(smoothed_in.device());
+  at::Tensor sm = float_contig(smoothed_in);
+  const int64_t B = sm.size(0), N = sm.size(1);
   at::Tensor ri = region_in.to(at::kLong).contiguous();
   std::vector<at::Tensor> xs, gs, gxs;
   for (size_t i = 0; i < tensors_in.size(); ++i) {
@@ -234,8 +245,8 @@ std::vector<at::Tensor> cluster_backward(const std::vector<at::Tensor>& grads_in
                 "enact_cuda: grad of a clustered tensor must be (B, R, d)");
     gxs.push_back(at::empty({B, N, xs[i].size(2)}, xs[i].options()));
   }
-  at::Tensor dots = at::empty({B, N}, w.options());
-  at::Tensor gsm = at::empty({B, N}, w.options());
+  at::Tensor dots = at::empty({B, N}, sm.options());
+  at::Tensor gsm = at::empty({B, N}, sm.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto groups = group_tensors(xs);
   if (R == 0) {
@@ -245,10 +256,12 @@ std::vector<at::Tensor> cluster_backward(const std::vector<at::Tensor>& grads_in
   for (size_t gi = 0; gi < groups.size() && R > 0; ++gi) {
     const auto& g = groups[gi];
     enact::ClusterBwdArgs a{};
+    a.smoothed = sm.data_ptr<float>();
     a.region_index = ri.data_ptr<int64_t>();
     a.starts = starts.data_ptr<int>();
+    a.ends = ends.data_ptr<int>();
     a.counts = counts.data_ptr<int>();
-    a.w = w.data_ptr<float>();
+    a.stats = stats.data_ptr<float>();
     a.dots = dots.data_ptr<float>();
     a.grad_sm = gsm.data_ptr<float>();
     a.n_tensors = static_cast<int>(g.idx.size());

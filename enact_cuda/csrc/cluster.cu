@@ -1,17 +1,19 @@
 // ENACT clustering: K'_j = sum_{i in j} w_i K_i with w = softmax of the smoothed information
 // inside region j (spec §1.6), and its exact backward (spec §1.10):
-//   dK_i = w_i G_j,   d smoothed_i = w_i (sum_t <G^t_j, X^t_i> - sum_{k in j} w_k sum_t <G^t_j, X^t_k>).
+//   dK_i = w_i G_j,
+//   d smoothed_i = w_i (sum_t <G^t_j, X^t_i> - sum_{k in j} w_k sum_t <G^t_j, X^t_k>).
 //
 // Regions are given by region_index (B, N): ids 0..R_b-1 non-decreasing over an image's valid
-// pixels in raster order, -1 on padding. A region is therefore a contiguous range of original
-// indices [start_r, start_{r+1}) in which padding pixels (-1) may be interleaved (a region that
-// wraps from one row's valid end to the next row's start).
+// pixels in raster order, -1 on padding. Region r of image b therefore lies in the index range
+// [start_r, end_r) (first pixel, last valid pixel + 1), where padding pixels may be interleaved
+// (a region that wraps from one row's valid end into the next row).
 //
-// Kernels: (1) starts: one block per image, first pixel of every region (atomicMin over the
-// few candidate pixels whose left neighbour has another id); (2) forward: one warp per
-// (image, region): region softmax statistics, then a weighted sum over the region's rows with
-// 16-byte loads along d; (3) backward: one warp per (image, region), the grads of the inputs
-// plus per-pixel dot products, then the region's grad of smoothed.
+// Kernels: (1) bounds: one block per image; start/end by atomicMin/Max over the few pixels
+// whose left/right neighbour has another id. (2) forward: one warp per (image, region):
+// region softmax statistics (saved for the backward), then the region's valid pixels are
+// listed in shared memory 32 at a time (ballot) and their rows summed with 16-byte loads
+// along d, several rows in flight. (3) backward: one warp per (image, region) for the region's
+// pixels and the padding up to the next region; extra warps zero the trailing padding rows.
 #include "common.cuh"
 #include "enact.h"
 
@@ -19,22 +21,30 @@ namespace enact {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
+constexpr int kThreads = kWarpsPerBlock * 32;
 
-__global__ void cluster_starts_kernel(const int64_t* __restrict__ ri, int N, int R,
-                                      int* __restrict__ starts, int* __restrict__ counts) {
+__global__ void cluster_bounds_kernel(const int64_t* __restrict__ ri, int N, int R,
+                                      int* __restrict__ starts, int* __restrict__ ends,
+                                      int* __restrict__ counts) {
   __shared__ int cnt;
   const int b = blockIdx.x;
   const int64_t* r_b = ri + static_cast<int64_t>(b) * N;
   int* st = starts + static_cast<int64_t>(b) * (R + 1);
+  int* en = ends + static_cast<int64_t>(b) * R;
   if (threadIdx.x == 0) cnt = 0;
-  for (int r = threadIdx.x; r <= R; r += blockDim.x) st[r] = N;
+  for (int r = threadIdx.x; r <= R; r += blockDim.x) {
+    st[r] = N;
+    if (r < R) en[r] = 0;
+  }
   __syncthreads();
   int local_max = 0;
   for (int i = threadIdx.x; i < N; i += blockDim.x) {
     const int64_t r = r_b[i];
     if (r < 0 || r >= R) continue;
     const int64_t prev = i > 0 ? r_b[i - 1] : -2;
+    const int64_t next = i + 1 < N ? r_b[i + 1] : -2;
     if (prev != r) atomicMin(&st[r], i);
+    if (next != r) atomicMax(&en[r], i + 1);
     local_max = max(local_max, static_cast<int>(r) + 1);
   }
   atomicMax(&cnt, local_max);
@@ -42,68 +52,64 @@ __global__ void cluster_starts_kernel(const int64_t* __restrict__ ri, int N, int
   if (threadIdx.x == 0) counts[b] = cnt;
 }
 
-template <typename T, int VEC>
-__device__ __forceinline__ void weighted_sum(const T* __restrict__ X, int64_t row_stride, int d,
-                                             const float* __restrict__ wb, int lo, int hi,
-                                             T* __restrict__ out, int lane) {
-  for (int f = lane * VEC; f < d; f += 32 * VEC) {
-    float acc[VEC];
+// Valid pixels of region r in [base, end) (end - base <= 32) -> shared list of (index, weight).
+__device__ __forceinline__ int build_list(int base, int end, int64_t r,
+                                          const int64_t* __restrict__ rib,
+                                          const float* __restrict__ smb, float mx, float inv,
+                                          int* sidx, float* sw, int lane) {
+  __syncwarp();  // earlier readers of the list are done
+  const int i = base + lane;
+  const bool valid = i < end && rib[i] == r;
+  const float w = valid ? expf(smb[i] - mx) * inv : 0.f;
+  const unsigned m = __ballot_sync(ENACT_FULL_MASK, valid);
+  if (valid) {
+    const int pos = __popc(m & ((1u << lane) - 1u));
+    sidx[pos] = i;
+    sw[pos] = w;
+  }
+  __syncwarp();
+  return __popc(m);
+}
+
+template <typename T, int VEC, int NCH>
+__device__ __forceinline__ void zero_row(T* __restrict__ row, int d, int lane) {
+  float z[VEC];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
-    int i = lo;
-    for (; i + 4 <= hi; i += 4) {
-      float w[4];
-      float x[4][VEC];
+  for (int v = 0; v < VEC; ++v) z[v] = 0.f;
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        w[u] = wb[i + u];
-        if (w[u] >= 0.f) {
-          load_vec<T, VEC>(X + static_cast<int64_t>(i + u) * row_stride + f, x[u]);
-        } else {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) x[u][v] = 0.f;
-          w[u] = 0.f;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w[u], x[u][v], acc[v]);
-    }
-    for (; i < hi; ++i) {
-      const float w = wb[i];
-      if (w >= 0.f) {
-        float x[VEC];
-        load_vec<T, VEC>(X + static_cast<int64_t>(i) * row_stride + f, x);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w, x[v], acc[v]);
-      }
-    }
-    store_vec<T, VEC>(out + f, acc);
+  for (int c = 0; c < NCH; ++c) {
+    const int f = (c * 32 + lane) * VEC;
+    if (f < d) store_vec<T, VEC>(row + f, z);
   }
 }
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    cluster_fwd_kernel(ClusterFwdArgs a) {
-  const int lane = threadIdx.x & 31;
-  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+// rows in flight per lane: about 8 vector loads
+template <int NCH>
+struct Unroll {
+  static constexpr int U = NCH >= 4 ? 2 : (NCH == 2 ? 4 : 8);
+};
+
+template <typename T, int VEC, int NCH>
+__global__ void __launch_bounds__(kThreads) cluster_fwd_kernel(ClusterFwdArgs a) {
+  constexpr int U = Unroll<NCH>::U;
+  __shared__ int s_idx[kWarpsPerBlock][32];
+  __shared__ float s_w[kWarpsPerBlock][32];
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + wid;
   if (gw >= static_cast<int64_t>(a.B) * a.R) return;
   const int b = static_cast<int>(gw / a.R), r = static_cast<int>(gw % a.R);
   const int N = a.N;
 
   if (r >= a.counts[b]) {  // padding cluster: zero rows
-    for (int t = 0; t < a.n_tensors; ++t) {
-      T* out = static_cast<T*>(a.out[t]) + (static_cast<int64_t>(b) * a.R + r) * a.d[t];
-      for (int f = lane; f < a.d[t]; f += 32) out[f] = from_float<T>(0.f);
-    }
+    for (int t = 0; t < a.n_tensors; ++t)
+      zero_row<T, VEC, NCH>(static_cast<T*>(a.out[t]) + (static_cast<int64_t>(b) * a.R + r) * a.d[t],
+                            a.d[t], lane);
     return;
   }
-  const int* st = a.starts + static_cast<int64_t>(b) * (a.R + 1);
-  const int lo = st[r], hi = st[r + 1];
+  const int lo = a.starts[static_cast<int64_t>(b) * (a.R + 1) + r];
+  const int hi = a.ends[static_cast<int64_t>(b) * a.R + r];
   const int64_t* rib = a.region_index + static_cast<int64_t>(b) * N;
   const float* smb = a.smoothed + static_cast<int64_t>(b) * N;
-  float* wb = a.w + static_cast<int64_t>(b) * N;
 
   // region softmax statistics (online max / sum per lane, then combined)
   float mx = -INFINITY, sum = 0.f;
@@ -126,98 +132,229 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     mx = mn;
   }
   const float inv = 1.f / sum;
-  for (int i = lo + lane; i < hi; i += 32)
-    wb[i] = (rib[i] == r) ? expf(smb[i] - mx) * inv : -1.f;  // -1 marks padding in range
-  __syncwarp();
+  if (lane == 0) {
+    a.stats[(static_cast<int64_t>(b) * a.R + r) * 2] = mx;
+    a.stats[(static_cast<int64_t>(b) * a.R + r) * 2 + 1] = inv;
+  }
+
+  int* sidx = s_idx[wid];
+  float* sw = s_w[wid];
+  const bool single = hi - lo <= 32;
+  int n = single ? build_list(lo, hi, r, rib, smb, mx, inv, sidx, sw, lane) : 0;
 
   for (int t = 0; t < a.n_tensors; ++t) {
+    const int d = a.d[t];
+    const int64_t xs = a.x_row_stride[t];
     const T* X = static_cast<const T*>(a.x[t]) + static_cast<int64_t>(b) * a.x_batch_stride[t];
-    T* out = static_cast<T*>(a.out[t]) + (static_cast<int64_t>(b) * a.R + r) * a.d[t];
-    weighted_sum<T, VEC>(X, a.x_row_stride[t], a.d[t], wb, lo, hi, out, lane);
+    float acc[NCH][VEC];
+#pragma unroll
+    for (int c = 0; c < NCH; ++c)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[c][v] = 0.f;
+
+    for (int base = lo; base < hi; base += 32) {
+      if (!single) n = build_list(base, min(base + 32, hi), r, rib, smb, mx, inv, sidx, sw, lane);
+      for (int k = 0; k < n; k += U) {
+        float x[U][NCH][VEC];
+        float w[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const bool ok = k + u < n;
+          w[u] = ok ? sw[k + u] : 0.f;
+          const T* row = X + static_cast<int64_t>(ok ? sidx[k + u] : 0) * xs;
+#pragma unroll
+          for (int c = 0; c < NCH; ++c) {
+            const int f = (c * 32 + lane) * VEC;
+            if (ok && f < d) {
+              load_vec<T, VEC>(row + f, x[u][c]);
+            } else {
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) x[u][c][v] = 0.f;
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+          for (int c = 0; c < NCH; ++c)
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) acc[c][v] = fmaf(w[u], x[u][c][v], acc[c][v]);
+      }
+    }
+    T* out = static_cast<T*>(a.out[t]) + (static_cast<int64_t>(b) * a.R + r) * d;
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const int f = (c * 32 + lane) * VEC;
+      if (f < d) store_vec<T, VEC>(out + f, acc[c]);
+    }
   }
 }
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+template <typename T, int VEC, int NCH>
+__global__ void __launch_bounds__(kThreads)
     cluster_bwd_kernel(ClusterBwdArgs a, bool accumulate, bool finalize) {
-  const int lane = threadIdx.x & 31;
-  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (gw >= static_cast<int64_t>(a.B) * a.R) return;
-  const int b = static_cast<int>(gw / a.R), r = static_cast<int>(gw % a.R);
+  constexpr int U = Unroll<NCH>::U;
+  __shared__ int s_idx[kWarpsPerBlock][32];
+  __shared__ float s_w[kWarpsPerBlock][32];
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + wid;
   const int N = a.N;
+  const int64_t region_warps = static_cast<int64_t>(a.B) * a.R;
+
+  if (gw >= region_warps) {
+    // trailing padding of an image (after its last region), 32 pixels per warp
+    const int chunks = (N + 31) / 32;
+    const int64_t t = gw - region_warps;
+    if (t >= static_cast<int64_t>(a.B) * chunks) return;
+    const int b = static_cast<int>(t / chunks);
+    const int cnt = a.counts[b];
+    const int tail0 = cnt > 0 ? a.ends[static_cast<int64_t>(b) * a.R + cnt - 1] : 0;
+    const int lo = max(static_cast<int>(t % chunks) * 32, tail0);
+    const int hi = min(static_cast<int>(t % chunks) * 32 + 32, N);
+    for (int i = lo; i < hi; ++i)
+      for (int tt = 0; tt < a.n_tensors; ++tt)
+        zero_row<T, VEC, NCH>(static_cast<T*>(a.gx[tt]) + (static_cast<int64_t>(b) * N + i) * a.d[tt],
+                              a.d[tt], lane);
+    if (finalize && lo + lane < hi) a.grad_sm[static_cast<int64_t>(b) * N + lo + lane] = 0.f;
+    return;
+  }
+
+  const int b = static_cast<int>(gw / a.R), r = static_cast<int>(gw % a.R);
   const int cnt = a.counts[b];
-  if (r >= max(cnt, 1)) return;
-  // This warp owns pixels [lo, hi): its region plus the padding pixels around it, so every
-  // pixel of the image (padding included) is written exactly once.
-  const int* st = a.starts + static_cast<int64_t>(b) * (a.R + 1);
-  const int lo = (r == 0) ? 0 : st[r];
-  const int hi = (r + 1 < cnt) ? st[r + 1] : N;
+  if (r >= cnt) return;
+  const int lo = a.starts[static_cast<int64_t>(b) * (a.R + 1) + r];
+  const int hi = a.ends[static_cast<int64_t>(b) * a.R + r];
+  const int gap_hi = r + 1 < cnt ? a.starts[static_cast<int64_t>(b) * (a.R + 1) + r + 1] : hi;
   const int64_t* rib = a.region_index + static_cast<int64_t>(b) * N;
-  const float* wb = a.w + static_cast<int64_t>(b) * N;
+  const float* smb = a.smoothed + static_cast<int64_t>(b) * N;
+  const float mx = a.stats[(static_cast<int64_t>(b) * a.R + r) * 2];
+  const float inv = a.stats[(static_cast<int64_t>(b) * a.R + r) * 2 + 1];
   float* dots = a.dots + static_cast<int64_t>(b) * N;
   float* gsm = a.grad_sm + static_cast<int64_t>(b) * N;
+  int* sidx = s_idx[wid];
+  float* sw = s_w[wid];
 
-  float c = 0.f;  // sum_k w_k dots_k over the region (kept by lane 0)
-  constexpr int U = 4;  // pixels in flight per step
-  for (int i0 = lo; i0 < hi; i0 += U) {
-    bool valid[U];
-    float w[U], pd[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = i0 + u;
-      valid[u] = i < hi && rib[i] == r;
-      w[u] = valid[u] ? wb[i] : 0.f;
-      pd[u] = 0.f;
-    }
-    for (int t = 0; t < a.n_tensors; ++t) {
-      const int d = a.d[t];
-      const T* G = static_cast<const T*>(a.g[t]) + (static_cast<int64_t>(b) * a.R + r) * d;
-      const T* X = static_cast<const T*>(a.x[t]) + static_cast<int64_t>(b) * a.x_batch_stride[t];
-      T* GX = static_cast<T*>(a.gx[t]) + static_cast<int64_t>(b) * N * d;
-      const int64_t xs = a.x_row_stride[t];
-      for (int f = lane * VEC; f < d; f += 32 * VEC) {
-        float g[VEC];
-        load_vec<T, VEC>(G + f, g);
-        float x[U][VEC];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          if (valid[u]) {
-            load_vec<T, VEC>(X + static_cast<int64_t>(i0 + u) * xs + f, x[u]);
-          } else {
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) x[u][v] = 0.f;
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          if (i0 + u >= hi) continue;
-          float o[VEC];
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) {
-            o[v] = w[u] * g[v];
-            pd[u] = fmaf(g[v], x[u][v], pd[u]);
-          }
-          store_vec<T, VEC>(GX + static_cast<int64_t>(i0 + u) * d + f, o);
-        }
+  // This warp owns pixels [own_lo, gap_hi): the region and the padding up to the next region
+  // (region 0 also owns any leading padding); the last region's trailing padding belongs to the
+  // extra warps above.
+  const int own_lo = r == 0 ? 0 : lo;
+  float csum = 0.f;  // sum_k w_k dots_k over the region (valid in lane 0)
+  for (int base = own_lo; base < gap_hi; base += 32) {
+    const int end = min(base + 32, gap_hi);
+    // padding inside [base, end): zero grad rows
+    {
+      const int i = base + lane;
+      const unsigned pad = __ballot_sync(ENACT_FULL_MASK, i < end && rib[i] != r);
+      for (unsigned m = pad; m; m &= m - 1) {
+        const int ip = base + __ffs(m) - 1;
+        for (int tt = 0; tt < a.n_tensors; ++tt)
+          zero_row<T, VEC, NCH>(static_cast<T*>(a.gx[tt]) + (static_cast<int64_t>(b) * N + ip) * a.d[tt],
+                                a.d[tt], lane);
       }
     }
+    const int n = build_list(base, min(end, hi), r, rib, smb, mx, inv, sidx, sw, lane);
+    for (int k = 0; k < n; k += U) {
+      int idx[U];
+      float w[U], pd[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) pd[u] = warp_sum(pd[u]);
+      for (int u = 0; u < U; ++u) {
+        const bool ok = k + u < n;
+        idx[u] = ok ? sidx[k + u] : -1;
+        w[u] = ok ? sw[k + u] : 0.f;
+        pd[u] = 0.f;
+      }
+      for (int tt = 0; tt < a.n_tensors; ++tt) {
+        const int d = a.d[tt];
+        const int64_t xs = a.x_row_stride[tt];
+        const T* G = static_cast<const T*>(a.g[tt]) + (static_cast<int64_t>(b) * a.R + r) * d;
+        const T* X = static_cast<const T*>(a.x[tt]) + static_cast<int64_t>(b) * a.x_batch_stride[tt];
+        T* GX = static_cast<T*>(a.gx[tt]) + static_cast<int64_t>(b) * N * d;
+        float g[NCH][VEC];
+        float x[U][NCH][VEC];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (!valid[u]) continue;
-      const int i = i0 + u;
-      float dot = pd[u];
-      if (accumulate) dot += dots[i];
-      if (lane == 0) dots[i] = dot;
-      c = fmaf(w[u], dot, c);
+        for (int c = 0; c < NCH; ++c) {
+          const int f = (c * 32 + lane) * VEC;
+          if (f < d) {
+            load_vec<T, VEC>(G + f, g[c]);
+          } else {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) g[c][v] = 0.f;
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+          for (int c = 0; c < NCH; ++c) {
+            const int f = (c * 32 + lane) * VEC;
+            if (idx[u] >= 0 && f < d) {
+              load_vec<T, VEC>(X + static_cast<int64_t>(idx[u]) * xs + f, x[u][c]);
+            } else {
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) x[u][c][v] = 0.f;
+            }
+          }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+          for (int c = 0; c < NCH; ++c) {
+            float o[VEC];
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) {
+              o[v] = w[u] * g[c][v];
+              pd[u] = fmaf(g[c][v], x[u][c][v], pd[u]);
+            }
+            const int f = (c * 32 + lane) * VEC;
+            if (idx[u] >= 0 && f < d) store_vec<T, VEC>(GX + static_cast<int64_t>(idx[u]) * d + f, o);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) pd[u] = warp_sum(pd[u]);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (idx[u] < 0) continue;
+        float dot = pd[u];
+        if (accumulate) dot += dots[idx[u]];
+        if (lane == 0) dots[idx[u]] = dot;
+        csum = fmaf(w[u], dot, csum);
+      }
     }
   }
   if (!finalize) return;
-  c = __shfl_sync(ENACT_FULL_MASK, c, 0);
+  csum = __shfl_sync(ENACT_FULL_MASK, csum, 0);
   __syncwarp();
-  for (int i = lo + lane; i < hi; i += 32)
-    gsm[i] = (rib[i] == r) ? wb[i] * (dots[i] - c) : 0.f;
+  for (int i = own_lo + lane; i < gap_hi; i += 32)
+    gsm[i] = (rib[i] == r) ? expf(smb[i] - mx) * inv * (dots[i] - csum) : 0.f;
+}
+
+// chunks of 32 * VEC elements needed for the widest tensor -> kernel template NCH
+int chunks_needed(const int* d, int n, int vec) {
+  int mx = 0;
+  for (int t = 0; t < n; ++t) mx = max(mx, (d[t] + 32 * vec - 1) / (32 * vec));
+  return mx;
+}
+
+template <typename T, int VEC>
+cudaError_t launch_fwd_v(const ClusterFwdArgs& a, int blocks, cudaStream_t stream) {
+  const int nch = chunks_needed(a.d, a.n_tensors, VEC);
+  if (nch <= 1) cluster_fwd_kernel<T, VEC, 1><<<blocks, kThreads, 0, stream>>>(a);
+  else if (nch <= 2) cluster_fwd_kernel<T, VEC, 2><<<blocks, kThreads, 0, stream>>>(a);
+  else if (nch <= 4) cluster_fwd_kernel<T, VEC, 4><<<blocks, kThreads, 0, stream>>>(a);
+  else if (nch <= 8) cluster_fwd_kernel<T, VEC, 8><<<blocks, kThreads, 0, stream>>>(a);
+  else return cudaErrorInvalidValue;
+  return cudaGetLastError();
+}
+
+template <typename T, int VEC>
+cudaError_t launch_bwd_v(const ClusterBwdArgs& a, int blocks, bool acc, bool fin,
+                         cudaStream_t stream) {
+  const int nch = chunks_needed(a.d, a.n_tensors, VEC);
+  if (nch <= 1) cluster_bwd_kernel<T, VEC, 1><<<blocks, kThreads, 0, stream>>>(a, acc, fin);
+  else if (nch <= 2) cluster_bwd_kernel<T, VEC, 2><<<blocks, kThreads, 0, stream>>>(a, acc, fin);
+  else if (nch <= 4) cluster_bwd_kernel<T, VEC, 4><<<blocks, kThreads, 0, stream>>>(a, acc, fin);
+  else if (nch <= 8) cluster_bwd_kernel<T, VEC, 8><<<blocks, kThreads, 0, stream>>>(a, acc, fin);
+  else return cudaErrorInvalidValue;
+  return cudaGetLastError();
 }
 
 template <typename T>
@@ -225,32 +362,24 @@ cudaError_t launch_fwd(const ClusterFwdArgs& a, bool vec, cudaStream_t stream) {
   const int64_t warps = static_cast<int64_t>(a.B) * a.R;
   const int blocks = static_cast<int>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
   if (blocks == 0) return cudaSuccess;
-  if (vec)
-    cluster_fwd_kernel<T, 16 / sizeof(T)><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(a);
-  else
-    cluster_fwd_kernel<T, 1><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(a);
-  return cudaGetLastError();
+  return vec ? launch_fwd_v<T, 16 / sizeof(T)>(a, blocks, stream) : launch_fwd_v<T, 1>(a, blocks, stream);
 }
 
 template <typename T>
-cudaError_t launch_bwd(const ClusterBwdArgs& a, bool vec, bool acc, bool fin,
-                       cudaStream_t stream) {
-  const int64_t warps = static_cast<int64_t>(a.B) * a.R;
+cudaError_t launch_bwd(const ClusterBwdArgs& a, bool vec, bool acc, bool fin, cudaStream_t stream) {
+  const int64_t warps = static_cast<int64_t>(a.B) * a.R + static_cast<int64_t>(a.B) * ((a.N + 31) / 32);
   const int blocks = static_cast<int>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
   if (blocks == 0) return cudaSuccess;
-  if (vec)
-    cluster_bwd_kernel<T, 16 / sizeof(T)><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(a, acc, fin);
-  else
-    cluster_bwd_kernel<T, 1><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(a, acc, fin);
-  return cudaGetLastError();
+  return vec ? launch_bwd_v<T, 16 / sizeof(T)>(a, blocks, acc, fin, stream)
+             : launch_bwd_v<T, 1>(a, blocks, acc, fin, stream);
 }
 
 }  // namespace
 
-cudaError_t cluster_starts(const int64_t* region_index, int B, int N, int R, int* starts,
-                           int* counts, cudaStream_t stream) {
+cudaError_t cluster_bounds(const int64_t* region_index, int B, int N, int R, int* starts,
+                           int* ends, int* counts, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-  cluster_starts_kernel<<<B, 512, 0, stream>>>(region_index, N, R, starts, counts);
+  cluster_bounds_kernel<<<B, 512, 0, stream>>>(region_index, N, R, starts, ends, counts);
   return cudaGetLastError();
 }
 

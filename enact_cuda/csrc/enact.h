@@ -42,32 +42,35 @@ size_t info_backward_smem_bytes(int N, int sigma);
 // ------------------------------------- clustering (cluster.cu) --------------------------------
 constexpr int kMaxClusterTensors = 4;
 
-// starts (B, R+1) int32: first pixel of region r of image b (N where the region is absent);
-// counts (B,) int32: number of regions found in region_index (max id + 1).
-cudaError_t cluster_starts(const int64_t* region_index, int B, int N, int R, int* starts,
-                           int* counts, cudaStream_t stream);
+// Region bounds from region_index (B, N): starts (B, R+1) int32 first pixel of region r (N where
+// absent), ends (B, R) int32 last valid pixel + 1 (0 where absent), counts (B,) int32 (max id+1).
+cudaError_t cluster_bounds(const int64_t* region_index, int B, int N, int R, int* starts,
+                           int* ends, int* counts, cudaStream_t stream);
 
 struct ClusterFwdArgs {
   const float* smoothed;       // (B, N)
   const int64_t* region_index; // (B, N)
   const int* starts;           // (B, R+1)
+  const int* ends;             // (B, R)
   const int* counts;           // (B,)
-  float* w;                    // (B, N) softmax weight of each valid pixel (written)
-  const void* x[kMaxClusterTensors];  // (B, N, d_t), rows contiguous
+  float* stats;                // (B, R, 2) region softmax max and 1/sum (written)
+  const void* x[kMaxClusterTensors];  // (B, N, d_t), unit stride along d
   void* out[kMaxClusterTensors];      // (B, R, d_t) contiguous
   int64_t x_row_stride[kMaxClusterTensors];
   int64_t x_batch_stride[kMaxClusterTensors];
   int d[kMaxClusterTensors];
   int n_tensors, B, N, R;
 };
-// vec: 1 or the 16-byte width (all tensors' d, strides and pointers must allow it).
+// vec: 16-byte accesses (all tensors' d, strides and pointers allow it), else scalar.
 cudaError_t cluster_forward(const ClusterFwdArgs& a, DType dtype, bool vec, cudaStream_t stream);
 
 struct ClusterBwdArgs {
+  const float* smoothed;
   const int64_t* region_index;
   const int* starts;
+  const int* ends;
   const int* counts;
-  const float* w;              // (B, N) from the forward
+  const float* stats;          // (B, R, 2) from the forward
   const void* g[kMaxClusterTensors];   // (B, R, d_t) contiguous grads of the outputs
   const void* x[kMaxClusterTensors];   // (B, N, d_t) forward inputs
   void* gx[kMaxClusterTensors];        // (B, N, d_t) contiguous
