@@ -1,11 +1,7 @@
 """Conditional DETR (+ ENACT): upstream state_dict layout, conditional cross-attention against a
 slow reference, decoder composition, init, padding invariance of the encoder, ENACT key counts,
 overfitting two images, and (at the end) 1-epoch runs through main.py."""
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +10,13 @@ import torch.nn.functional as F
 from detr_common.box_ops import box_cxcywh_to_xyxy, box_iou
 from detr_common.cli import get_args_parser
 from detr_common.data.collate import ImageBatch
+from detr_common.logs import read_log
+from _cli import TINY, load_main, run_main
 
 import conditional_detr
 from conditional_detr.transformer import ConditionalDecoderLayer, sine_embed_points
 
-ROOT = Path(__file__).resolve().parents[1]
-MAIN = ROOT / "Conditional-DETR-ENACT" / "main.py"
+FOLDER = "Conditional-DETR-ENACT"
 
 # Conditional DETR's paper defaults that differ from the generic CLI (spec §3.3, §3.6).
 COND_DEFAULTS = dict(num_queries=300, set_cost_class=2.0, cls_loss_coef=2.0, backbone="resnet101")
@@ -451,3 +448,44 @@ def test_overfit_two_images(enact, one_thread):
             if ok:
                 break
     assert ok, f"did not overfit in {step + 1} steps (last loss {float(loss.detach()):.3f})"
+
+
+# --------------------------------------------------------------------------------------------
+# main.py: paper defaults, and a 1-epoch train + eval on the shapes data
+# --------------------------------------------------------------------------------------------
+
+def test_main_paper_defaults():
+    args = load_main(FOLDER).get_parser().parse_args([])
+    assert (args.backbone, args.batch_size, args.lr, args.lr_backbone) == ("resnet101", 8, 5e-5, 1e-5)
+    assert (args.epochs, args.lr_drop, args.smoothing_sigma, args.num_queries) == (50, 40, 3, 300)
+    assert (args.dim_feedforward, args.dropout, args.checkpoint_every) == (2048, 0.1, 10)
+    assert (args.set_cost_class, args.set_cost_bbox, args.set_cost_giou) == (2.0, 5.0, 2.0)
+    assert (args.cls_loss_coef, args.bbox_loss_coef, args.giou_loss_coef) == (2.0, 5.0, 2.0)
+    assert (args.no_enact, args.focal_alpha, args.clip_max_norm) == (False, 0.25, 0.1)
+
+
+@pytest.mark.parametrize("enact", [True, False], ids=["enact", "plain"])
+def test_main_one_epoch_train_and_eval(shapes_coco, tmp_path, enact):
+    out = tmp_path / "run"
+    flags = ["--enact_impl", "torch"] if enact else ["--no_enact"]
+    run_main(FOLDER, "--coco_path", shapes_coco, "--output_dir", out, *TINY, *flags,
+             "--epochs", "1", env={"OMP_NUM_THREADS": "1"})
+    records = read_log(out / "log.txt")
+    assert len(records) == 1
+    record = records[0]
+    assert record["epoch"] == 0 and len(record["test_coco_eval_bbox"]) == 12
+    assert all(0 <= v <= 1 or v == -1 for v in record["test_coco_eval_bbox"])
+    assert math.isfinite(record["train_loss_ce"]) and math.isfinite(record["test_loss_giou"])
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert ckpt["detector"] == "conditional_detr" and ckpt["epoch"] == 0
+    keys = ckpt["model"]
+    assert "transformer.decoder.layers.0.ca_qpos_proj.weight" in keys
+    assert keys["query_embed.weight"].shape == (10, 32)
+    if enact:
+        assert 1 <= record["train_enact_clusters_per_img"]
+        assert 0 < record["train_enact_cluster_ratio"] < 1
+        assert 0 < record["test_enact_cluster_ratio"] < 1
+        assert "transformer.encoder.layers.0.self_attn.W_prob.weight" in keys
+    else:
+        assert not any(k.startswith(("train_enact", "test_enact")) for k in record)
+        assert "transformer.encoder.layers.0.self_attn.in_proj_weight" in keys
