@@ -112,3 +112,17 @@ def test_enact_one_epoch_train_and_eval(shapes_coco, tmp_path):
     assert 0 < record["test_enact_cluster_ratio"] < 1
     state = torch.load(out / "checkpoint.pth", weights_only=False)["model"]
     assert "transformer.encoder.layers.0.self_attn.W_prob.weight" in state
+
+
+def test_other_flags_run(shapes_coco, tmp_path):
+    """bf16 autocast, eager attention, DC5, --start_epoch and --pretrained in one short run."""
+    first = tmp_path / "first"
+    train(shapes_coco, first, "--epochs", "1")
+    out = tmp_path / "flags"
+    train(shapes_coco, out, "--amp", "bf16", "--attn_impl", "eager", "--dilation",
+          "--start_epoch", "1", "--epochs", "2", "--pretrained", first / "checkpoint.pth",
+          "--checkpoint_every", "1")
+    record = read_log(out / "log.txt")[0]
+    assert record["epoch"] == 1
+    assert (out / "checkpoint0001.pth").is_file()
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["args"].amp == "bf16"
