@@ -199,9 +199,11 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
 
     do_profile = args.profile and f"{H}x{W}" in args.profile_sizes.split(",") \
         and dtype == torch.float32
+    gpu_us = {}
     if do_profile:
         fwd, fwdbwd = enact_overhead_fn(cb, keys_c, src_c, w_prob_c, mask, sigma, (H, W))
-        profile(f"ENACT overhead fwd+bwd (cuda backend) {info['dtype']} {H}x{W}", fwdbwd)
+        gpu_us["overhead"] = profile(
+            f"ENACT overhead fwd+bwd (cuda backend) {info['dtype']} {H}x{W}", fwdbwd, cpu=True)
 
     # attention core on the same queries: dense (N keys) vs clustered (R keys)
     ck, cv = cb.cluster_tensors((keys_c.detach(), src_c.detach()), sm, ri, R)
@@ -215,7 +217,8 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
         fwd, fwdbwd = attention_fns(backend, cb, q, kc, vc, kpm_c)
         measure("clustered_attention", fwd, fwdbwd, args, rows, backend=backend, **info)
         if do_profile:
-            profile(f"clustered attention fwd+bwd ({backend}) {info['dtype']} {H}x{W}", fwdbwd)
+            gpu_us[f"attention_{backend}"] = profile(
+                f"clustered attention fwd+bwd ({backend}) {info['dtype']} {H}x{W}", fwdbwd)
     for impl in ("sdpa", "eager"):
         if impl == "eager" and args.skip_eager:
             continue
@@ -252,6 +255,10 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
         return None
 
     s = dict(info)
+    if "overhead" in gpu_us and "attention_cuda" in gpu_us:
+        s["overhead_gpu_kernel_us"] = gpu_us["overhead"]
+        s["attention_cuda_gpu_kernel_us"] = gpu_us["attention_cuda"]
+        s["overhead_over_attention_gpu_kernel_time_cuda"] = gpu_us["overhead"] / gpu_us["attention_cuda"]
     for backend in ("cuda", "torch"):
         ov, at = get("enact_overhead", backend), get("clustered_attention", backend)
         lay = get("layer", f"enact_{backend}")
@@ -272,23 +279,36 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
     summary.append(s)
 
 
-def profile(title, fn, reps=5):
-    """Per-kernel CUDA time of fn() (torch.profiler), averaged over reps."""
+def profile(title, fn, reps=5, cpu=False):
+    """Per-kernel CUDA time of fn() (torch.profiler), averaged over reps; with cpu=True also
+    the host-side ops by self CPU time. Returns the summed kernel time per call (us)."""
     from torch.profiler import ProfilerActivity, profile as tprofile
     fn()
     torch.cuda.synchronize()
-    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
+    with tprofile(activities=acts) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
     print(f"\n-- profile: {title} (per call, {reps} calls)")
+
     def dev_us(e):
-        return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        return getattr(e, "self_device_time_total", None) or \
+            getattr(e, "self_cuda_time_total", 0.0)
 
     events = [e for e in prof.key_averages() if dev_us(e) > 0]
     events.sort(key=lambda e: -dev_us(e))
+    total = sum(dev_us(e) for e in events) / reps
     for e in events[:12]:
         print(f"   {dev_us(e) / reps:9.1f} us  x{e.count // reps:<3} {e.key[:90]}")
+    print(f"   {total:9.1f} us  GPU kernel time in total")
+    if cpu:
+        host = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        host.sort(key=lambda e: -e.self_cpu_time_total)
+        print("   host side (self CPU time per call):")
+        for e in host[:14]:
+            print(f"   {e.self_cpu_time_total / reps:9.1f} us  x{e.count // reps:<3} {e.key[:80]}")
+    return total
 
 
 def copy_bandwidth(iters=10) -> float:
@@ -404,7 +424,7 @@ def main(argv=None):
     print_table(rows)
     print("\nsummary (ratios; >1 speedup means the first is faster):")
     for s in summary:
-        keys = [k for k in s if k.startswith(("overhead", "fused", "enact_cuda_layer"))]
+        keys = [k for k in s if k.startswith(("overhead", "fused", "enact_cuda_layer", "attention_"))]
         print(f"  {s['dtype']:<8} {s['H']}x{s['W']} R={s['R_max']}: " +
               ", ".join(f"{k}={s[k]:.3f}" for k in keys))
     print("\nclustering kernels' bandwidth:")

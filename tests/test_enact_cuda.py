@@ -389,12 +389,14 @@ def test_clustered_attention_matches_torch(cb, dev, B, h, N, R, e, dtype):
     out_t, dq_t, dk_t, dv_t = _run_attn(
         lambda *a: clustered_attention_torch(*a, dropout_p=0.0, scale=None), q, k, v, kpm, go)
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
-    floor = 1e-3 * go.float().norm().item()  # with R = 1, dq is exactly 0 (softmax of one key)
+    # With a single key the softmax is constant: dq and dk are exactly 0 and both backends
+    # return rounding noise; compare that noise against the scale of the incoming gradient.
+    floor = go.float().norm().item() if R == 1 else 0.0
     assert out_c.dtype == dtype and out_c.shape == (B, h, N, e)
     assert rel(out_c, out_t) <= tol
     assert rel(dq_c, dq_t, floor) <= tol
     assert rel(dk_c, dk_t, floor) <= tol
-    assert rel(dv_c, dv_t, floor) <= tol
+    assert rel(dv_c, dv_t) <= tol
     lengths = (~kpm).sum(1)
     for b in range(B):
         if lengths[b] == 0:
@@ -501,7 +503,11 @@ def test_enact_attention_module_cuda_matches_torch(cb, dev, nhead, d):
     assert rel(oc, ot) <= FP32_TOL
     assert rel(gc, gt) <= 2 * FP32_TOL
     for name in pc:
-        if name == "W_prob.bias":  # sum over an image of softmax grads: exactly 0 (noise)
+        # exactly zero gradients (rounding noise in both backends): W_prob.bias sums softmax
+        # grads over an image; W_k.bias shifts all of a query's scores equally
+        if name in ("W_prob.bias", "W_k.bias"):
+            assert pc[name].abs().max() <= (1e-2 * pc[name.replace("bias", "weight")].abs().max()
+                                            + 10 * pt[name].abs().max())
             continue
         assert rel(pc[name], pt[name]) <= 5 * FP32_TOL, name
     assert torch.equal(m_cuda.last_stats["clusters_per_image"],
