@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from detr_common.box_ops import box_cxcywh_to_xyxy, box_iou
-from detr_common.cli import get_args_parser
 from detr_common.data.collate import ImageBatch
 from detr_common.logs import read_log
 from _cli import TINY, load_main, run_main
@@ -17,9 +16,7 @@ import conditional_detr
 from conditional_detr.transformer import ConditionalDecoderLayer, sine_embed_points
 
 FOLDER = "Conditional-DETR-ENACT"
-
-# Conditional DETR's paper defaults that differ from the generic CLI (spec §3.3, §3.6).
-COND_DEFAULTS = dict(num_queries=300, set_cost_class=2.0, cls_loss_coef=2.0, backbone="resnet101")
+PARSER = load_main(FOLDER).get_parser()        # Conditional-DETR-ENACT/main.py's paper defaults
 
 
 def make_args(enact=True, **over):
@@ -30,7 +27,7 @@ def make_args(enact=True, **over):
             "--num_classes", "5"]
     if not enact:
         argv.append("--no_enact")
-    args = get_args_parser("test", **COND_DEFAULTS).parse_args(argv)
+    args = PARSER.parse_args(argv)
     for k, v in over.items():
         setattr(args, k, v)
     return args
@@ -455,7 +452,7 @@ def test_overfit_two_images(enact, one_thread):
 # --------------------------------------------------------------------------------------------
 
 def test_main_paper_defaults():
-    args = load_main(FOLDER).get_parser().parse_args([])
+    args = PARSER.parse_args([])
     assert (args.backbone, args.batch_size, args.lr, args.lr_backbone) == ("resnet101", 8, 5e-5, 1e-5)
     assert (args.epochs, args.lr_drop, args.smoothing_sigma, args.num_queries) == (50, 40, 3, 300)
     assert (args.dim_feedforward, args.dropout, args.checkpoint_every) == (2048, 0.1, 10)
