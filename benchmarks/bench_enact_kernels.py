@@ -298,7 +298,8 @@ def profile(title, fn, reps=5, cpu=False):
 
     events = [e for e in prof.key_averages() if dev_us(e) > 0]
     events.sort(key=lambda e: -dev_us(e))
-    total = sum(dev_us(e) for e in events) / reps
+    # kernels only: with CPU activity on, host ops also carry their kernels' device time
+    total = sum(dev_us(e) for e in events if e.self_cpu_time_total == 0) / reps
     for e in events[:12]:
         print(f"   {dev_us(e) / reps:9.1f} us  x{e.count // reps:<3} {e.key[:90]}")
     print(f"   {total:9.1f} us  GPU kernel time in total")
