@@ -17,18 +17,27 @@ from anchor_detr.rcda import RCDA
 from anchor_detr.transformer import AnchorTransformer
 from detr_common.box_ops import box_cxcywh_to_xyxy, box_iou
 from detr_common.data.collate import ImageBatch
+from detr_common.logs import read_log
+
+from _cli import TINY, load_main, run_main
+
+
+FOLDER = "Anchor-DETR-ENACT"
+PARSER = load_main(FOLDER).get_parser()     # Anchor-DETR-ENACT/main.py with the paper defaults
 
 
 def tiny_args(**kw):
-    a = dict(backbone="resnet18", dilation=True, backbone_weights="none", lr_backbone=1e-5,
-             hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128,
-             dropout=0.0, num_feature_levels=1, num_query_position=10, num_query_pattern=3,
-             spatial_prior="learned", no_enact=False, smoothing_sigma=1, enact_impl="auto",
-             enact_row_breaks=False, attn_impl="sdpa", num_classes=5, set_cost_class=2.0,
-             set_cost_bbox=5.0, set_cost_giou=2.0, cls_loss_coef=2.0, bbox_loss_coef=5.0,
-             giou_loss_coef=2.0, aux_loss=True)
-    a.update(kw)
-    return argparse.Namespace(**a)
+    """main.py's flags for a tiny CPU model: resnet18-DC5 (random weights), d 64, 4 heads,
+    1 encoder / 2 decoder layers, 10 anchors x 3 patterns, 5 classes, sigma 1."""
+    args = PARSER.parse_args([
+        "--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "64",
+        "--nheads", "4", "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "128",
+        "--num_query_position", "10", "--num_query_pattern", "3", "--num_classes", "5",
+        "--smoothing_sigma", "1", "--enact_impl", "torch"])
+    for key, value in kw.items():
+        assert hasattr(args, key), key
+        setattr(args, key, value)
+    return args
 
 
 def tiny_transformer(enact, levels=1, d=32, enc=2, sigma=1, **kw):
@@ -333,10 +342,14 @@ def _upstream_keys(enact, levels=1, d=256, layers=6, ffn=1024, classes=91):
 
 
 def _paper_args(**kw):
-    """The paper/upstream default architecture (R50-DC5, d 256, 6+6 layers, 91 classes)."""
-    return tiny_args(backbone="resnet50", dilation=True, hidden_dim=256, nheads=8, enc_layers=6,
-                     dec_layers=6, dim_feedforward=1024, num_query_position=300,
-                     num_query_pattern=3, num_classes=91, smoothing_sigma=5, **kw)
+    """main.py's defaults (R50-DC5, d 256, 6+6 layers, 300 x 3 queries) with 91 classes."""
+    args = PARSER.parse_args(["--backbone_weights", "none", "--num_classes", "91"])
+    assert (args.backbone, args.dilation, args.hidden_dim, args.dim_feedforward, args.dropout,
+            args.smoothing_sigma, args.batch_size, args.num_query_position,
+            args.num_query_pattern) == ("resnet50", True, 256, 1024, 0.0, 5, 4, 300, 3)
+    for key, value in kw.items():
+        setattr(args, key, value)
+    return args
 
 
 @pytest.mark.parametrize("enact,levels", [(False, 1), (True, 1), (False, 3)])
@@ -444,3 +457,26 @@ def test_overfit_two_images(enact):
             if ok:
                 break
     assert ok, f"after {step} steps: IoUs {ious}, loss {loss.item():.3f}"
+
+
+# ---------------------------------------------------------------- main.py
+@pytest.mark.parametrize("enact", [False, True])
+def test_main_one_epoch_train_and_eval(shapes_coco, tmp_path, enact):
+    out = tmp_path / ("enact" if enact else "plain")
+    flags = [] if enact else ["--no_enact"]
+    run_main(FOLDER, "--coco_path", shapes_coco, "--output_dir", out, *TINY, *flags,
+             "--num_query_position", "5", "--num_query_pattern", "2", "--smoothing_sigma", "1",
+             "--enact_impl", "torch", "--epochs", "1", env={"OMP_NUM_THREADS": "1"})
+    records = read_log(out / "log.txt")
+    assert len(records) == 1
+    record = records[0]
+    assert record["epoch"] == 0 and len(record["test_coco_eval_bbox"]) == 12
+    assert all(0 <= v <= 1 or v == -1 for v in record["test_coco_eval_bbox"])
+    assert math.isfinite(record["train_loss_ce"]) and math.isfinite(record["test_loss_giou"])
+    assert any("enact" in k for k in record) == enact
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert ckpt["detector"] == "anchor_detr" and ckpt["epoch"] == 0
+    groups = ckpt["optimizer"]["param_groups"]
+    assert len(groups) == 3 and groups[2]["params"] == []          # upstream's 3 groups
+    assert ckpt["model"]["transformer.pattern.weight"].shape == (2, 32)
+    assert ("transformer.encoder_layers.0.ENACT.W_prob.weight" in ckpt["model"]) == enact

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from detr_common.box_ops import inverse_sigmoid
+from detr_common.mlp import MLP
 
 from .layers import DecoderLayer, EncoderLayerLevel, EncoderLayerSpatial
-from .mlp import MLP
 from .posemb import mask_to_positions, sine_1d, sine_2d
 
 SPATIAL_PRIORS = ("learned", "grid")
