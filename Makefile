@@ -26,7 +26,7 @@ demo: setup
 		--device cpu --backbone resnet18 --backbone_weights none --hidden_dim 64 --nheads 4 \
 		--enc_layers 2 --dec_layers 2 --dim_feedforward 128 --dropout 0.0 --num_queries 20 \
 		--train_sizes 128 --eval_size 128 --max_size 160 --batch_size 8 --lr 2e-4 \
-		--lr_backbone 2e-5 --epochs 6 --lr_drop 5 --num_workers 2
+		--lr_backbone 2e-5 --epochs 6 --lr_drop 5 --num_workers 1
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
