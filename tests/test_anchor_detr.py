@@ -171,6 +171,19 @@ def test_enact_attention_matches_joint_softmax_reference():
         assert torch.allclose(got[keep], ref[keep], atol=1e-5, rtol=1e-4)
 
 
+def test_enact_zero_padded_values_give_the_same_output():
+    """The CUDA path pads the value head dim d_h to the query/key head dim 2*d_h; exact."""
+    src, mask, pe_row, pe_col = enact_layer_inputs(seed=2)
+    layer = EncoderLayerSpatial(src.shape[-1], 4, 64, 0.0, enact=True, sigma=1,
+                                enact_impl="torch").eval()
+    layer.self_attn.pad_values = False
+    plain = layer.attention(src, mask, pe_row, pe_col)
+    layer.self_attn.pad_values = True
+    padded = layer.attention(src, mask, pe_row, pe_col)
+    keep = ~mask
+    assert torch.allclose(padded[keep], plain[keep], atol=1e-6)
+
+
 def test_enact_clustering_before_projection_is_exact():
     src, mask, pe_row, _ = enact_layer_inputs(seed=1)
     B, H, W, E = src.shape

@@ -20,6 +20,9 @@ own row and column queries; row keys, column keys and values are the image's clu
 softmax over the clusters of the summed row and column logits:
     w[i, r] = softmax_r((q_row_i . k_row_r + q_col_i . k_col_r) / sqrt(d_h))
 which is SDPA of [q_row, q_col] against [k_row, k_col] at head dim 2*d_h with scale 1/sqrt(d_h).
+The value head dim stays d_h. enact_cuda's fused kernel needs equal q and v head dims, so on
+CUDA (impl != "torch") the values are zero-padded to 2*d_h and the output sliced back (exact);
+``pad_values`` = True/False forces this on/off (None = that automatic choice).
 """
 import math
 from typing import Optional
@@ -52,6 +55,7 @@ class RCDA(nn.Module):
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.dropout = dropout
+        self.pad_values = None
         self.in_proj_weight = nn.Parameter(torch.empty(5 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.empty(5 * embed_dim))
         self.out_proj = nn.Linear(embed_dim, embed_dim)
@@ -128,10 +132,15 @@ class RCDA(nn.Module):
         k = torch.cat((self._heads(self.project(key_row, K_ROW)),
                        self._heads(self.project(key_col, K_COL))), dim=-1)       # (B,h,R,2d)
         v = self._heads(self.project(value, V))                                   # (B,h,R,d)
+        pad = self.pad_values
+        if pad is None:
+            pad = q.is_cuda and impl != "torch"
+        if pad:
+            v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
         out = enact_cuda.clustered_attention(
             q, k, v, key_padding_mask, dropout_p=self.dropout if self.training else 0.0,
             impl=impl, scale=1.0 / math.sqrt(self.head_dim))
-        return self._merge(out)
+        return self._merge(out[..., :self.head_dim])
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
