@@ -203,20 +203,37 @@ def load_detector_from_checkpoint(path, device="cpu", annotations=None, detector
 
 # --------------------------------------------------------------------------- images
 
-def list_images(path) -> List[Path]:
-    """An image file -> [it]; a folder -> its image files (sorted, not recursive).
-    InferenceError if the path does not exist or the folder holds no images."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.exists():
-        raise InferenceError(f"{path}: no such file or folder")
-    images = sorted(p for p in path.iterdir()
-                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def list_images(paths) -> List[Path]:
+    """Image files of ``paths`` (one path or a list): a file is taken as is, a folder gives its
+    image files (sorted, not recursive). InferenceError if a path does not exist or a folder
+    holds no images."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    images = []
+    for path in map(Path, paths):
+        if path.is_file():
+            images.append(path)
+            continue
+        if not path.exists():
+            raise InferenceError(f"{path}: no such file or folder")
+        found = sorted(p for p in path.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise InferenceError(f"{path}: no images in this folder (looked for "
+                                 f"{', '.join(IMAGE_EXTENSIONS)})")
+        images += found
     if not images:
-        raise InferenceError(f"{path}: no images in this folder (looked for "
-                             f"{', '.join(IMAGE_EXTENSIONS)})")
+        raise InferenceError("no input images given")
     return images
+
+
+def unique_stems(images: List[Path]) -> List[str]:
+    """File stems for output names; a repeated stem (same name in two folders, or a.jpg and
+    a.png) gets "_2", "_3", ... so no output overwrites another."""
+    seen, out = {}, []
+    for path in images:
+        n = seen[path.stem] = seen.get(path.stem, 0) + 1
+        out.append(path.stem if n == 1 else f"{path.stem}_{n}")
+    return out
 
 
 def read_image(path) -> Image.Image:

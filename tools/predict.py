@@ -7,7 +7,8 @@ and ``detections.json``.
 
 detections.json: {"checkpoint", "detector", "threshold", "images": [{"file", "width",
 "height", "detections": [{"label", "name", "score", "box_xyxy"}]}]} with boxes in absolute
-pixels (x1, y1, x2, y2) of the original image, sorted by decreasing score.
+pixels (x1, y1, x2, y2) of the original image (clipped to it), sorted by decreasing score;
+"label" is the category id of the training annotation file.
 Class names: --coco_path / --annotations if given, else the checkpoint's ``class_names``
 entry, else the annotation file of the checkpoint's own --coco_path when it is on this
 machine, else "class <id>". Expected problems end with "error: ..." and exit status 2.
@@ -25,7 +26,7 @@ from detr_common.checkpoint import CheckpointError  # noqa: E402
 from detr_common.drawing import draw_detections  # noqa: E402
 from detr_common.inference import (DETECTORS, InferenceError, class_name, detect,  # noqa: E402
                                    eval_transform, list_images, load_detector_from_checkpoint,
-                                   read_image, resolve_device, write_json)
+                                   read_image, resolve_device, unique_stems, write_json)
 
 log = logging.getLogger("predict")
 
@@ -34,7 +35,10 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pth written by a main.py")
-    p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="image files and/or folders of images")
+    p.add_argument("--max_images", type=int, default=None,
+                   help="only the first N images (in the order given, folders sorted)")
     p.add_argument("--output", default="predictions", help="folder for the drawn images and "
                    "detections.json (created)")
     p.add_argument("--threshold", type=float, default=0.5, help="keep detections with score >= "
@@ -58,16 +62,16 @@ def get_parser():
     return p
 
 
-def output_name(path: Path) -> str:
-    """img.jpg -> img_pred.jpg (PNG for formats PIL may not write back losslessly)."""
+def output_name(path: Path, stem: str) -> str:
+    """img.jpg -> img_pred.jpg (JPEG and PNG keep their format; others become PNG)."""
     suffix = path.suffix.lower() if path.suffix.lower() in (".jpg", ".jpeg", ".png") else ".png"
-    return f"{path.stem}_pred{suffix}"
+    return f"{stem}_pred{suffix}"
 
 
 def run(args):
     if args.coco_path and args.annotations:
         raise InferenceError("give --coco_path or --annotations, not both")
-    images = list_images(args.input)  # errors early: missing path, empty folder
+    images = list_images(args.input)[:args.max_images]  # errors early: missing path, empty folder
     device = resolve_device(args.device)
     model, post, margs, names = load_detector_from_checkpoint(
         args.checkpoint, device, annotations=args.annotations or args.coco_path,
@@ -76,11 +80,12 @@ def run(args):
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     records, skipped = [], []
-    progress = images
+    progress = zip(images, unique_stems(images))
     if len(images) > 1:
         from tqdm import tqdm
-        progress = tqdm(images, desc="predict", unit="img", dynamic_ncols=True)
-    for path in progress:
+        progress = tqdm(progress, total=len(images), desc="predict", unit="img",
+                        dynamic_ncols=True)
+    for path, stem in progress:
         try:
             image = read_image(path)
         except InferenceError as e:
@@ -97,7 +102,7 @@ def run(args):
                             "box_xyxy": [round(v, 2) for v in box]}
                            for label, score, box in dets]})
         if not args.no_images:
-            draw_detections(image, dets, names).save(out_dir / output_name(path))
+            draw_detections(image, dets, names).save(out_dir / output_name(path, stem))
     result = {"checkpoint": str(args.checkpoint), "detector": margs.detector,
               "threshold": args.threshold, "images": records}
     if skipped:

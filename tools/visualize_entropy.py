@@ -37,7 +37,7 @@ from detr_common.checkpoint import CheckpointError  # noqa: E402
 from detr_common.drawing import draw_regions, heatmap, panel, resize_map  # noqa: E402
 from detr_common.inference import (DETECTORS, InferenceError, eval_transform,  # noqa: E402
                                    list_images, load_detector_from_checkpoint, prepare_image,
-                                   read_image, resolve_device)
+                                   read_image, resolve_device, unique_stems)
 
 log = logging.getLogger("visualize_entropy")
 
@@ -46,7 +46,10 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="an ENACT checkpoint.pth (not --no_enact)")
-    p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="image files and/or folders of images")
+    p.add_argument("--max_images", type=int, default=None,
+                   help="only the first N images (in the order given, folders sorted)")
     p.add_argument("--output", default="entropy", help="folder for the PNGs (created)")
     p.add_argument("--layer", type=int, action="append", default=None,
                    help="ENACT layer index (0 = first encoder layer); repeat for several; "
@@ -167,7 +170,7 @@ def visualize_image(model, modules, layers, image, batch, out_dir, stem, cmap, a
 
 
 def run(args):
-    images = list_images(args.input)
+    images = list_images(args.input)[:args.max_images]
     device = resolve_device(args.device)
     model, _post, margs, _names = load_detector_from_checkpoint(
         args.checkpoint, device, detector=args.detector, enact_impl=args.enact_impl)
@@ -184,15 +187,16 @@ def run(args):
     transform = eval_transform(margs, args.eval_size, args.max_size)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress = images
+    progress = zip(images, unique_stems(images))
     if len(images) > 1:
         from tqdm import tqdm
-        progress = tqdm(images, desc="entropy", unit="img", dynamic_ncols=True)
+        progress = tqdm(progress, total=len(images), desc="entropy", unit="img",
+                        dynamic_ncols=True)
     written = []
-    for path in progress:
+    for path, stem in progress:
         image = read_image(path)
         batch = prepare_image(image, transform, device)
-        written += visualize_image(model, modules, layers, image, batch, out_dir, path.stem,
+        written += visualize_image(model, modules, layers, image, batch, out_dir, stem,
                                    args.cmap, args.alpha, args.panel_height)
     print(f"{len(images)} image(s), ENACT layer(s) {','.join(map(str, layers))}: "
           f"{len(written)} PNG(s) -> {out_dir}/")
