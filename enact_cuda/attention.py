@@ -1,7 +1,9 @@
 """Clustered attention: every query pixel of image b against image b's clusters (spec §1.7).
 
 Torch backend: padded clusters + key mask through F.scaled_dot_product_attention. The CUDA
-backend (enact_cuda.cuda_backend, optional) is a fused varlen kernel with the same semantics.
+backend (enact_cuda.cuda_backend, optional) is a fused varlen kernel with the same semantics
+(CUDA cores, float32 and bfloat16). impl="auto" chooses per dtype from the benchmark
+(AUTO_CUDA_ATTENTION_DTYPES): the kernel for float32, torch's flash SDPA for bfloat16/float16.
 """
 from __future__ import annotations
 
@@ -15,6 +17,14 @@ __all__ = ["clustered_attention", "clustered_attention_torch"]
 # What the fused CUDA kernel handles (issue 3): other inputs use torch under impl="auto".
 _CUDA_DTYPES = (torch.float32, torch.bfloat16)
 _CUDA_HEAD_DIMS = (32, 64)
+
+# Which dtypes impl="auto" sends to the fused CUDA kernel; the benchmark decides (DESIGN §4).
+# benchmarks/results/enact_kernels_nvidia_h200.json (H200, torch 2.11, B=8, 8 heads x 32,
+# forward+backward): in float32 the CUDA-core kernel is 1.7-1.9x faster than the torch backend
+# (padded clusters through SDPA, which has no flash path for float32); in bfloat16 torch's
+# tensor-core flash SDPA is 1.2-2.4x faster than it. So "auto" uses the kernel for float32 and
+# torch's SDPA for bfloat16 / float16; impl="cuda" still forces the kernel for bfloat16.
+AUTO_CUDA_ATTENTION_DTYPES = (torch.float32,)
 
 
 def clustered_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -48,6 +58,14 @@ def _cuda_supports(q, k, v) -> str:
     return ""
 
 
+def _auto_prefers_torch(q: torch.Tensor) -> str:
+    """'' if impl="auto" should use the fused CUDA kernel for this dtype, else the reason."""
+    if q.dtype in AUTO_CUDA_ATTENTION_DTYPES:
+        return ""
+    return (f"clustered_attention in {q.dtype}: torch's flash SDPA measured faster than the "
+            f"CUDA-core kernel (impl='cuda' forces the kernel)")
+
+
 def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         key_padding_mask: torch.Tensor | None, dropout_p: float = 0.0,
                         impl: str = "auto", scale: float | None = None) -> torch.Tensor:
@@ -56,11 +74,16 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q (B, heads, N, e), k (B, heads, R, e), v (B, heads, R, e_v), key_padding_mask (B, R) bool
     True = no cluster (None = all present) -> (B, heads, N, e_v). scale defaults to 1/sqrt(e);
     dropout_p is attention dropout (pass 0 in eval). An image with no cluster outputs zeros.
-    impl: "auto" | "cuda" | "torch" (see enact_cuda.backend_info()).
+    impl: "auto" | "cuda" | "torch" (see enact_cuda.backend_info()). "auto" picks per dtype
+    what the benchmark measured faster: the fused CUDA kernel for float32 CUDA inputs, torch's
+    SDPA (flash, tensor cores) for bfloat16 / float16; "cuda" uses the kernel for float32 and
+    bfloat16 alike.
     """
     backend = resolve_impl(impl, q, k, v)
     if backend == "cuda":
         why = _cuda_supports(q, k, v)
+        if not why and impl == "auto":
+            why = _auto_prefers_torch(q)
         if why and impl == "auto":
             _log_fallback(why)
             backend = "torch"

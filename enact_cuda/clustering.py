@@ -88,6 +88,8 @@ def cluster_tensors(tensors: Sequence[torch.Tensor], smoothed: torch.Tensor,
     # Flat bucket per pixel: b * R + r, padding -> dummy bucket B * R.
     base = torch.arange(B, device=smoothed.device)[:, None] * R
     flat = torch.where(valid, base + region_index, B * R).reshape(-1)
+    if smoothed.dtype not in (torch.float32, torch.float64):
+        smoothed = smoothed.float()  # region softmax weights in float32 (also under autocast)
     s = smoothed.reshape(-1)
 
     with torch.no_grad():

@@ -201,7 +201,8 @@ def regions(information: torch.Tensor, padding_mask: torch.Tensor | None, sigma,
     information (B, N) unsmoothed self-information; padding_mask (B, N) bool or None.
     Returns:
       smoothed (B, N): per-image same-length zero-padded Gaussian smoothing of the compact
-        sequence (differentiable w.r.t. information), 0 on padding;
+        sequence (differentiable w.r.t. information), 0 on padding; float32 (float64 for
+        float64 input), also under autocast (computed with autocast disabled);
       region_index (B, N) int64: each pixel's region, -1 on padding; an image's regions are
         numbered 0..R_b-1 in raster order of their first pixel;
       counts (B,) int64: R_b (0 for a fully padded image).
@@ -220,12 +221,18 @@ def regions(information: torch.Tensor, padding_mask: torch.Tensor | None, sigma,
     in_length = j[None, :] < lengths[:, None]
     width = _valid_width(valid, hw) if row_breaks else None
 
-    # Compact: valid pixels first, raster order; zero beyond each image's length, so the
-    # "same" convolution below zero-pads every image at its own ends.
-    info_c = _compact(information, dest)
-    taps = gaussian_taps(s, dtype=information.dtype, device=information.device)
-    smoothed_c = F.conv1d(info_c[:, None, :], taps[None, None, :], padding=3 * s)[:, 0, :]
-    smoothed_c = smoothed_c * in_length.to(smoothed_c.dtype)  # nothing leaks past the end
+    # Smoothing and curvature run in float32 (float64 stays float64) with autocast disabled:
+    # under autocast F.conv1d would smooth in bf16/fp16 (~1e-3 bits of information lose their
+    # curvature signs, and the clustering then mixes dtypes).
+    if information.dtype not in (torch.float32, torch.float64):
+        information = information.float()
+    with torch.autocast(information.device.type, enabled=False):
+        # Compact: valid pixels first, raster order; zero beyond each image's length, so the
+        # "same" convolution below zero-pads every image at its own ends.
+        info_c = _compact(information, dest)
+        taps = gaussian_taps(s, dtype=information.dtype, device=information.device)
+        smoothed_c = F.conv1d(info_c[:, None, :], taps[None, None, :], padding=3 * s)[:, 0, :]
+        smoothed_c = smoothed_c * in_length.to(smoothed_c.dtype)  # nothing leaks past the end
 
     with torch.no_grad():  # boundaries are piecewise constant: no gradient (spec §1.5)
         x = smoothed_c.detach()

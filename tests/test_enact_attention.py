@@ -159,3 +159,46 @@ def test_backend_info_here():
     assert info["auto"] in ("torch", "cuda") and isinstance(info["reason"], str)
     if not torch.cuda.is_available():
         assert info["auto"] == "torch" and "no CUDA device" in info["reason"]
+
+
+def test_auto_attention_backend_is_chosen_per_dtype(monkeypatch, caplog):
+    """impl='auto' on CUDA inputs: the fused kernel for float32, torch's SDPA for bfloat16 and
+    float16 (what the benchmark measured faster); impl='cuda' forces the kernel. CPU-runnable:
+    the backend resolution and the CUDA backend are mocked."""
+    import enact_cuda.attention as att
+    calls = []
+
+    class FakeCudaBackend:
+        @staticmethod
+        def clustered_attention(q, k, v, kpm, dropout_p, scale):
+            calls.append(q.dtype)
+            return torch.full_like(q, 7.0)
+
+    monkeypatch.setattr(att, "resolve_impl",
+                        lambda impl, *t: "torch" if impl == "torch" else "cuda")
+    monkeypatch.setattr(att, "cuda_backend_or_reason", lambda: (FakeCudaBackend, ""))
+    caplog.set_level(logging.INFO, logger="enact_cuda")
+    q, k, v, kpm = random_case(e=32, ev=32)
+    for dtype, want_kernel in ((torch.float32, True), (torch.bfloat16, False),
+                               (torch.float16, False)):
+        calls.clear()
+        qd, kd, vd = (t.to(dtype) for t in (q, k, v))
+        if dtype == torch.float16:  # CPU SDPA lacks fp16 in older torch: stub the torch path
+            monkeypatch.setattr(att, "clustered_attention_torch",
+                                lambda *a, **kw: torch.zeros_like(a[0]))
+        out = clustered_attention(qd, kd, vd, kpm, impl="auto")
+        assert (calls == [dtype]) == want_kernel, dtype
+        assert bool((out == 7.0).all()) == want_kernel
+        calls.clear()
+        clustered_attention(qd, kd, vd, kpm, impl="cuda")
+        if dtype in att._CUDA_DTYPES:
+            assert calls == [dtype]  # explicit cuda: the kernel, whatever auto would pick
+    assert att.AUTO_CUDA_ATTENTION_DTYPES == (torch.float32,)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "enact_cuda"]
+    assert any("bfloat16" in m and "SDPA" in m for m in msgs)
+    # float64 (gradcheck) never reaches the kernel, and unsupported head dims fall back too
+    calls.clear()
+    clustered_attention(q, k, v, kpm, impl="auto")
+    qe, ke, ve, kpme = random_case(e=16, ev=16)
+    clustered_attention(qe.float(), ke.float(), ve.float(), kpme, impl="auto")
+    assert calls == []

@@ -254,3 +254,26 @@ def test_public_api_exports():
     for name in ("self_information", "cluster", "clustered_attention", "ENACTAttention",
                  "ENACTClustering", "backend_info", "Clusters", "pack"):
         assert hasattr(enact_cuda, name), name
+
+
+def test_regions_under_autocast_smooth_in_float32():
+    """CPU autocast would run F.conv1d in bf16: regions() smooths in float32 with autocast off,
+    so smoothed is float32 and the regions equal the float32 ones; clustering then works."""
+    from enact_cuda import cluster_tensors
+    gen = torch.Generator().manual_seed(12)
+    B, H, W = 3, 9, 11
+    mask = box_mask(B, H, W, [(9, 11), (7, 10), (5, 4)])
+    z = torch.randn(B, H * W, generator=gen) * 3.0
+    info = information_from_logits(z, mask)
+    ref_sm, ref_ri, ref_cnt = regions(info, mask, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sm, ri, cnt = regions(info, mask, 2)
+        keys = torch.randn(B, H * W, 8, generator=gen).to(torch.bfloat16)
+        (ck,) = cluster_tensors((keys,), sm, ri, int(cnt.max()))
+    assert sm.dtype == torch.float32
+    assert torch.equal(sm, ref_sm)
+    assert torch.equal(ri, ref_ri) and torch.equal(cnt, ref_cnt)
+    assert ck.dtype == torch.bfloat16 and torch.isfinite(ck.float()).all()
+    # bf16 information (e.g. computed under autocast elsewhere) is smoothed in float32 too
+    sm16, _, _ = regions(info.to(torch.bfloat16), mask, 2)
+    assert sm16.dtype == torch.float32
