@@ -1,0 +1,351 @@
+"""tools/predict.py, tools/visualize_entropy.py, tools/plot_logs.py and docker/entrypoint.sh on
+tiny checkpoints: one DETR + ENACT trained for an epoch through main.py, and a plain DETR and an
+Anchor DETR + ENACT built in-process (random weights, saved as main.py saves them)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from _cli import ROOT, TINY, load_main, run_main
+from detr_common.checkpoint import save_checkpoint
+from detr_common.data import build_dataset
+from detr_common.data.collate import collate_fn
+from detr_common.drawing import region_boundaries, resize_map
+from detr_common.inference import guess_detector, load_detector_from_checkpoint
+
+SHAPE_IDS = {1: "circle", 3: "square", 5: "triangle", 8: "star", 13: "ellipse", 21: "cross"}
+SHAPES_NUM_CLASSES = 22  # largest shapes category id (21) + 1
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+predict = _tool("predict")
+visualize = _tool("visualize_entropy")
+plot_logs = _tool("plot_logs")
+
+
+def _exit_error(tool, argv, capsys):
+    """Run a tool's main in-process; it must exit with status 2 and one 'error: ' line."""
+    with pytest.raises(SystemExit) as info:
+        tool.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: "), err
+    return err[-1]
+
+
+def _val_images(shapes_coco):
+    return sorted((shapes_coco / "val2017").iterdir())
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+@pytest.fixture(scope="module")
+def enact_run(shapes_coco, tmp_path_factory):
+    """DETR + ENACT (torch backend), 1 epoch on shapes: the run folder (checkpoint, log.txt)."""
+    out = tmp_path_factory.mktemp("detr_enact")
+    run_main("DETR-ENACT", "--coco_path", shapes_coco, "--output_dir", out, *TINY,
+             "--enact_impl", "torch", "--smoothing_sigma", "1", "--epochs", "1")
+    return out
+
+
+def _built_checkpoint(folder, package, detector, argv, path):
+    """Build ``package`` from ``folder``'s main.py flags and save it as main.py would."""
+    args = load_main(folder).get_parser().parse_args(argv)
+    args.num_classes = SHAPES_NUM_CLASSES
+    torch.manual_seed(0)
+    model = importlib.import_module(package).build(args)[0]
+    save_checkpoint({"model": model.state_dict(), "args": args, "detector": detector,
+                     "epoch": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_ckpt(tmp_path_factory):
+    """Plain DETR (--no_enact); its args.coco_path does not exist (no class names)."""
+    path = tmp_path_factory.mktemp("plain") / "checkpoint.pth"
+    return _built_checkpoint("DETR-ENACT", "detr", "detr",
+                             ["--coco_path", "/nonexistent/coco", "--no_enact", *TINY], path)
+
+
+@pytest.fixture(scope="module")
+def anchor_ckpt(shapes_coco, tmp_path_factory):
+    """Anchor DETR + ENACT (ENACTClustering), 2 spatial encoder layers, random weights."""
+    path = tmp_path_factory.mktemp("anchor") / "checkpoint.pth"
+    return _built_checkpoint(
+        "Anchor-DETR-ENACT", "anchor_detr", "anchor_detr",
+        ["--coco_path", str(shapes_coco), *TINY, "--enc_layers", "2", "--enact_impl", "torch",
+         "--smoothing_sigma", "1", "--num_query_position", "4", "--num_query_pattern", "2"],
+        path)
+
+
+# --------------------------------------------------------------------------- predict
+
+def test_predict_folder_matches_evaluation_pipeline(enact_run, shapes_coco, tmp_path):
+    """As a user runs it (subprocess): drawn images of the input sizes and a detections JSON
+    whose scores/boxes equal the model run through the training code's val dataset + collate
+    + post-processor (an independent path to the same numbers)."""
+    out = tmp_path / "pred"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "predict.py"), "--checkpoint",
+         str(enact_run / "checkpoint.pth"), "--input", str(shapes_coco / "val2017"),
+         "--output", str(out), "--threshold", "0", "--device", "cpu", "--coco_path",
+         str(shapes_coco)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "detections.json").read_text())
+    assert data["detector"] == "detr" and data["threshold"] == 0
+    images = _val_images(shapes_coco)
+    assert [r["file"] for r in data["images"]] == [str(p) for p in images]
+    for record, path in zip(data["images"], images):
+        with Image.open(path) as im:
+            size = im.size
+        assert (record["width"], record["height"]) == size
+        with Image.open(out / f"{path.stem}_pred{path.suffix}") as drawn:
+            assert drawn.size == size
+        dets = record["detections"]
+        assert len(dets) == 10                       # --num_queries 10, threshold 0 keeps all
+        for d in dets:
+            assert set(d) == {"label", "name", "score", "box_xyxy"}
+            assert d["name"] == SHAPE_IDS.get(d["label"], f"class {d['label']}")
+            x1, y1, x2, y2 = d["box_xyxy"]
+            assert 0 <= x1 <= x2 <= size[0] and 0 <= y1 <= y2 <= size[1]
+        scores = [d["score"] for d in dets]
+        assert scores == sorted(scores, reverse=True) and 0 <= scores[-1] <= scores[0] <= 1
+
+    # Reference: the val dataset + collate of the training code (one image per batch: the
+    # backbone is not padding-invariant at the image border).
+    model, post, args, _ = load_detector_from_checkpoint(enact_run / "checkpoint.pth", "cpu")
+    dataset = build_dataset("val", args)
+    for i, record in enumerate(data["images"]):
+        batch, (target,) = collate_fn([dataset[i]])
+        with torch.no_grad():
+            result = post(model(batch), target["orig_size"][None])[0]
+        h, w = target["orig_size"].tolist()
+        assert (record["width"], record["height"]) == (w, h)
+        order = result["scores"].argsort(descending=True)
+        ref_scores = result["scores"][order]
+        ref_boxes = result["boxes"][order]
+        ref_boxes[:, 0::2] = ref_boxes[:, 0::2].clamp(0, w)
+        ref_boxes[:, 1::2] = ref_boxes[:, 1::2].clamp(0, h)
+        got_scores = torch.tensor([d["score"] for d in record["detections"]])
+        got_boxes = torch.tensor([d["box_xyxy"] for d in record["detections"]])
+        assert torch.allclose(got_scores, ref_scores, atol=2e-4)
+        assert torch.allclose(got_boxes, ref_boxes, atol=0.02)
+        assert [d["label"] for d in record["detections"]] == result["labels"][order].tolist()
+
+
+def test_predict_threshold_and_class_name_fallback(plain_ckpt, shapes_coco, tmp_path):
+    """--threshold keeps exactly the scores >= it; without annotations the names are
+    'class <id>' (the checkpoint's own coco_path does not exist)."""
+    image = _val_images(shapes_coco)[0]
+    everything = predict.run(predict.get_parser().parse_args(
+        ["--checkpoint", str(plain_ckpt), "--input", str(image), "--output",
+         str(tmp_path / "all"), "--threshold", "0", "--device", "cpu", "--no_images"]))
+    dets = everything["images"][0]["detections"]
+    assert all(d["name"] == f"class {d['label']}" for d in dets)
+    assert not list((tmp_path / "all").glob("*_pred*"))
+    scores = sorted((d["score"] for d in dets), reverse=True)
+    t = (scores[2] + scores[3]) / 2 if scores[2] > scores[3] else scores[2]
+    kept = predict.run(predict.get_parser().parse_args(
+        ["--checkpoint", str(plain_ckpt), "--input", str(image), "--output",
+         str(tmp_path / "some"), "--threshold", str(t), "--device", "cpu"]))
+    assert [d["score"] for d in kept["images"][0]["detections"]] == [s for s in scores if s >= t]
+
+
+def test_predict_anchor_detr(anchor_ckpt, shapes_coco, tmp_path):
+    """An Anchor DETR checkpoint: names from --annotations, top-100 sigmoid detections."""
+    out = tmp_path / "pred"
+    image = _val_images(shapes_coco)[1]
+    result = predict.run(predict.get_parser().parse_args(
+        ["--checkpoint", str(anchor_ckpt), "--input", str(image), "--output", str(out),
+         "--threshold", "0", "--device", "cpu", "--annotations",
+         str(shapes_coco / "annotations" / "instances_val2017.json")]))
+    assert result["detector"] == "anchor_detr"
+    dets = result["images"][0]["detections"]
+    assert len(dets) == 100
+    assert all(0 <= d["label"] < SHAPES_NUM_CLASSES for d in dets)
+    assert all(d["name"] == SHAPE_IDS.get(d["label"], f"class {d['label']}") for d in dets)
+    with Image.open(image) as im, Image.open(out / f"{image.stem}_pred{image.suffix}") as dr:
+        assert dr.size == im.size
+
+
+def test_predict_errors(enact_run, shapes_coco, tmp_path, capsys):
+    ckpt = str(enact_run / "checkpoint.pth")
+    msg = _exit_error(predict, ["--checkpoint", str(tmp_path / "missing.pth"), "--input",
+                                str(shapes_coco / "val2017")], capsys)
+    assert "missing.pth" in msg and "not found" in msg
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    msg = _exit_error(predict, ["--checkpoint", ckpt, "--input", str(empty)], capsys)
+    assert str(empty) in msg and "no images" in msg
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    msg = _exit_error(predict, ["--checkpoint", ckpt, "--input", str(bad), "--output",
+                                str(tmp_path / "o"), "--device", "cpu"], capsys)
+    assert "broken.jpg" in msg and "cannot read image" in msg
+    msg = _exit_error(predict, ["--checkpoint", ckpt, "--input", str(tmp_path / "nope")], capsys)
+    assert "no such file or folder" in msg
+    # With --skip_unreadable the bad file is reported and the good one predicted.
+    good = _val_images(shapes_coco)[0]
+    result = predict.run(predict.get_parser().parse_args(
+        ["--checkpoint", ckpt, "--input", str(bad), str(good), "--output", str(tmp_path / "s"),
+         "--device", "cpu", "--skip_unreadable", "--no_images"]))
+    assert result["skipped"] == [str(bad)] and len(result["images"]) == 1
+
+
+# --------------------------------------------------------------------------- visualize_entropy
+
+def _check_pngs(out, stem, layers, size, levels=None):
+    names = ("information", "smoothed", "regions")
+    for layer in layers:
+        tags = [f"{stem}_enc{layer}"] if levels is None else \
+            [f"{stem}_enc{layer}_lvl{k}" for k in range(levels)]
+        for tag in tags:
+            for name in names:
+                with Image.open(out / f"{tag}_{name}.png") as im:
+                    assert im.size == size, (tag, name)
+            assert (out / f"{tag}_panel.png").is_file()
+
+
+def test_visualize_entropy_detr(enact_run, shapes_coco, tmp_path):
+    """PNGs of the image size; the regions drawn are the forward pass's own (same count as
+    the module's last_stats), and the information map is the module's information."""
+    image_path = _val_images(shapes_coco)[2]
+    out = tmp_path / "ent"
+    visualize.main(["--checkpoint", str(enact_run / "checkpoint.pth"), "--input",
+                    str(image_path), "--output", str(out), "--device", "cpu",
+                    "--eval_size", "160", "--max_size", "256"])
+    with Image.open(image_path) as im:
+        image = im.convert("RGB")
+    _check_pngs(out, image_path.stem, [0], image.size)
+
+    model, _, args, _ = load_detector_from_checkpoint(enact_run / "checkpoint.pth", "cpu")
+    modules = visualize.enact_modules(model)
+    assert len(modules) == 1                                  # TINY: one encoder layer
+    from detr_common.inference import eval_transform, prepare_image
+    batch = prepare_image(image, eval_transform(args, 160, 256), "cpu")
+    capture = visualize.Capture(modules)
+    with torch.no_grad():
+        model(batch)
+    capture.remove()
+    mask, hw = capture.calls[0]
+    assert hw == (batch.images.shape[-2] // 32 + (batch.images.shape[-2] % 32 > 0),
+                  batch.images.shape[-1] // 32 + (batch.images.shape[-1] % 32 > 0))
+    maps = visualize.layer_maps(modules[0], mask, hw)[0]
+    assert maps["count"] == int(modules[0].last_stats["clusters_per_image"][0])
+    assert maps["count"] > 1
+    assert np.allclose(maps["information"].ravel(), modules[0].information[0].numpy())
+    # The regions PNG: boundary pixels (white) exactly where the upsampled labels change.
+    labels = resize_map(maps["regions"], (image.height, image.width))
+    drawn = np.asarray(Image.open(out / f"{image_path.stem}_enc0_regions.png"))
+    edge = region_boundaries(labels)
+    assert (drawn[edge] == 255).all()
+    assert edge.any()
+
+
+def test_visualize_entropy_anchor_layers(anchor_ckpt, shapes_coco, tmp_path):
+    out = tmp_path / "ent"
+    images = _val_images(shapes_coco)[:2]
+    visualize.main(["--checkpoint", str(anchor_ckpt), "--input", *map(str, images),
+                    "--output", str(out), "--device", "cpu", "--layer", "1"])
+    for path in images:
+        with Image.open(path) as im:
+            _check_pngs(out, path.stem, [1], im.size)
+    assert not list(out.glob("*_enc0_*"))
+
+
+def test_visualize_entropy_errors(plain_ckpt, enact_run, shapes_coco, tmp_path, capsys):
+    image = str(_val_images(shapes_coco)[0])
+    msg = _exit_error(visualize, ["--checkpoint", str(plain_ckpt), "--input", image,
+                                  "--output", str(tmp_path / "o"), "--device", "cpu"], capsys)
+    assert "no ENACT layers" in msg and "--no_enact" in msg
+    msg = _exit_error(visualize, ["--checkpoint", str(enact_run / "checkpoint.pth"), "--input",
+                                  image, "--layer", "3", "--device", "cpu"], capsys)
+    assert "--layer 3" in msg and "1 ENACT layer" in msg
+    msg = _exit_error(visualize, ["--checkpoint", str(tmp_path / "none.pth"), "--input", image],
+                      capsys)
+    assert "none.pth" in msg and "not found" in msg
+
+
+# --------------------------------------------------------------------------- helpers
+
+def test_resize_map_matches_torch_nearest_and_boundaries():
+    grid = torch.arange(12).reshape(3, 4)
+    for size in [(7, 9), (30, 41), (3, 4), (96, 130)]:
+        ref = F.interpolate(grid[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        assert np.array_equal(resize_map(grid.numpy(), size), ref.numpy()), size
+    labels = np.array([[0, 0, 1],
+                       [0, 2, 2]])
+    expected = np.array([[False, True, True],
+                         [True, False, False]])
+    assert np.array_equal(region_boundaries(labels), expected)
+
+
+def test_guess_detector_from_keys(plain_ckpt, anchor_ckpt):
+    for path, name in [(plain_ckpt, "detr"), (anchor_ckpt, "anchor_detr")]:
+        state = torch.load(path, weights_only=False)["model"]
+        assert guess_detector(state) == name
+    assert guess_detector({"backbone.0.body.conv1.weight": torch.zeros(1)}) is None
+
+
+# --------------------------------------------------------------------------- plot_logs
+
+def test_plot_logs(enact_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with (plain / "log.txt").open("w") as f:
+        for epoch in range(3):
+            f.write(json.dumps({"epoch": epoch, "train_loss": 9 - epoch, "test_loss": 10 - epoch,
+                                "test_coco_eval_bbox": [0.1 * epoch] * 12}) + "\n")
+    out = tmp_path / "figs" / "curves.png"
+    plot_logs.main([str(enact_run), str(plain / "log.txt"), "--labels", "ENACT", "plain",
+                    "--fields", "loss", "AP", "enact_cluster_ratio", "--output", str(out)])
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 400 and im.height > 200
+    capsys.readouterr()
+    msg = _exit_error(plot_logs, [str(plain), "--fields", "nonsense", "--output",
+                                  str(tmp_path / "x.png")], capsys)
+    assert "'nonsense'" in msg and "train_loss" in msg
+    msg = _exit_error(plot_logs, [str(tmp_path / "missing")], capsys)
+    assert "no such log file" in msg
+    msg = _exit_error(plot_logs, [str(plain), "--labels", "a", "b"], capsys)
+    assert "1 log" in msg
+
+
+def test_plot_logs_without_matplotlib(enact_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    msg = _exit_error(plot_logs, [str(enact_run), "--output", str(tmp_path / "c.png")], capsys)
+    assert "pip install matplotlib" in msg
+    assert not (tmp_path / "c.png").exists()
+
+
+# --------------------------------------------------------------------------- docker entrypoint
+
+def _entrypoint(*args, **env):
+    full = {**os.environ, "ENACT_REPO": str(ROOT), "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(ROOT / "docker" / "entrypoint.sh"), *args],
+                          capture_output=True, text=True, timeout=120, env=full)
+
+
+def test_entrypoint_dispatch(tmp_path):
+    assert subprocess.run(["bash", "-n", str(ROOT / "docker" / "entrypoint.sh")]).returncode == 0
+    proc = _entrypoint("train", "yolo", COCO_DIR=str(tmp_path))
+    assert proc.returncode == 2 and "unknown detector 'yolo'" in proc.stderr
+    proc = _entrypoint("train", "detr", COCO_DIR=str(tmp_path / "absent"))
+    assert proc.returncode == 2 and "no COCO at" in proc.stderr
+    proc = _entrypoint("echo", "passthrough")
+    assert proc.returncode == 0 and proc.stdout.strip() == "passthrough"
