@@ -3,12 +3,10 @@ independence, padding invariance, multi-level, upstream state_dict keys, overfit
 
 CPU, tiny: resnet18 (weights none), hidden 32-64, 4 heads, 1-2 layers, 64-96 px images.
 """
-import argparse
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import anchor_detr
 from anchor_detr.layers import EncoderLayerSpatial

@@ -4,8 +4,6 @@ Grid features are (B, H, W, E); the padding mask (B, H, W) is True on padding. R
 embeddings pe_row (B, W, E) are indexed by x (they make the ROW keys src + pe_x), column
 embeddings pe_col (B, H, E) by y. Submodule names follow upstream so checkpoints load.
 """
-from typing import Optional
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
