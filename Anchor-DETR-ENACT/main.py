@@ -19,11 +19,6 @@ DEFAULTS = dict(backbone="resnet50", dilation=True, batch_size=4, lr=5e-5, lr_ba
 
 def get_parser():
     parser = get_args_parser("Anchor DETR with ENACT", **DEFAULTS)
-    for action in parser._actions:
-        if action.dest == "num_queries":
-            action.help = "unused: Anchor DETR has --num_query_position x --num_query_pattern"
-        if action.dest == "dilation":  # on by default here (DC5); --no_dilation turns it off
-            action.help = "DC5 (default on for Anchor DETR; --no_dilation for C5)"
     g = parser.add_argument_group("Anchor DETR")
     g.add_argument("--no_dilation", dest="dilation", action="store_false",
                    help="plain C5 backbone instead of DC5 (dilation default: %(default)s)")

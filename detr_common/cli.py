@@ -16,8 +16,11 @@ def _int_list(text):
 COCO_TRAIN_SIZES = list(range(480, 801, 32))
 
 
-def get_args_parser(description, **defaults):
-    """Return the shared parser; ``defaults`` override the generic defaults below."""
+def get_args_parser(description, num_queries=100, **defaults):
+    """Return the shared parser; ``defaults`` override the generic defaults below.
+
+    ``num_queries=None`` leaves out ``--num_queries`` (Anchor DETR counts its queries as
+    anchors x patterns with flags of its own)."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
@@ -50,7 +53,8 @@ def get_args_parser(description, **defaults):
     g.add_argument("--dec_layers", type=int, default=6)
     g.add_argument("--dim_feedforward", type=int, default=2048)
     g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--num_queries", type=int, default=100)
+    if num_queries is not None:
+        g.add_argument("--num_queries", type=int, default=num_queries)
     g.add_argument("--attn_impl", choices=["sdpa", "eager"], default="sdpa",
                    help="plain attention: fused SDPA, or eager with materialised weights "
                         "(the paper's baseline)")

@@ -5,6 +5,9 @@ to (B, 2*num_pos_feats, H, W): the y block first, then the x block. Within a blo
 carries sin(pos / f_k) for even k and cos(pos / f_k) for odd k, f_k = T^(2*floor(k/2) / F).
 With ``normalize`` the positions (cumulative valid-pixel counts, 1-based) are divided by the
 column/row total (+1e-6) and multiplied by ``scale`` (2*pi).
+
+``sine_1d`` / ``sine_2d`` embed normalised point coordinates the same way (Conditional DETR's
+reference points, Anchor DETR's anchors and pixel centres).
 """
 import math
 
@@ -54,3 +57,26 @@ def build_position_encoding(args) -> PositionEmbeddingSine:
     if args.hidden_dim % 2:
         raise ValueError(f"--hidden_dim must be even for the sine encoding, got {args.hidden_dim}")
     return PositionEmbeddingSine(args.hidden_dim // 2, normalize=True)
+
+
+def _angles(pos: Tensor, num_feats: int, temperature: float) -> Tensor:
+    """Computed in float32, or float64 for float64 positions."""
+    dtype = torch.promote_types(pos.dtype, torch.float32)
+    k = torch.arange(num_feats, dtype=dtype, device=pos.device)
+    freqs = temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / num_feats)
+    return (pos.to(dtype) * (2 * math.pi))[..., None] / freqs
+
+
+def sine_1d(pos: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
+    """pos (...) in [0, 1] -> (..., num_feats) (float32 or float64); channel 2j = sin,
+    2j+1 = cos."""
+    if num_feats % 2:
+        raise ValueError(f"sine_1d needs an even number of features, got {num_feats}")
+    a = _angles(pos, num_feats, temperature)
+    return torch.stack((a[..., 0::2].sin(), a[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+def sine_2d(pos: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
+    """pos (..., 2) as (x, y) in [0, 1] -> (..., 2*num_feats), y block first."""
+    return torch.cat((sine_1d(pos[..., 1], num_feats, temperature),
+                      sine_1d(pos[..., 0], num_feats, temperature)), dim=-1)

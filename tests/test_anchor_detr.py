@@ -10,7 +10,8 @@ import torch
 
 import anchor_detr
 from anchor_detr.layers import EncoderLayerSpatial
-from anchor_detr.posemb import mask_to_positions, sine_1d, sine_2d
+from anchor_detr.posemb import mask_to_positions
+from detr_common.position_encoding import sine_1d, sine_2d
 from anchor_detr.rcda import RCDA
 from anchor_detr.transformer import AnchorTransformer
 from detr_common.box_ops import box_cxcywh_to_xyxy, box_iou

@@ -13,7 +13,8 @@ from detr_common.logs import read_log
 from _cli import TINY, load_main, run_main
 
 import conditional_detr
-from conditional_detr.transformer import ConditionalDecoderLayer, sine_embed_points
+from conditional_detr.transformer import ConditionalDecoderLayer
+from detr_common.position_encoding import sine_2d
 
 FOLDER = "Conditional-DETR-ENACT"
 PARSER = load_main(FOLDER).get_parser()        # Conditional-DETR-ENACT/main.py's paper defaults
@@ -151,7 +152,7 @@ def test_pre_norm_is_rejected():
 def test_sine_embed_points_formula():
     pts = torch.rand(3, 5, 2)
     d = 64
-    out = sine_embed_points(pts, d)
+    out = sine_2d(pts, d // 2)
     ref = torch.empty(3, 5, d)
     nf = d // 2
     for c, (coord, offset) in enumerate(((1, 0), (0, nf))):   # y-block first, then x-block
@@ -262,7 +263,7 @@ def test_decoder_reference_points_and_query_scale():
         torch.relu(dec.ref_point_head.layers[0](query_pos))))
     assert torch.allclose(ref, exp_ref, atol=1e-12)
     # sine of (x, y): y-block first (checked independently in test_sine_embed_points_formula)
-    sine = sine_embed_points(exp_ref, 64)
+    sine = sine_2d(exp_ref, 32)
     x = torch.zeros_like(tgt)
     for i, layer in enumerate(dec.layers):
         lam = 1.0 if i == 0 else dec.query_scale.layers[1](

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from detr_common.box_ops import inverse_sigmoid
 from detr_common.mlp import MLP
+from detr_common.position_encoding import sine_1d, sine_2d
 
 from .layers import DecoderLayer, EncoderLayerLevel, EncoderLayerSpatial
-from .posemb import mask_to_positions, sine_1d, sine_2d
+from .posemb import mask_to_positions
 
 SPATIAL_PRIORS = ("learned", "grid")
 

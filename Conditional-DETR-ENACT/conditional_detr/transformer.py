@@ -18,21 +18,7 @@ from torch import Tensor, nn
 from detr_common.attention import attention
 from detr_common.encoder import TransformerEncoder, build_encoder
 from detr_common.mlp import MLP
-
-
-def sine_embed_points(points: Tensor, d_model: int, temperature: float = 10000.0) -> Tensor:
-    """(..., 2) normalised (x, y) -> (..., d_model) sine embedding, ordered (y-block, x-block).
-
-    Each block has d_model/2 channels: channel 2k = sin(2π·p / f_k), 2k+1 = cos(2π·p / f_k),
-    f_k = temperature^(2k / (d_model/2)).
-    """
-    num_feats = d_model // 2
-    k = torch.arange(num_feats // 2, dtype=torch.float32, device=points.device)
-    freqs = temperature ** (2 * k / num_feats)                         # (num_feats/2,)
-    scaled = points.float() * (2 * math.pi)                            # (..., 2)
-    args = scaled[..., None] / freqs                                   # (..., 2, num_feats/2)
-    emb = torch.stack((args.sin(), args.cos()), dim=-1).flatten(-2)   # (..., 2, num_feats)
-    return torch.cat((emb[..., 1, :], emb[..., 0, :]), dim=-1).to(points.dtype)
+from detr_common.position_encoding import sine_2d
 
 
 class HeadAttention(nn.Module):
@@ -152,7 +138,7 @@ class ConditionalDecoder(nn.Module):
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor,
                 memory_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         reference = self.ref_point_head(query_pos).sigmoid()        # (B, Q, 2)
-        sine = sine_embed_points(reference, self.d_model)           # (B, Q, d)
+        sine = sine_2d(reference, self.d_model // 2)           # (B, Q, d)
         out = tgt
         hs = []
         for i, layer in enumerate(self.layers):
