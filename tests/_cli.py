@@ -46,3 +46,9 @@ def load_main(folder):
             sys.modules.pop("engine", None)
         else:
             sys.modules["engine"] = saved
+
+
+def without(flags, name):
+    """``flags`` less the flag ``name`` and its value (e.g. --num_queries for Anchor DETR)."""
+    i = flags.index(name)
+    return flags[:i] + flags[i + 2:]

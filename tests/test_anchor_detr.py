@@ -18,7 +18,7 @@ from detr_common.box_ops import box_cxcywh_to_xyxy, box_iou
 from detr_common.data.collate import ImageBatch
 from detr_common.logs import read_log
 
-from _cli import TINY, load_main, run_main
+from _cli import TINY, load_main, run_main, without
 
 
 FOLDER = "Anchor-DETR-ENACT"
@@ -477,7 +477,8 @@ def test_overfit_two_images(enact):
 def test_main_one_epoch_train_and_eval(shapes_coco, tmp_path, enact):
     out = tmp_path / ("enact" if enact else "plain")
     flags = [] if enact else ["--no_enact"]
-    run_main(FOLDER, "--coco_path", shapes_coco, "--output_dir", out, *TINY, *flags,
+    run_main(FOLDER, "--coco_path", shapes_coco, "--output_dir", out,
+             *without(TINY, "--num_queries"), *flags,
              "--num_query_position", "5", "--num_query_pattern", "2", "--smoothing_sigma", "1",
              "--enact_impl", "torch", "--epochs", "1", env={"OMP_NUM_THREADS": "1"})
     records = read_log(out / "log.txt")
