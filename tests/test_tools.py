@@ -72,6 +72,12 @@ def _built_checkpoint(folder, package, detector, argv, path):
     return path
 
 
+def _without(flags, name):
+    """``flags`` minus ``name`` and its value (Anchor DETR has no --num_queries)."""
+    i = flags.index(name)
+    return flags[:i] + flags[i + 2:]
+
+
 @pytest.fixture(scope="module")
 def plain_ckpt(tmp_path_factory):
     """Plain DETR (--no_enact); its args.coco_path does not exist (no class names)."""
@@ -86,7 +92,8 @@ def anchor_ckpt(shapes_coco, tmp_path_factory):
     path = tmp_path_factory.mktemp("anchor") / "checkpoint.pth"
     return _built_checkpoint(
         "Anchor-DETR-ENACT", "anchor_detr", "anchor_detr",
-        ["--coco_path", str(shapes_coco), *TINY, "--enc_layers", "2", "--enact_impl", "torch",
+        ["--coco_path", str(shapes_coco), *_without(TINY, "--num_queries"), "--enc_layers", "2",
+         "--enact_impl", "torch",
          "--smoothing_sigma", "1", "--num_query_position", "4", "--num_query_pattern", "2"],
         path)
 

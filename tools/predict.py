@@ -43,6 +43,8 @@ def get_parser():
                    "detections.json (created)")
     p.add_argument("--threshold", type=float, default=0.5, help="keep detections with score >= "
                    "this (0 keeps all)")
+    p.add_argument("--top_k", type=int, default=None,
+                   help="at most this many detections per image (the highest scores)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--coco_path", default=None, help="COCO-layout folder to read the class "
                    "names from (annotations/instances_val2017.json)")
@@ -94,7 +96,7 @@ def run(args):
             log.warning("skipped: %s", e)
             skipped.append(str(path))
             continue
-        dets = detect(model, post, image, transform, device, args.threshold)
+        dets = detect(model, post, image, transform, device, args.threshold)[:args.top_k]
         records.append({
             "file": str(path), "width": image.width, "height": image.height,
             "detections": [{"label": label, "name": class_name(names, label),
