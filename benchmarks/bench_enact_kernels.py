@@ -6,12 +6,18 @@ to 50x76 (DC5), d = 256, 8 heads, padded batch with random valid sizes >= 75 %):
     (materialised N x N weights), dense SDPA, clustered torch backend (padded clusters through
     SDPA), clustered CUDA kernel (fused online softmax);
   * ENACT's own overhead per layer (W_prob logits, information, smoothing, curvature, regions,
-    the R_max read, clustering of keys and values; forward+backward) for both backends,
-    against the clustered attention time;
-  * whole layers (projections included): ENACTAttention (cuda / torch) vs a dense layer with
-    the same projections (SDPA / eager); bf16 runs under autocast;
+    the R_max read, clustering of keys and values; forward+backward) for the CUDA backend's
+    fused path (cuda_backend.fused_begin / fused_finish), the unfused CUDA calls and the torch
+    backend, against the clustered attention time. Overhead and attention are measured the
+    same way: wall clock = CUDA events around forward + torch.autograd.grad with gradients
+    made beforehand; GPU kernel time = the sum of the CUDA kernels (and memsets / copies) the
+    profiler records per call;
+  * whole layers (projections included): ENACTAttention (impl auto = fused CUDA clustering +
+    the per-dtype attention choice, and torch) vs a dense layer with the same projections
+    (SDPA / eager); bf16 runs under autocast;
   * the clustering kernels' achieved memory bandwidth on a large input against the GPU's
-    measured device-to-device copy bandwidth and its datasheet peak.
+    measured device-to-device copy bandwidth and its datasheet peak: whole calls (region
+    bounds + sums) timed back to back, and the sum kernel alone from the profiler.
 Timing: CUDA events around each call, warm-ups first, median of the repeats. Prints the GPU,
 torch version and shapes, a table, and writes JSON (--out, default
 benchmarks/results/enact_kernels_<gpu>.json).
@@ -127,11 +133,19 @@ def dense_attention(q, k, v, key_padding_mask, impl):
 
 
 # ------------------------------------------------------------------------- benchmarks
-def enact_overhead_fn(cb, keys, src, w_prob, mask, sigma, hw):
-    """forward: W_prob logits -> information -> regions -> R_max read -> clustering."""
+def enact_overhead_fn(kind, cb, keys, src, w_prob, mask, sigma, hw):
+    """ENACT's own work for one layer: W_prob logits -> information -> regions -> R_max read ->
+    clustering of keys and values. kind: "cuda" (fused path), "cuda_unfused" (the separate
+    CUDA calls), "torch". Returns (fwd, fwdbwd); fwdbwd's gradients are made beforehand."""
+    params = (w_prob.weight, w_prob.bias)
+
     def fwd():
-        z = F.linear(keys, w_prob.weight, w_prob.bias).squeeze(-1).float()
-        if cb is not None:
+        if kind == "cuda":
+            st = cb.fused_begin(keys, w_prob.weight, w_prob.bias, mask, sigma, False, hw)
+            return cb.fused_finish(st, keys, (keys, src))[0]
+        w, b = w_prob.weight.to(keys.dtype), w_prob.bias.to(keys.dtype)  # as under autocast
+        z = F.linear(keys, w, b).squeeze(-1).float()
+        if kind == "cuda_unfused":
             _, sm, ri, counts = cb.information_regions(z, mask, sigma, False, hw)
             R = max(int(counts.max()), 1)
             return cb.cluster_tensors((keys, src), sm, ri, R)
@@ -140,10 +154,10 @@ def enact_overhead_fn(cb, keys, src, w_prob, mask, sigma, hw):
         R = max(int(counts.max()), 1)
         return torch_cluster_tensors((keys, src), sm, ri, R)
 
+    grads = [torch.randn_like(o) for o in fwd()]  # R_max is fixed for fixed inputs
+
     def fwdbwd():
-        outs = fwd()
-        return torch.autograd.grad(outs, (keys, src) + tuple(w_prob.parameters()),
-                                   [torch.ones_like(o) for o in outs])
+        return torch.autograd.grad(fwd(), (keys, src) + params, grads)
     return fwd, fwdbwd
 
 
@@ -177,8 +191,7 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
     cdt = dtype  # clustering / attention dtype
     keys_c = keys.to(cdt).requires_grad_(True)
     src_c = src.to(cdt).requires_grad_(True)
-    w_prob_c = nn.Linear(d, 1).to(dev, cdt)
-    w_prob_c.load_state_dict(w_prob.state_dict())
+    w_prob_c = w_prob  # float32 parameters, as in a module under autocast
     with torch.no_grad():
         _, sm, ri, counts = cb.information_regions(
             F.linear(keys, w_prob.weight, w_prob.bias).squeeze(-1), mask, sigma, False, (H, W))
@@ -192,18 +205,18 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
           f"R_max={R}  clusters/image={info['clusters_mean']:.0f}  "
           f"valid pixels/image={info['pixels_mean']:.0f}", flush=True)
 
-    # ENACT overhead (information + regions + clustering), both backends
-    for backend, mod in (("cuda", cb), ("torch", None)):
-        fwd, fwdbwd = enact_overhead_fn(mod, keys_c, src_c, w_prob_c, mask, sigma, (H, W))
-        measure("enact_overhead", fwd, fwdbwd, args, rows, backend=backend, **info)
-
-    do_profile = args.profile and f"{H}x{W}" in args.profile_sizes.split(",") \
-        and dtype == torch.float32
+    # ENACT overhead (information + regions + clustering): fused CUDA path, unfused CUDA
+    # calls, torch backend
     gpu_us = {}
-    if do_profile:
-        fwd, fwdbwd = enact_overhead_fn(cb, keys_c, src_c, w_prob_c, mask, sigma, (H, W))
-        gpu_us["overhead"] = profile(
-            f"ENACT overhead fwd+bwd (cuda backend) {info['dtype']} {H}x{W}", fwdbwd, cpu=True)
+    verbose = args.profile and f"{H}x{W}" in args.profile_sizes.split(",") \
+        and dtype == torch.float32
+    for kind in ("cuda", "cuda_unfused", "torch"):
+        fwd, fwdbwd = enact_overhead_fn(kind, cb, keys_c, src_c, w_prob_c, mask, sigma, (H, W))
+        measure("enact_overhead", fwd, fwdbwd, args, rows, backend=kind, **info)
+        if args.profile and kind != "torch":
+            gpu_us[f"overhead_{kind}"] = profile(
+                f"ENACT overhead fwd+bwd ({kind}) {info['dtype']} {H}x{W}", fwdbwd,
+                cpu=verbose and kind == "cuda", quiet=not verbose)
 
     # attention core on the same queries: dense (N keys) vs clustered (R keys)
     ck, cv = cb.cluster_tensors((keys_c.detach(), src_c.detach()), sm, ri, R)
@@ -216,9 +229,10 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
     for backend in ("cuda", "torch"):
         fwd, fwdbwd = attention_fns(backend, cb, q, kc, vc, kpm_c)
         measure("clustered_attention", fwd, fwdbwd, args, rows, backend=backend, **info)
-        if do_profile:
+        if args.profile:
             gpu_us[f"attention_{backend}"] = profile(
-                f"clustered attention fwd+bwd ({backend}) {info['dtype']} {H}x{W}", fwdbwd)
+                f"clustered attention fwd+bwd ({backend}) {info['dtype']} {H}x{W}", fwdbwd,
+                quiet=not verbose)
     for impl in ("sdpa", "eager"):
         if impl == "eager" and args.skip_eager:
             continue
@@ -227,7 +241,9 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
 
     # whole layers
     layers = {
-        "enact_cuda": enact_cuda.ENACTAttention(d, nh, sigma, impl="cuda"),
+        # impl="auto" on a GPU: fused CUDA clustering; attention kernel for float32, torch's
+        # flash SDPA for bfloat16 (AUTO_CUDA_ATTENTION_DTYPES)
+        "enact_auto": enact_cuda.ENACTAttention(d, nh, sigma, impl="auto"),
         "enact_torch": enact_cuda.ENACTAttention(d, nh, sigma, impl="torch"),
         "dense_sdpa": DenseLayer(d, nh, "sdpa"),
     }
@@ -255,33 +271,45 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
         return None
 
     s = dict(info)
-    if "overhead" in gpu_us and "attention_cuda" in gpu_us:
-        s["overhead_gpu_kernel_us"] = gpu_us["overhead"]
-        s["attention_cuda_gpu_kernel_us"] = gpu_us["attention_cuda"]
-        s["overhead_over_attention_gpu_kernel_time_cuda"] = gpu_us["overhead"] / gpu_us["attention_cuda"]
-    for backend in ("cuda", "torch"):
-        ov, at = get("enact_overhead", backend), get("clustered_attention", backend)
-        lay = get("layer", f"enact_{backend}")
+    for k, v in gpu_us.items():
+        s[f"gpu_kernel_us_{k}"] = v
+    for kind in ("cuda", "cuda_unfused"):
+        if f"overhead_{kind}" in gpu_us and "attention_cuda" in gpu_us:
+            s[f"overhead_over_attention_gpu_kernel_time_{kind}"] = \
+                gpu_us[f"overhead_{kind}"] / gpu_us["attention_cuda"]
+    at_cuda = get("clustered_attention", "cuda")
+    for kind in ("cuda", "cuda_unfused", "torch"):
+        ov = get("enact_overhead", kind)
+        at = get("clustered_attention", "torch" if kind == "torch" else "cuda")
+        lay = get("layer", "enact_torch" if kind == "torch" else "enact_auto")
         if ov and at:
-            s[f"overhead_over_attention_{backend}"] = ov["fwdbwd_ms"] / at["fwdbwd_ms"]
-        if ov and lay:
-            s[f"overhead_share_of_layer_{backend}"] = ov["fwdbwd_ms"] / lay["fwdbwd_ms"]
+            s[f"overhead_over_attention_{kind}"] = ov["fwdbwd_ms"] / at["fwdbwd_ms"]
+        if ov and lay and kind != "cuda_unfused":
+            s[f"overhead_share_of_layer_{kind}"] = ov["fwdbwd_ms"] / lay["fwdbwd_ms"]
+    if at_cuda:
+        s["attention_cuda_fwdbwd_ms"] = at_cuda["fwdbwd_ms"]
     c, t, ds = get("clustered_attention", "cuda"), get("clustered_attention", "torch"), \
         get("dense_attention", "sdpa")
     if c and t:
         s["fused_vs_padded_sdpa_speedup_fwdbwd"] = t["fwdbwd_ms"] / c["fwdbwd_ms"]
-    lc, ld = get("layer", "enact_cuda"), get("layer", "dense_sdpa")
+        s["attention_faster_backend"] = "cuda" if c["fwdbwd_ms"] < t["fwdbwd_ms"] else "torch"
+        s["attention_auto_backend"] = ("cuda" if dtype in enact_cuda.attention.AUTO_CUDA_ATTENTION_DTYPES
+                                       else "torch")
+    lc, ld = get("layer", "enact_auto"), get("layer", "dense_sdpa")
     if lc and ld:
-        s["enact_cuda_layer_vs_dense_sdpa_speedup_fwdbwd"] = ld["fwdbwd_ms"] / lc["fwdbwd_ms"]
-        s["enact_cuda_layer_vs_dense_sdpa_memory_ratio"] = lc["peak_mb"] / max(ld["peak_mb"], 1e-9)
+        s["enact_layer_vs_dense_sdpa_speedup_fwdbwd"] = ld["fwdbwd_ms"] / lc["fwdbwd_ms"]
+        s["enact_layer_vs_dense_sdpa_memory_ratio"] = lc["peak_mb"] / max(ld["peak_mb"], 1e-9)
     if c and ds:
         s["fused_clustered_vs_dense_sdpa_core_speedup_fwdbwd"] = ds["fwdbwd_ms"] / c["fwdbwd_ms"]
     summary.append(s)
 
 
-def profile(title, fn, reps=5, cpu=False):
-    """Per-kernel CUDA time of fn() (torch.profiler), averaged over reps; with cpu=True also
-    the host-side ops by self CPU time. Returns the summed kernel time per call (us)."""
+def profile(title, fn, reps=5, cpu=False, quiet=False, kernel_filter=None):
+    """GPU time per call of fn(): the sum over the CUDA-side events the profiler records
+    (kernels, memsets, copies; each counted once, host ops excluded), averaged over reps.
+    Prints the top kernels unless quiet; with cpu=True also the host-side ops by self CPU time.
+    kernel_filter: a substring; then only matching kernels are summed."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as tprofile
     fn()
     torch.cuda.synchronize()
@@ -290,19 +318,19 @@ def profile(title, fn, reps=5, cpu=False):
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
+    dev_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA
+                  and (kernel_filter is None or kernel_filter in e.name)]
+    total = sum(e.time_range.elapsed_us() for e in dev_events) / reps
+    if quiet:
+        return total
     print(f"\n-- profile: {title} (per call, {reps} calls)")
-
-    def dev_us(e):
-        return getattr(e, "self_device_time_total", None) or \
-            getattr(e, "self_cuda_time_total", 0.0)
-
-    events = [e for e in prof.key_averages() if dev_us(e) > 0]
-    events.sort(key=lambda e: -dev_us(e))
-    # kernels only: with CPU activity on, host ops also carry their kernels' device time
-    total = sum(dev_us(e) for e in events if e.self_cpu_time_total == 0) / reps
-    for e in events[:12]:
-        print(f"   {dev_us(e) / reps:9.1f} us  x{e.count // reps:<3} {e.key[:90]}")
-    print(f"   {total:9.1f} us  GPU kernel time in total")
+    per_name: dict = {}
+    for e in dev_events:
+        t, c = per_name.get(e.name, (0.0, 0))
+        per_name[e.name] = (t + e.time_range.elapsed_us(), c + 1)
+    for name, (t, c) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:12]:
+        print(f"   {t / reps:9.1f} us  x{c // reps:<3} {name[:90]}")
+    print(f"   {total:9.1f} us  GPU time in total ({len(dev_events) // reps} device events)")
     if cpu:
         host = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
         host.sort(key=lambda e: -e.self_cpu_time_total)
@@ -340,15 +368,31 @@ def clustering_bandwidth(args, cb, copy_bw, nominal):
         fwd_out = ext.cluster_forward(xs, sm, ri, R)
         stats, starts, ends, cnt = fwd_out[-4:]
         grads = [torch.randn(B, R, d, generator=gen).to(dev, dtype) for _ in xs]
-        ms_f = bench(lambda: ext.cluster_forward(xs, sm, ri, R), args.warmup, args.iters * 2)
-        ms_b = bench(lambda: ext.cluster_backward(grads, xs, sm, stats, ri, starts, ends, cnt, R),
-                     args.warmup, args.iters * 2)
+        loops = 10  # calls back to back per timing, so host launch gaps overlap GPU work
+
+        def fwd_loop():
+            for _ in range(loops):
+                ext.cluster_forward(xs, sm, ri, R)
+
+        def bwd_loop():
+            for _ in range(loops):
+                ext.cluster_backward(grads, xs, sm, stats, ri, starts, ends, cnt, R)
+        ms_f = bench(fwd_loop, args.warmup, args.iters) / loops
+        ms_b = bench(bwd_loop, args.warmup, args.iters) / loops
+        us_fk = profile("cluster_fwd_kernel", lambda: ext.cluster_forward(xs, sm, ri, R),
+                        reps=10, quiet=True, kernel_filter="cluster_fwd_kernel")
+        us_bk = profile("cluster_bwd_kernel",
+                        lambda: ext.cluster_backward(grads, xs, sm, stats, ri, starts, ends,
+                                                     cnt, R),
+                        reps=10, quiet=True, kernel_filter="cluster_bwd_kernel")
         # fewest bytes: fwd reads X, smoothed, region_index, writes X' (+ small bounds/stats);
         # bwd reads G, X, smoothed, region_index, writes dX, grad smoothed (dots scratch r+w)
         bytes_f = 2 * (B * N * d * el + B * R * d * el) + B * N * (4 + 8) + B * R * 16
         bytes_b = 2 * (B * R * d * el + 2 * B * N * d * el) + B * N * (4 + 8 + 4 + 8)
         for name, ms, nbytes in (("cluster_forward", ms_f, bytes_f),
-                                 ("cluster_backward", ms_b, bytes_b)):
+                                 ("cluster_backward", ms_b, bytes_b),
+                                 ("cluster_fwd_kernel_only", us_fk * 1e-3, bytes_f),
+                                 ("cluster_bwd_kernel_only", us_bk * 1e-3, bytes_b)):
             bw = nbytes / (ms * 1e-3)
             res.append(dict(kernel=name, dtype=str(dtype).replace("torch.", ""), B=B, N=N, d=d,
                             tensors=2, R_max=R, ms=ms, bytes=nbytes, bandwidth_GBps=bw / 1e9,
@@ -425,9 +469,11 @@ def main(argv=None):
     print_table(rows)
     print("\nsummary (ratios; >1 speedup means the first is faster):")
     for s in summary:
-        keys = [k for k in s if k.startswith(("overhead", "fused", "enact_cuda_layer", "attention_"))]
+        keys = [k for k in s if k.startswith(("overhead", "fused", "enact_layer",
+                                               "attention_", "gpu_kernel"))]
         print(f"  {s['dtype']:<8} {s['H']}x{s['W']} R={s['R_max']}: " +
-              ", ".join(f"{k}={s[k]:.3f}" for k in keys))
+              ", ".join(f"{k}={s[k]:.3f}" if isinstance(s[k], float) else f"{k}={s[k]}"
+                        for k in keys))
     print("\nclustering kernels' bandwidth:")
     for r in bw:
         nom = (f", {100 * r['fraction_of_nominal_bw']:.0f}% of datasheet"

@@ -25,7 +25,8 @@ __all__ = ["BuildError", "load_extension", "cuda_available_reason", "arch_list",
 
 EXTENSION_NAME = "enact_cuda_C"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("bindings.cpp", "info.cu", "cluster.cu", "attn_fwd.cu", "attn_bwd.cu")
+SOURCES = ("bindings.cpp", "fused_bindings.cpp", "info.cu", "cluster.cu", "fused.cu", "attn_fwd.cu",
+           "attn_bwd.cu")
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 CXX_FLAGS = ["-O3"]
 

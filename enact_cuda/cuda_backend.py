@@ -11,6 +11,13 @@ attention.py); all tensors batch-first, masks bool with True = padding.
     counts): the same kernel starting from the information (differentiable w.r.t. it).
 - cluster_tensors(tensors, smoothed, region_index, num_clusters) -> tuple of (B, R, d_t):
     region-softmax weighted sums, exact backward into the tensors and into `smoothed`.
+- fused_begin(keys, weight, bias, padding_mask, sigma, row_breaks, hw) -> FusedState and
+  fused_finish(state, keys, tensors) -> (clustered tensors, key_padding_mask): the whole ENACT
+  clustering path (W_prob logits -> information -> regions -> clusters of every tensor) as ONE
+  C++ autograd node: forward = 1 memset + 1 launch, the R_max read (4 bytes into pinned memory
+  behind an event; fused_begin returns before it, so work that does not need R_max can be
+  launched in between) + 1 launch; backward = 2 launches that also give grad W_prob, grad bias
+  and the keys' extra gradient term. `fused_supported` says when it applies.
 - clustered_attention(q, k, v, key_padding_mask, dropout_p, scale) -> (B, h, N, e):
     fused online-softmax attention over each image's clusters [0, R_b), fp32 / bf16, head
     dims 32 and 64, never materialising N x R; FlashAttention-style recomputing backward.
@@ -25,7 +32,7 @@ float64 inputs (gradcheck), attention dtypes other than fp32/bf16 or head dims o
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -33,7 +40,8 @@ from . import build
 from .information import check_sigma
 
 __all__ = ["information_regions", "regions", "cluster_tensors", "clustered_attention",
-           "dropout_keep_mask", "extension"]
+           "dropout_keep_mask", "extension", "fused_supported", "fused_begin", "fused_finish",
+           "FusedState"]
 
 # Query splits of the dk/dv backward kernel (0 = automatic, to fill the GPU); tests set 1
 # to exercise the non-atomic path.
@@ -182,6 +190,77 @@ def cluster_tensors(tensors: Sequence[torch.Tensor], smoothed: torch.Tensor,
         return torch_cluster(tensors, smoothed, region_index, num_clusters)
     R = int(num_clusters)
     return _Cluster.apply(smoothed.float().contiguous(), region_index.contiguous(), R, *tensors)
+
+
+# ------------------------------------------------------------- fused clustering path
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class FusedState(NamedTuple):
+    """fused_begin's result. pending: the extension's FusedPending (detached `information`,
+    `smoothed` (B, N) float32, `region_index` (B, N) int64, `counts` (B,) int64, `stats` (3, B)
+    float32 = clusters, valid pixels, mean region length per image); weight / bias: the float32
+    W_prob parameters the forward used (fused_finish differentiates through them)."""
+    pending: object
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _rows_ok(t: torch.Tensor, B: int, N: int, dtype) -> bool:
+    if t.dim() != 3 or t.shape[0] != B or t.shape[1] != N or t.dtype != dtype:
+        return False
+    if t.stride(-1) != 1:
+        return False
+    d, vec = t.shape[2], 16 // t.element_size()
+    if d <= 256:
+        return True
+    return (d % vec == 0 and d <= 256 * vec and t.data_ptr() % 16 == 0
+            and t.stride(0) % vec == 0 and t.stride(1) % vec == 0)
+
+
+def fused_supported(keys: torch.Tensor, tensors: Sequence[torch.Tensor], sigma) -> bool:
+    """True when fused_begin / fused_finish handle these inputs: CUDA tensors on one device,
+    keys (B, N, d) and 1-4 tensors (B, N, d_t) of one dtype (float32 / bf16 / fp16), unit
+    stride along d, d <= 256 (or 16-byte aligned rows up to 256 * 16 / element bytes),
+    sigma <= 64. Otherwise the unfused functions above are used."""
+    if not keys.is_cuda or keys.dim() != 3 or keys.dtype not in _FUSED_DTYPES:
+        return False
+    if not 1 <= len(tensors) <= 4 or not 1 <= int(sigma) <= 64:
+        return False
+    B, N = keys.shape[0], keys.shape[1]
+    if B == 0 or N == 0 or not _rows_ok(keys, B, N, keys.dtype):
+        return False
+    dt, dev = tensors[0].dtype, keys.device
+    if dt not in _FUSED_DTYPES:
+        return False
+    return all(t.device == dev and _rows_ok(t, B, N, dt) for t in tensors)
+
+
+def fused_begin(keys: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                padding_mask: torch.Tensor | None, sigma, row_breaks: bool = False,
+                hw=None) -> FusedState:
+    """Launch the fused forward: logits z = keys @ weight.T + bias, information, smoothing,
+    regions, region bounds and statistics (one kernel); R_max is read asynchronously.
+    keys (B, N, d); weight (1, d) (cast to float32 if needed); bias (1,) or None; padding_mask
+    (B, N) bool or None. Returns at once; fused_finish waits for R_max."""
+    s = check_sigma(sigma)
+    width = _row_width(hw, keys.shape[1], row_breaks)
+    mask = _check_mask(padding_mask, keys.shape[:2], "fused_begin")
+    w = weight if weight.dtype == torch.float32 else weight.float()
+    b = None if bias is None else (bias if bias.dtype == torch.float32 else bias.float())
+    pending = extension().fused_begin(keys, w, b, mask, s, bool(row_breaks), width)
+    return FusedState(pending, w, b)
+
+
+def fused_finish(state: FusedState, keys: torch.Tensor, tensors: Sequence[torch.Tensor]):
+    """Wait for R_max, cluster every tensor (one launch) -> (tuple of (B, R, d_t) in each
+    tensor's dtype, key_padding_mask (B, R) bool). Differentiable w.r.t. keys, the tensors and
+    the W_prob weight / bias given to fused_begin. `keys` must be fused_begin's keys; when
+    tensors[0] is keys itself (ENACTAttention), its two gradient terms are written once."""
+    tensors = list(tensors)
+    alias = tensors[0] is keys
+    res = extension().fused_finish(state.pending, keys, tensors, state.weight, state.bias, alias)
+    return tuple(res[:-1]), res[-1]
 
 
 # -------------------------------------------------------------------- clustered attention

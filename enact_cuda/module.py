@@ -53,11 +53,29 @@ class _ENACTRegions(nn.Module):
         self.information: torch.Tensor | None = None
         self.smoothed_information: torch.Tensor | None = None
 
-    def _cluster(self, info_keys, tensors, key_padding_mask, hw):
+    def _cluster(self, info_keys, tensors, key_padding_mask, hw, before_sync=None):
         """-> (backend, tuple of clustered tensors (B, R, d_t), cluster mask (B, R),
-        region_index (B, N))."""
+        region_index (B, N), before_sync() or None).
+
+        CUDA backend: the fused path (cuda_backend.fused_begin / fused_finish, one autograd
+        node, 3 launches forward) when it supports the inputs; `before_sync` (work that does
+        not need R_max, e.g. the query projection) is launched while the GPU computes the
+        regions, before the one device->host read of R_max.
+        """
         backend = resolve_impl(self.impl, info_keys, *tensors)
         cb = cuda_backend_or_reason()[0] if backend == "cuda" else None
+        if cb is not None and cb.fused_supported(info_keys, tensors, self.sigma):
+            state = cb.fused_begin(info_keys, self.W_prob.weight, self.W_prob.bias,
+                                   key_padding_mask, self.sigma, self.row_breaks, hw)
+            early = before_sync() if before_sync is not None else None
+            clustered, cluster_mask = cb.fused_finish(state, info_keys, tensors)
+            pend = state.pending
+            stats = pend.stats  # (3, B): clusters, valid pixels, mean region length
+            self.last_stats = {"clusters_per_image": stats[0], "pixels_per_image": stats[1],
+                               "mean_region_length": stats[2]}
+            self.information = pend.information
+            self.smoothed_information = pend.smoothed
+            return backend, clustered, cluster_mask, pend.region_index, early
         z = self.W_prob(info_keys).squeeze(-1)  # (B, N) logits
         if z.dtype not in (torch.float32, torch.float64):
             z = z.float()  # autocast gives bf16 logits; the entropy needs fp32 (~1e-3 bits)
@@ -73,7 +91,8 @@ class _ENACTRegions(nn.Module):
             clustered = cluster_tensors(tensors, smoothed, region_index, _num_clusters(counts))
         R = clustered[0].shape[1]
         self._record(info, smoothed, counts, key_padding_mask, info_keys)
-        return backend, clustered, _cluster_mask(counts, R), region_index
+        early = before_sync() if before_sync is not None else None
+        return backend, clustered, _cluster_mask(counts, R), region_index, early
 
     def _record(self, info, smoothed, counts, key_padding_mask, x):
         B, N = x.shape[:2]
@@ -126,10 +145,10 @@ class ENACTAttention(_ENACTRegions):
         B, N, d = src.shape
         h, e = self.nhead, d // self.nhead
         keys = src if pos is None else src + pos
-        backend, (ck, cv), cluster_mask, _ = self._cluster(keys, (keys, src),
-                                                           key_padding_mask, hw)
+        backend, (ck, cv), cluster_mask, _, q = self._cluster(
+            keys, (keys, src), key_padding_mask, hw, before_sync=lambda: self.W_q(keys))
         R = ck.shape[1]
-        q = self.W_q(keys).view(B, N, h, e).transpose(1, 2)
+        q = q.view(B, N, h, e).transpose(1, 2)
         k = self.W_k(ck).view(B, R, h, e).transpose(1, 2)
         v = self.W_v(cv).view(B, R, h, e).transpose(1, 2)
         out = clustered_attention(q, k, v, cluster_mask,
@@ -156,6 +175,6 @@ class ENACTClustering(_ENACTRegions):
         tensors = tuple(tensors)
         if not tensors:
             raise ValueError("ENACTClustering: tensors must be a non-empty tuple")
-        _, clustered, cluster_mask, region_index = self._cluster(info_keys, tensors,
-                                                                 key_padding_mask, hw)
+        _, clustered, cluster_mask, region_index, _ = self._cluster(info_keys, tensors,
+                                                                    key_padding_mask, hw)
         return Clusters(None, tuple(clustered), cluster_mask, region_index)

@@ -525,3 +525,155 @@ def test_enact_attention_module_cuda_bf16_autocast(cb, dev):
     out.float().square().mean().backward()
     assert torch.isfinite(out.float()).all() and torch.isfinite(src.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+# ------------------------------------------------------------- fused clustering path
+FUSED_CASES = [
+    # B, H, W, sigma, row_breaks, padded, key_d, tensor dims, alias, dtype
+    (4, 13, 17, 3, False, True, 32, (32, 32), True, torch.float32),
+    (8, 25, 38, 3, False, True, 256, (256, 256), True, torch.float32),     # C5
+    (2, 50, 76, 3, False, True, 256, (256, 256), True, torch.float32),     # DC5
+    (16, 9, 11, 2, True, True, 64, (64, 64), True, torch.float32),         # B=16, empty image
+    (3, 10, 14, 1, False, True, 256, (256, 256), True, torch.bfloat16),
+    (2, 11, 13, 3, False, True, 128, (128,), True, torch.float16),
+    (3, 12, 10, 3, True, False, 64, (64, 64, 128), False, torch.float32),  # Anchor-like
+    (2, 7, 9, 1, False, True, 30, (30, 6), True, torch.float32),           # scalar path
+    (1, 150, 140, 3, False, True, 64, (64, 64), True, torch.float32),      # global scratch
+]
+
+
+def _fused_reference(cb, keys, tensors, w, b, mask, sigma, row_breaks, hw, ri_fixed=None):
+    """Torch backend chain on float32 logits; region_index may be fixed to the fused one
+    (boundaries within rounding of a zero curvature may legitimately differ)."""
+    z = torch.nn.functional.linear(keys.float(), w, b).squeeze(-1)
+    info = information_from_logits(z, mask)
+    sm, ri, cnt = torch_regions(info, mask, sigma, row_breaks, hw)
+    if ri_fixed is not None:
+        ri = ri_fixed
+        cnt = (ri.max(1).values + 1).clamp_min(0)
+    R = max(int(cnt.max()), 1)
+    outs = torch_cluster_tensors(tensors, sm, ri, R)
+    return info, sm, ri, cnt, outs
+
+
+@pytest.mark.parametrize("B,H,W,sigma,row_breaks,padded,kd,dims,alias,dtype", FUSED_CASES)
+def test_fused_clustering_matches_torch(cb, dev, B, H, W, sigma, row_breaks, padded, kd, dims,
+                                        alias, dtype):
+    gen = torch.Generator().manual_seed(B * 7 + H * W + kd + len(dims))
+    N = H * W
+    mask = make_mask(B, H, W, dev, gen=gen, empty_image=padded and B > 8) if padded else None
+    keys0 = torch.randn(B, N, kd, generator=gen).to(dev, dtype)
+    w0 = (torch.randn(1, kd, generator=gen) * (3.0 / math.sqrt(kd))).to(dev)
+    b0 = torch.randn(1, generator=gen).to(dev)
+    others = [torch.randn(B, N, dd, generator=gen).to(dev, dtype)
+              for dd in (dims[1:] if alias else dims)]
+    grads = [torch.randn(B, 1, dd, generator=gen) for dd in dims]  # broadcast over R below
+
+    def run(fused, ri_fixed=None):
+        keys = keys0.clone().requires_grad_(True)
+        ws = w0.clone().requires_grad_(True)
+        bs = b0.clone().requires_grad_(True)
+        oth = [t.clone().requires_grad_(True) for t in others]
+        tensors = ([keys] if alias else []) + oth
+        if fused:
+            assert cb.fused_supported(keys, tensors, sigma)
+            st = cb.fused_begin(keys, ws, bs, mask, sigma, row_breaks, (H, W))
+            outs, kpm = cb.fused_finish(st, keys, tensors)
+            p = st.pending
+            extra = (p.information, p.smoothed, p.region_index, p.counts, p.stats, kpm,
+                     p.r_max())
+        else:
+            info, sm, ri, cnt, outs = _fused_reference(cb, keys, tensors, ws, bs, mask, sigma,
+                                                       row_breaks, (H, W), ri_fixed)
+            extra = (info, sm, ri, cnt)
+        R = outs[0].shape[1]
+        loss = sum((o.float() * g.to(dev).expand(B, R, -1)).sum() for o, g in zip(outs, grads))
+        gr = torch.autograd.grad(loss, [keys, ws, bs] + oth)
+        return outs, extra, gr
+
+    outs_f, (info_f, sm_f, ri_f, cnt_f, stats_f, kpm_f, rmax), gr_f = run(True)
+    _, (info_t, sm_t, ri_t, cnt_t), _ = run(False)
+    assert rel(info_f, info_t) <= FP32_TOL and rel(sm_f, sm_t) <= FP32_TOL
+    assert_same_regions(ri_f, ri_t, sm_t.detach(), mask, max_ambiguous=4 * B)
+    assert torch.equal(cnt_f, (ri_f.max(1).values + 1).clamp_min(0))
+    R = max(int(cnt_f.max()), 1)
+    assert rmax == R and kpm_f.shape == (B, R)
+    assert torch.equal(kpm_f, torch.arange(R, device=dev)[None, :] >= cnt_f[:, None])
+    valid = (~mask).sum(1).float() if mask is not None else torch.full((B,), float(N), device=dev)
+    assert torch.equal(stats_f[0], cnt_f.float()) and torch.equal(stats_f[1], valid)
+    assert torch.allclose(stats_f[2], valid / cnt_f.float().clamp_min(1.0))
+    if mask is not None:
+        assert torch.all(ri_f[mask] == -1) and torch.all(info_f[mask] == 0)
+
+    outs_t, _, gr_t = run(False, ri_fixed=ri_f)
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    for of, ot in zip(outs_f, outs_t):
+        assert of.dtype == dtype and of.shape == ot.shape
+        assert rel(of, ot) <= tol
+        assert torch.all(of[kpm_f] == 0)
+    gtol = 5 * FP32_TOL if dtype == torch.float32 else 3 * BF16_TOL
+    names = ["keys", "W_prob.weight", "W_prob.bias"] + [f"tensor{i}" for i in range(len(others))]
+    for name, a, b_ in zip(names, gr_f, gr_t):
+        # grad bias is exactly zero (a softmax is shift invariant): compare at grad W's scale
+        floor = gr_t[1].norm().item() if name == "W_prob.bias" else 0.0
+        assert rel(a, b_, floor) <= gtol, name
+    if mask is not None:
+        assert torch.all(gr_f[0][mask] == 0)
+
+
+def test_fused_clustering_adversarial_and_double_backward(cb, dev):
+    """Constant logits (flat information), an image with one valid pixel, a fully padded
+    image; two backward passes through one graph accumulate equal gradients."""
+    B, H, W, d = 4, 6, 9, 32
+    N = H * W
+    mask = torch.ones(B, H, W, dtype=torch.bool, device=dev)
+    mask[0] = False
+    mask[1, 0, 0] = False
+    mask[2, 0, :3] = False
+    mask = mask.reshape(B, N)  # image 3 fully padded
+    keys = torch.randn(B, N, d, device=dev, requires_grad=True)
+    w = torch.zeros(1, d, device=dev, requires_grad=True)  # z = 0 everywhere
+    b = torch.zeros(1, device=dev, requires_grad=True)
+    st = cb.fused_begin(keys, w, b, mask, 3)
+    (ck, cv), kpm = cb.fused_finish(st, keys, (keys, keys * 2))
+    cnt = st.pending.counts
+    assert cnt[1].item() == 1 and cnt[3].item() == 0 and torch.all(st.pending.region_index[3] == -1)
+    assert torch.all(ck[3] == 0) and bool(kpm[3].all()) and not bool(kpm[1, 0])
+    # one valid pixel: its cluster is the pixel itself
+    assert torch.allclose(ck[1, 0], keys[1, 0].detach())
+    loss = ck.square().sum() + cv.sum()
+    g1 = torch.autograd.grad(loss, (keys, w, b), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (keys, w, b))
+    assert torch.equal(g1[0], g2[0])  # per-pixel: deterministic
+    for a, c in zip(g1, g2):  # grad W / bias: atomics in any order
+        assert torch.isfinite(a).all() and torch.allclose(a, c, rtol=1e-5, atol=1e-6)
+    assert torch.all(g1[0][mask] == 0)
+
+
+def test_enact_clustering_module_cuda_matches_torch(cb, dev):
+    """ENACTClustering (info keys separate from the clustered tensors) on the fused path."""
+    torch.manual_seed(3)
+    B, H, W, d = 3, 11, 14, 64
+    m_cuda = enact_cuda.ENACTClustering(d, sigma=2, impl="cuda", row_breaks=True).to(dev)
+    m_torch = enact_cuda.ENACTClustering(d, sigma=2, impl="torch", row_breaks=True).to(dev)
+    m_torch.load_state_dict(m_cuda.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    mask = make_mask(B, H, W, dev, gen=gen)
+    xs = [torch.randn(B, H * W, d, generator=gen).to(dev) for _ in range(4)]
+    res = []
+    for m in (m_cuda, m_torch):
+        ins = [x.clone().requires_grad_(True) for x in xs]
+        out = m(ins[0], tuple(ins[1:]), mask, (H, W))
+        loss = sum((v * (i + 1)).sum() + v.square().sum() for i, v in enumerate(out.values))
+        loss.backward()
+        res.append((out, [x.grad for x in ins], m.W_prob.weight.grad.clone()))
+    (oc, gc, wc), (ot, gt, wt) = res
+    assert torch.equal(oc.region_index, ot.region_index)
+    assert torch.equal(oc.key_padding_mask, ot.key_padding_mask)
+    for a, b_ in zip(oc.values, ot.values):
+        assert rel(a, b_) <= FP32_TOL
+    for a, b_ in zip(gc, gt):
+        assert rel(a, b_) <= 5 * FP32_TOL
+    assert rel(wc, wt) <= 5 * FP32_TOL
+    assert torch.equal(m_cuda.last_stats["clusters_per_image"], m_torch.last_stats["clusters_per_image"])
+    assert torch.equal(m_cuda.last_stats["pixels_per_image"], m_torch.last_stats["pixels_per_image"])

@@ -1,58 +1,14 @@
 // Python bindings of the enact_cuda kernels: tensor checks, allocation, stream/device handling.
 // The autograd wiring lives in enact_cuda/cuda_backend.py; these are the raw forward/backward
 // entry points (see enact.h for what each kernel computes).
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
-
 #include <optional>
 #include <vector>
 
-#include "enact.h"
+#include "bind_util.h"
+
+void register_fused(pybind11::module& m);  // fused_bindings.cpp
 
 namespace {
-
-#define ENACT_CHECK_CUDA(expr)                                                          \
-  do {                                                                                  \
-    cudaError_t _e = (expr);                                                            \
-    TORCH_CHECK(_e == cudaSuccess, "enact_cuda: ", #expr, " failed: ", cudaGetErrorString(_e)); \
-  } while (0)
-
-int device_attr(cudaDeviceAttr attr, int device) {
-  int v = 0;
-  ENACT_CHECK_CUDA(cudaDeviceGetAttribute(&v, attr, device));
-  return v;
-}
-
-enact::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return enact::DType::kFloat;
-    case at::kBFloat16: return enact::DType::kBFloat16;
-    case at::kHalf: return enact::DType::kHalf;
-    default: TORCH_CHECK(false, "enact_cuda: unsupported dtype ", t.scalar_type(),
-                         " (float32, bfloat16 or float16)");
-  }
-}
-
-bool aligned16(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-}
-
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "enact_cuda: ", name, " must be a CUDA tensor");
-}
-
-at::Tensor float_contig(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
-std::optional<at::Tensor> check_mask(const std::optional<at::Tensor>& mask, int64_t B, int64_t N,
-                                     const at::Tensor& ref) {
-  if (!mask.has_value() || !mask->defined()) return std::nullopt;
-  TORCH_CHECK(mask->scalar_type() == at::kBool, "enact_cuda: padding_mask must be bool");
-  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == N,
-              "enact_cuda: padding_mask must be (B, N)");
-  TORCH_CHECK(mask->device() == ref.device(), "enact_cuda: padding_mask on another device");
-  return mask->contiguous();
-}
 
 // ------------------------------------------------------------------- information + regions
 constexpr int kInfoStaticSmem = 2048;  // taps + reduction buffers, with margin
@@ -151,25 +107,6 @@ std::vector<Group> group_tensors(const std::vector<at::Tensor>& ts) {
   return groups;
 }
 
-bool vec_ok(const at::Tensor& t, int64_t vec) {
-  // (B, N, d) with unit stride along d
-  return t.size(2) % vec == 0 && t.stride(1) % vec == 0 && t.stride(0) % vec == 0 && aligned16(t);
-}
-
-at::Tensor prep_cluster_input(const at::Tensor& t, int64_t B, int64_t N, const char* name) {
-  check_cuda(t, name);
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == N,
-              "enact_cuda: cluster_tensors inputs must be (B, N, d)");
-  dtype_of(t);
-  const int64_t vec = 16 / t.element_size();
-  // 16-byte path: d <= 256 * vec; scalar path (d not a multiple of vec): d <= 256
-  TORCH_CHECK(t.size(2) <= (t.size(2) % vec == 0 ? 256 * vec : 256),
-              "enact_cuda: cluster_tensors supports d <= ", 256 * vec, " (multiples of ", vec,
-              ") or d <= 256, got ", t.size(2));
-  if (t.stride(2) != 1 || (t.size(2) % vec == 0 && !vec_ok(t, vec))) return t.contiguous();
-  return t;
-}
-
 std::vector<at::Tensor> cluster_forward(const std::vector<at::Tensor>& tensors_in,
                                         const at::Tensor& smoothed_in,
                                         const at::Tensor& region_in, int64_t R) {
@@ -185,12 +122,15 @@ std::vector<at::Tensor> cluster_forward(const std::vector<at::Tensor>& tensors_i
   std::vector<at::Tensor> xs;
   for (const auto& t : tensors_in) xs.push_back(prep_cluster_input(t, B, N, "tensor"));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor starts = at::empty({B, R + 1}, sm.options().dtype(at::kInt));
-  at::Tensor ends = at::empty({B, R}, sm.options().dtype(at::kInt));
-  at::Tensor counts = at::empty({B}, sm.options().dtype(at::kInt));
+  // bounds (B, R) x 2 and counts (B,) in one int32 buffer; region stats (B, R, 2)
+  at::Tensor ibuf = at::empty({2 * B * R + B}, sm.options().dtype(at::kInt));
+  at::Tensor starts = ibuf.narrow(0, 0, B * R).view({B, R});
+  at::Tensor ends = ibuf.narrow(0, B * R, B * R).view({B, R});
+  at::Tensor counts = ibuf.narrow(0, 2 * B * R, B);
   at::Tensor stats = at::empty({B, R, 2}, sm.options());
-  ENACT_CHECK_CUDA(enact::cluster_bounds(ri.data_ptr<int64_t>(), B, N, R, starts.data_ptr<int>(),
-                                         ends.data_ptr<int>(), counts.data_ptr<int>(), stream));
+  ENACT_CHECK_CUDA(enact::cluster_bounds(ri.data_ptr<int64_t>(), sm.data_ptr<float>(), B, N, R,
+                                         starts.data_ptr<int>(), ends.data_ptr<int>(),
+                                         stats.data_ptr<float>(), counts.data_ptr<int>(), stream));
   std::vector<at::Tensor> outs(xs.size());
   for (size_t i = 0; i < xs.size(); ++i) outs[i] = at::empty({B, R, xs[i].size(2)}, xs[i].options());
   for (const auto& g : group_tensors(xs)) {
@@ -199,8 +139,10 @@ std::vector<at::Tensor> cluster_forward(const std::vector<at::Tensor>& tensors_i
     a.region_index = ri.data_ptr<int64_t>();
     a.starts = starts.data_ptr<int>();
     a.ends = ends.data_ptr<int>();
-    a.counts = counts.data_ptr<int>();
     a.stats = stats.data_ptr<float>();
+    a.counts = counts.data_ptr<int>();
+    a.S = R;
+    a.kpm = nullptr;
     a.n_tensors = static_cast<int>(g.idx.size());
     a.B = static_cast<int>(B);
     a.N = static_cast<int>(N);
@@ -260,10 +202,16 @@ std::vector<at::Tensor> cluster_backward(const std::vector<at::Tensor>& grads_in
     a.region_index = ri.data_ptr<int64_t>();
     a.starts = starts.data_ptr<int>();
     a.ends = ends.data_ptr<int>();
-    a.counts = counts.data_ptr<int>();
     a.stats = stats.data_ptr<float>();
+    a.counts = counts.data_ptr<int>();
+    a.S = R;
+    a.skip_gx = 0u;
     a.dots = dots.data_ptr<float>();
     a.grad_sm = gsm.data_ptr<float>();
+    a.aux_a = nullptr;
+    a.dotp = nullptr;
+    a.zero_ptr = nullptr;
+    a.zero_n = 0;
     a.n_tensors = static_cast<int>(g.idx.size());
     a.B = static_cast<int>(B);
     a.N = static_cast<int>(N);
@@ -424,4 +372,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attn_forward", &attn_forward, "clustered attention forward -> (out, lse)");
   m.def("attn_backward", &attn_backward, "clustered attention backward -> (dq, dk, dv)");
   m.def("dropout_mask", &dropout_mask, "the attention dropout keep mask (B, H, N, R) (tests)");
+  register_fused(m);
 }

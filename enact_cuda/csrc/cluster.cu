@@ -9,11 +9,13 @@
 // (a region that wraps from one row's valid end into the next row).
 //
 // Kernels: (1) bounds: one block per image; start/end by atomicMin/Max over the few pixels
-// whose left/right neighbour has another id. (2) forward: one warp per (image, region):
-// region softmax statistics (saved for the backward), then the region's valid pixels are
-// listed in shared memory 32 at a time (ballot) and their rows summed with 16-byte loads
-// along d, several rows in flight. (3) backward: one warp per (image, region) for the region's
-// pixels and the padding up to the next region; extra warps zero the trailing padding rows.
+// whose left/right neighbour has another id, then the region softmax statistics (max, 1/sum)
+// with one thread per region (the fused path computes the same arrays in fused.cu).
+// (2) forward: one warp per (image, region, tensor, 32*VEC-column chunk), so a region's rows are
+// read by several warps at once: the region's valid pixels are listed in shared memory 32 at a
+// time (ballot), then up to U rows are loaded per lane (16-byte loads) before the first use.
+// (3) backward: one warp per (image, region) for the region's pixels and the padding up to the
+// next region; extra warps zero the trailing padding rows.
 #include "common.cuh"
 #include "enact.h"
 
@@ -22,19 +24,23 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarpsPerBlock * 32;
+constexpr int kFwdRows = 8;  // rows in flight per lane in the forward
 
-__global__ void cluster_bounds_kernel(const int64_t* __restrict__ ri, int N, int R,
+__global__ void cluster_bounds_kernel(const int64_t* __restrict__ ri,
+                                      const float* __restrict__ sm, int N, int R,
                                       int* __restrict__ starts, int* __restrict__ ends,
-                                      int* __restrict__ counts) {
+                                      float* __restrict__ stats, int* __restrict__ counts) {
   __shared__ int cnt;
   const int b = blockIdx.x;
   const int64_t* r_b = ri + static_cast<int64_t>(b) * N;
-  int* st = starts + static_cast<int64_t>(b) * (R + 1);
+  const float* s_b = sm + static_cast<int64_t>(b) * N;
+  int* st = starts + static_cast<int64_t>(b) * R;
   int* en = ends + static_cast<int64_t>(b) * R;
+  float* sts = stats + static_cast<int64_t>(b) * R * 2;
   if (threadIdx.x == 0) cnt = 0;
-  for (int r = threadIdx.x; r <= R; r += blockDim.x) {
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
     st[r] = N;
-    if (r < R) en[r] = 0;
+    en[r] = 0;
   }
   __syncthreads();
   int local_max = 0;
@@ -49,7 +55,26 @@ __global__ void cluster_bounds_kernel(const int64_t* __restrict__ ri, int N, int
   }
   atomicMax(&cnt, local_max);
   __syncthreads();
-  if (threadIdx.x == 0) counts[b] = cnt;
+  const int c = cnt;
+  if (threadIdx.x == 0) counts[b] = c;
+  // region softmax statistics, one thread per region (regions are short; the bounds were
+  // written with atomics, so read them from L2)
+  for (int r = threadIdx.x; r < c; r += blockDim.x) {
+    const int lo = __ldcg(st + r), hi = __ldcg(en + r);
+    float mx = -INFINITY, sum = 0.f;
+    for (int i = lo; i < hi; ++i) {
+      if (r_b[i] != r) continue;
+      const float s = s_b[i];
+      if (s > mx) {
+        sum = sum * expf(mx - s) + 1.f;
+        mx = s;
+      } else {
+        sum += expf(s - mx);
+      }
+    }
+    sts[2 * r] = mx;
+    sts[2 * r + 1] = 1.f / sum;
+  }
 }
 
 // Valid pixels of region r in [base, end) (end - base <= 32) -> shared list of (index, weight).
@@ -83,112 +108,97 @@ __device__ __forceinline__ void zero_row(T* __restrict__ row, int d, int lane) {
   }
 }
 
-// rows in flight per lane: about 8 vector loads
-template <int NCH>
-struct Unroll {
-  static constexpr int U = NCH >= 4 ? 2 : (NCH == 2 ? 4 : 8);
+// Raw storage of VEC elements (one 16-byte access, or one scalar): loads are issued into
+// registers first and converted to float only when used, so many stay in flight cheaply.
+template <typename T, int VEC>
+struct Raw {
+  uint4 v;
+  __device__ __forceinline__ void load(const T* p) { v = *reinterpret_cast<const uint4*>(p); }
+  __device__ __forceinline__ void zero() { v = make_uint4(0u, 0u, 0u, 0u); }
+  __device__ __forceinline__ float get(int i) const {
+    return to_float(reinterpret_cast<const T*>(&v)[i]);
+  }
+};
+template <typename T>
+struct Raw<T, 1> {
+  T v;
+  __device__ __forceinline__ void load(const T* p) { v = *p; }
+  __device__ __forceinline__ void zero() { v = from_float<T>(0.f); }
+  __device__ __forceinline__ float get(int) const { return to_float(v); }
 };
 
-template <typename T, int VEC, int NCH>
-__global__ void __launch_bounds__(kThreads) cluster_fwd_kernel(ClusterFwdArgs a) {
-  constexpr int U = Unroll<NCH>::U;
+// Forward: warp gw -> (region g = b * R + r, task k); task k -> (tensor t, column chunk c).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) cluster_fwd_kernel(ClusterFwdArgs a, int K) {
+  constexpr int U = kFwdRows;
   __shared__ int s_idx[kWarpsPerBlock][32];
   __shared__ float s_w[kWarpsPerBlock][32];
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + wid;
-  if (gw >= static_cast<int64_t>(a.B) * a.R) return;
-  const int b = static_cast<int>(gw / a.R), r = static_cast<int>(gw % a.R);
-  const int N = a.N;
-
-  if (r >= a.counts[b]) {  // padding cluster: zero rows
-    for (int t = 0; t < a.n_tensors; ++t)
-      zero_row<T, VEC, NCH>(static_cast<T*>(a.out[t]) + (static_cast<int64_t>(b) * a.R + r) * a.d[t],
-                            a.d[t], lane);
-    return;
+  if (gw >= static_cast<int64_t>(a.B) * a.R * K) return;
+  const int64_t g = gw / K;
+  int c = static_cast<int>(gw - g * K);
+  const int b = static_cast<int>(g / a.R), r = static_cast<int>(g - static_cast<int64_t>(b) * a.R);
+  int t = 0;
+  for (; t < a.n_tensors - 1; ++t) {
+    const int nch = (a.d[t] + 32 * VEC - 1) / (32 * VEC);
+    if (c < nch) break;
+    c -= nch;
   }
-  const int lo = a.starts[static_cast<int64_t>(b) * (a.R + 1) + r];
-  const int hi = a.ends[static_cast<int64_t>(b) * a.R + r];
-  const int64_t* rib = a.region_index + static_cast<int64_t>(b) * N;
-  const float* smb = a.smoothed + static_cast<int64_t>(b) * N;
+  // the region's data: independent loads, issued together (in bounds since r < R <= S)
+  const int64_t bs = static_cast<int64_t>(b) * a.S + r;
+  const int cnt = a.counts[b];
+  const int lo = a.starts[bs], hi = a.ends[bs];
+  const float mx = a.stats[2 * bs], inv = a.stats[2 * bs + 1];
 
-  // region softmax statistics (online max / sum per lane, then combined)
-  float mx = -INFINITY, sum = 0.f;
-  for (int i = lo + lane; i < hi; i += 32) {
-    if (rib[i] != r) continue;
-    const float s = smb[i];
-    if (s > mx) {
-      sum = sum * expf(mx - s) + 1.f;
-      mx = s;
-    } else {
-      sum += expf(s - mx);
-    }
-  }
+  const int d = a.d[t];
+  const int col = (c * 32 + lane) * VEC;
+  const bool has_col = col < d;
+  if (a.kpm != nullptr && t == 0 && c == 0 && lane == 0)
+    a.kpm[static_cast<int64_t>(b) * a.R + r] = r >= cnt;
+  float acc[VEC];
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float m2 = __shfl_xor_sync(ENACT_FULL_MASK, mx, o);
-    const float s2 = __shfl_xor_sync(ENACT_FULL_MASK, sum, o);
-    const float mn = fmaxf(mx, m2);
-    sum = (mn == -INFINITY) ? 0.f : sum * expf(mx - mn) + s2 * expf(m2 - mn);
-    mx = mn;
-  }
-  const float inv = 1.f / sum;
-  if (lane == 0) {
-    a.stats[(static_cast<int64_t>(b) * a.R + r) * 2] = mx;
-    a.stats[(static_cast<int64_t>(b) * a.R + r) * 2 + 1] = inv;
-  }
-
-  int* sidx = s_idx[wid];
-  float* sw = s_w[wid];
-  const bool single = hi - lo <= 32;
-  int n = single ? build_list(lo, hi, r, rib, smb, mx, inv, sidx, sw, lane) : 0;
-
-  for (int t = 0; t < a.n_tensors; ++t) {
-    const int d = a.d[t];
+  for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+  if (r < cnt) {
+    const T* X = static_cast<const T*>(a.x[t]) + static_cast<int64_t>(b) * a.x_batch_stride[t] + col;
     const int64_t xs = a.x_row_stride[t];
-    const T* X = static_cast<const T*>(a.x[t]) + static_cast<int64_t>(b) * a.x_batch_stride[t];
-    float acc[NCH][VEC];
-#pragma unroll
-    for (int c = 0; c < NCH; ++c)
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[c][v] = 0.f;
-
+    const int64_t* rib = a.region_index + static_cast<int64_t>(b) * a.N;
+    const float* smb = a.smoothed + static_cast<int64_t>(b) * a.N;
+    int* sidx = s_idx[wid];
+    float* sw = s_w[wid];
     for (int base = lo; base < hi; base += 32) {
-      if (!single) n = build_list(base, min(base + 32, hi), r, rib, smb, mx, inv, sidx, sw, lane);
+      const int n = build_list(base, min(base + 32, hi), r, rib, smb, mx, inv, sidx, sw, lane);
       for (int k = 0; k < n; k += U) {
-        float x[U][NCH][VEC];
+        Raw<T, VEC> raw[U];
         float w[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const bool ok = k + u < n;
           w[u] = ok ? sw[k + u] : 0.f;
-          const T* row = X + static_cast<int64_t>(ok ? sidx[k + u] : 0) * xs;
-#pragma unroll
-          for (int c = 0; c < NCH; ++c) {
-            const int f = (c * 32 + lane) * VEC;
-            if (ok && f < d) {
-              load_vec<T, VEC>(row + f, x[u][c]);
-            } else {
-#pragma unroll
-              for (int v = 0; v < VEC; ++v) x[u][c][v] = 0.f;
-            }
+          if (ok && has_col) {
+            raw[u].load(X + static_cast<int64_t>(sidx[k + u]) * xs);
+          } else {
+            raw[u].zero();
           }
         }
 #pragma unroll
         for (int u = 0; u < U; ++u)
 #pragma unroll
-          for (int c = 0; c < NCH; ++c)
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) acc[c][v] = fmaf(w[u], x[u][c][v], acc[c][v]);
+          for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w[u], raw[u].get(v), acc[v]);
       }
     }
-    T* out = static_cast<T*>(a.out[t]) + (static_cast<int64_t>(b) * a.R + r) * d;
-#pragma unroll
-    for (int c = 0; c < NCH; ++c) {
-      const int f = (c * 32 + lane) * VEC;
-      if (f < d) store_vec<T, VEC>(out + f, acc[c]);
-    }
+  }
+  if (has_col) {
+    T* out = static_cast<T*>(a.out[t]) + (static_cast<int64_t>(b) * a.R + r) * d + col;
+    store_vec<T, VEC>(out, acc);
   }
 }
+
+// rows in flight per lane in the backward: about 8 vector loads
+template <int NCH>
+struct Unroll {
+  static constexpr int U = NCH >= 4 ? 2 : (NCH == 2 ? 4 : 8);
+};
 
 template <typename T, int VEC, int NCH>
 __global__ void __launch_bounds__(kThreads)
@@ -201,6 +211,9 @@ __global__ void __launch_bounds__(kThreads)
   const int N = a.N;
   const int64_t region_warps = static_cast<int64_t>(a.B) * a.R;
 
+  if (gw == 0 && a.zero_ptr != nullptr)
+    for (int i = lane; i < a.zero_n; i += 32) a.zero_ptr[i] = 0.f;
+
   if (gw >= region_warps) {
     // trailing padding of an image (after its last region), 32 pixels per warp
     const int chunks = (N + 31) / 32;
@@ -208,27 +221,32 @@ __global__ void __launch_bounds__(kThreads)
     if (t >= static_cast<int64_t>(a.B) * chunks) return;
     const int b = static_cast<int>(t / chunks);
     const int cnt = a.counts[b];
-    const int tail0 = cnt > 0 ? a.ends[static_cast<int64_t>(b) * a.R + cnt - 1] : 0;
+    const int tail0 = cnt > 0 ? a.ends[static_cast<int64_t>(b) * a.S + cnt - 1] : 0;
     const int lo = max(static_cast<int>(t % chunks) * 32, tail0);
     const int hi = min(static_cast<int>(t % chunks) * 32 + 32, N);
     for (int i = lo; i < hi; ++i)
       for (int tt = 0; tt < a.n_tensors; ++tt)
-        zero_row<T, VEC, NCH>(static_cast<T*>(a.gx[tt]) + (static_cast<int64_t>(b) * N + i) * a.d[tt],
-                              a.d[tt], lane);
+        if (!(a.skip_gx & (1u << tt)))
+          zero_row<T, VEC, NCH>(static_cast<T*>(a.gx[tt]) + (static_cast<int64_t>(b) * N + i) * a.d[tt],
+                                a.d[tt], lane);
     if (finalize && lo + lane < hi) a.grad_sm[static_cast<int64_t>(b) * N + lo + lane] = 0.f;
     return;
   }
 
   const int b = static_cast<int>(gw / a.R), r = static_cast<int>(gw % a.R);
   const int cnt = a.counts[b];
-  if (r >= cnt) return;
-  const int lo = a.starts[static_cast<int64_t>(b) * (a.R + 1) + r];
-  const int hi = a.ends[static_cast<int64_t>(b) * a.R + r];
-  const int gap_hi = r + 1 < cnt ? a.starts[static_cast<int64_t>(b) * (a.R + 1) + r + 1] : hi;
+  if (r >= cnt) {
+    if (finalize && a.aux_a != nullptr && lane == 0) a.dotp[gw] = 0.f;
+    return;
+  }
+  const int64_t bs = static_cast<int64_t>(b) * a.S;
+  const int lo = a.starts[bs + r];
+  const int hi = a.ends[bs + r];
+  const int gap_hi = r + 1 < cnt ? a.starts[bs + r + 1] : hi;
   const int64_t* rib = a.region_index + static_cast<int64_t>(b) * N;
   const float* smb = a.smoothed + static_cast<int64_t>(b) * N;
-  const float mx = a.stats[(static_cast<int64_t>(b) * a.R + r) * 2];
-  const float inv = a.stats[(static_cast<int64_t>(b) * a.R + r) * 2 + 1];
+  const float mx = a.stats[(bs + r) * 2];
+  const float inv = a.stats[(bs + r) * 2 + 1];
   float* dots = a.dots + static_cast<int64_t>(b) * N;
   float* gsm = a.grad_sm + static_cast<int64_t>(b) * N;
   int* sidx = s_idx[wid];
@@ -248,8 +266,9 @@ __global__ void __launch_bounds__(kThreads)
       for (unsigned m = pad; m; m &= m - 1) {
         const int ip = base + __ffs(m) - 1;
         for (int tt = 0; tt < a.n_tensors; ++tt)
-          zero_row<T, VEC, NCH>(static_cast<T*>(a.gx[tt]) + (static_cast<int64_t>(b) * N + ip) * a.d[tt],
-                                a.d[tt], lane);
+          if (!(a.skip_gx & (1u << tt)))
+            zero_row<T, VEC, NCH>(static_cast<T*>(a.gx[tt]) + (static_cast<int64_t>(b) * N + ip) * a.d[tt],
+                                  a.d[tt], lane);
       }
     }
     const int n = build_list(base, min(end, hi), r, rib, smb, mx, inv, sidx, sw, lane);
@@ -265,6 +284,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       for (int tt = 0; tt < a.n_tensors; ++tt) {
         const int d = a.d[tt];
+        const bool write = !(a.skip_gx & (1u << tt));
         const int64_t xs = a.x_row_stride[tt];
         const T* G = static_cast<const T*>(a.g[tt]) + (static_cast<int64_t>(b) * a.R + r) * d;
         const T* X = static_cast<const T*>(a.x[tt]) + static_cast<int64_t>(b) * a.x_batch_stride[tt];
@@ -304,7 +324,8 @@ __global__ void __launch_bounds__(kThreads)
               pd[u] = fmaf(g[c][v], x[u][c][v], pd[u]);
             }
             const int f = (c * 32 + lane) * VEC;
-            if (idx[u] >= 0 && f < d) store_vec<T, VEC>(GX + static_cast<int64_t>(idx[u]) * d + f, o);
+            if (write && idx[u] >= 0 && f < d)
+              store_vec<T, VEC>(GX + static_cast<int64_t>(idx[u]) * d + f, o);
           }
         }
       }
@@ -323,8 +344,16 @@ __global__ void __launch_bounds__(kThreads)
   if (!finalize) return;
   csum = __shfl_sync(ENACT_FULL_MASK, csum, 0);
   __syncwarp();
-  for (int i = own_lo + lane; i < gap_hi; i += 32)
-    gsm[i] = (rib[i] == r) ? expf(smb[i] - mx) * inv * (dots[i] - csum) : 0.f;
+  float part = 0.f;  // sum of grad_sm * aux_a over the owned pixels (fused backward)
+  for (int i = own_lo + lane; i < gap_hi; i += 32) {
+    const float gs = (rib[i] == r) ? expf(smb[i] - mx) * inv * (dots[i] - csum) : 0.f;
+    gsm[i] = gs;
+    if (a.aux_a != nullptr) part = fmaf(gs, a.aux_a[static_cast<int64_t>(b) * N + i], part);
+  }
+  if (a.aux_a != nullptr) {
+    part = warp_sum(part);
+    if (lane == 0) a.dotp[gw] = part;
+  }
 }
 
 // chunks of 32 * VEC elements needed for the widest tensor -> kernel template NCH
@@ -334,14 +363,21 @@ int chunks_needed(const int* d, int n, int vec) {
   return mx;
 }
 
+// warp tasks per region: column chunks summed over the tensors
+int tasks_per_region(const int* d, int n, int vec) {
+  int k = 0;
+  for (int t = 0; t < n; ++t) k += (d[t] + 32 * vec - 1) / (32 * vec);
+  return k;
+}
+
 template <typename T, int VEC>
-cudaError_t launch_fwd_v(const ClusterFwdArgs& a, int blocks, cudaStream_t stream) {
-  const int nch = chunks_needed(a.d, a.n_tensors, VEC);
-  if (nch <= 1) cluster_fwd_kernel<T, VEC, 1><<<blocks, kThreads, 0, stream>>>(a);
-  else if (nch <= 2) cluster_fwd_kernel<T, VEC, 2><<<blocks, kThreads, 0, stream>>>(a);
-  else if (nch <= 4) cluster_fwd_kernel<T, VEC, 4><<<blocks, kThreads, 0, stream>>>(a);
-  else if (nch <= 8) cluster_fwd_kernel<T, VEC, 8><<<blocks, kThreads, 0, stream>>>(a);
-  else return cudaErrorInvalidValue;
+cudaError_t launch_fwd_v(const ClusterFwdArgs& a, cudaStream_t stream) {
+  const int K = tasks_per_region(a.d, a.n_tensors, VEC);
+  const int64_t warps = static_cast<int64_t>(a.B) * a.R * K;
+  const int64_t blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
+  cluster_fwd_kernel<T, VEC><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, K);
   return cudaGetLastError();
 }
 
@@ -359,10 +395,7 @@ cudaError_t launch_bwd_v(const ClusterBwdArgs& a, int blocks, bool acc, bool fin
 
 template <typename T>
 cudaError_t launch_fwd(const ClusterFwdArgs& a, bool vec, cudaStream_t stream) {
-  const int64_t warps = static_cast<int64_t>(a.B) * a.R;
-  const int blocks = static_cast<int>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  if (blocks == 0) return cudaSuccess;
-  return vec ? launch_fwd_v<T, 16 / sizeof(T)>(a, blocks, stream) : launch_fwd_v<T, 1>(a, blocks, stream);
+  return vec ? launch_fwd_v<T, 16 / sizeof(T)>(a, stream) : launch_fwd_v<T, 1>(a, stream);
 }
 
 template <typename T>
@@ -376,10 +409,12 @@ cudaError_t launch_bwd(const ClusterBwdArgs& a, bool vec, bool acc, bool fin, cu
 
 }  // namespace
 
-cudaError_t cluster_bounds(const int64_t* region_index, int B, int N, int R, int* starts,
-                           int* ends, int* counts, cudaStream_t stream) {
+cudaError_t cluster_bounds(const int64_t* region_index, const float* smoothed, int B, int N,
+                           int R, int* starts, int* ends, float* stats, int* counts,
+                           cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-  cluster_bounds_kernel<<<B, 512, 0, stream>>>(region_index, N, R, starts, ends, counts);
+  cluster_bounds_kernel<<<B, 512, 0, stream>>>(region_index, smoothed, N, R, starts, ends, stats,
+                                               counts);
   return cudaGetLastError();
 }
 

@@ -42,18 +42,23 @@ size_t info_backward_smem_bytes(int N, int sigma);
 // ------------------------------------- clustering (cluster.cu) --------------------------------
 constexpr int kMaxClusterTensors = 4;
 
-// Region bounds from region_index (B, N): starts (B, R+1) int32 first pixel of region r (N where
-// absent), ends (B, R) int32 last valid pixel + 1 (0 where absent), counts (B,) int32 (max id+1).
-cudaError_t cluster_bounds(const int64_t* region_index, int B, int N, int R, int* starts,
-                           int* ends, int* counts, cudaStream_t stream);
+// Region bounds and region softmax statistics from region_index (B, N) and smoothed (B, N),
+// each per image with row stride S (= R here): starts (B, S) first pixel of region r (N where
+// absent), ends (B, S) last valid pixel + 1 (0 where absent), stats (B, S, 2) the region's max
+// smoothed value and 1 / sum exp(smoothed - max), counts (B,) int32 (max id + 1).
+cudaError_t cluster_bounds(const int64_t* region_index, const float* smoothed, int B, int N,
+                           int R, int* starts, int* ends, float* stats, int* counts,
+                           cudaStream_t stream);
 
 struct ClusterFwdArgs {
   const float* smoothed;       // (B, N)
   const int64_t* region_index; // (B, N)
-  const int* starts;           // (B, R+1)
-  const int* ends;             // (B, R)
+  const int* starts;           // (B, S)
+  const int* ends;             // (B, S)
+  const float* stats;          // (B, S, 2) region softmax max and 1/sum
   const int* counts;           // (B,)
-  float* stats;                // (B, R, 2) region softmax max and 1/sum (written)
+  int64_t S;                   // per-image row stride of starts / ends / stats (>= R)
+  bool* kpm;                   // (B, R) written (True = no cluster r), or nullptr
   const void* x[kMaxClusterTensors];  // (B, N, d_t), unit stride along d
   void* out[kMaxClusterTensors];      // (B, R, d_t) contiguous
   int64_t x_row_stride[kMaxClusterTensors];
@@ -69,22 +74,91 @@ struct ClusterBwdArgs {
   const int64_t* region_index;
   const int* starts;
   const int* ends;
+  const float* stats;          // (B, S, 2) region softmax max and 1/sum
   const int* counts;
-  const float* stats;          // (B, R, 2) from the forward
+  int64_t S;
   const void* g[kMaxClusterTensors];   // (B, R, d_t) contiguous grads of the outputs
   const void* x[kMaxClusterTensors];   // (B, N, d_t) forward inputs
   void* gx[kMaxClusterTensors];        // (B, N, d_t) contiguous
   int64_t x_row_stride[kMaxClusterTensors];
   int64_t x_batch_stride[kMaxClusterTensors];
   int d[kMaxClusterTensors];
+  unsigned skip_gx;            // bit t: do not write gx[t] (the fused backward writes it)
   float* dots;                 // (B, N) scratch: sum_t <G_t[region], X_t[i]> per pixel
   float* grad_sm;              // (B, N) written by the finalising launch (0 on padding)
+  const float* aux_a;          // (B, N) or nullptr: with it, the finalising launch writes
+  float* dotp;                 //   dotp (B, R) = sum over warp r's pixels of grad_sm * aux_a
+  float* zero_ptr;             // nullptr or zero_n floats zeroed by this launch
+  int zero_n;
   int n_tensors, B, N, R;
 };
 // One launch per dtype group of tensors. accumulate: add to `dots` from earlier groups;
 // finalize: turn dots into grad_sm = w_i (dots_i - sum_{k in region} w_k dots_k).
 cudaError_t cluster_backward(const ClusterBwdArgs& a, DType dtype, bool vec, bool accumulate,
                              bool finalize, cudaStream_t stream);
+
+// --------------------------- fused ENACT clustering path (fused.cu) --------------------------
+// Forward, ONE launch: z = keys . w + bias (W_prob logits) for all pixels (many blocks), then
+// the last block of each image (atomic ticket) runs information, smoothing, curvature, regions,
+// region bounds and region softmax statistics, and the backward's per-pixel helpers. Region
+// arrays use row stride N per image (R is not known before this kernel ends).
+struct FusedFwdArgs {
+  const void* keys;            // (B, N, d), unit stride along d
+  int64_t key_row_stride, key_batch_stride;
+  int d;
+  const float* weight;         // (d,) float32
+  const float* bias;           // (1,) float32 or nullptr
+  const bool* mask;            // (B, N) or nullptr
+  float* z;                    // (B, N) logits (0 on padding)
+  float* info_out;             // (B, N)
+  float* smoothed_out;         // (B, N)
+  int64_t* region_out;         // (B, N), -1 on padding
+  int64_t* counts_out;         // (B,)
+  float* stats3;               // (3, B) clusters, valid pixels, mean region length
+  float* aux_a;                // (B, N) conv(p * dH/dp) for the backward (0 on padding)
+  float* softmax;              // (B, 2) softmax max and sum of exp over the valid pixels
+  int* rank;                   // (B, N) compact position, -1 on padding
+  int* cidx;                   // (B, N) compact position -> pixel (first L_b entries)
+  int* lengths;                // (B,) valid pixels L_b
+  int* counts32;               // (B,)
+  int* starts;                 // (B, N) first pixel of region r
+  int* ends;                   // (B, N) last valid pixel of region r + 1
+  float* rstats;               // (B, N, 2) region softmax max, 1/sum
+  int* counter;                // (B,) zero on entry (tickets), left at gridDim.x
+  int* rmax;                   // (1,) zero on entry; max_b R_b on exit
+  float* scratch;              // nullptr, or (B, 4N) floats when the compact arrays exceed smem
+  int B, N, sigma, row_breaks, W;
+};
+cudaError_t fused_forward(const FusedFwdArgs& a, DType key_dtype, bool vec, int smem_limit,
+                          cudaStream_t stream);
+size_t fused_forward_smem_bytes(int N);
+
+// Backward of the information part, after cluster_backward (which wrote grad_sm and dotp):
+// grad z per pixel (smoothing adjoint, entropy derivative, softmax Jacobian), then per pixel row
+// gx_keys = [w_i G0_{r_i} when the keys are also clustered tensor 0] + gz_i * weight, and
+// grad weight += sum_i gz_i keys_i, grad bias += sum_i gz_i (atomics into gw, zeroed before).
+struct FusedBwdArgs {
+  const void* keys;            // (B, N, d)
+  int64_t key_row_stride, key_batch_stride;
+  int d;
+  const void* g0;              // (B, R, d) contiguous grad of clustered keys, or nullptr
+  const float* weight;         // (d,)
+  const float* z;
+  const float* softmax;
+  const int* rank;
+  const int* cidx;
+  const int* lengths;
+  const float* grad_sm;        // (B, N)
+  const float* dotp;           // (B, R)
+  const float* smoothed;
+  const int64_t* region_index;
+  const float* rstats;         // (B, S, 2)
+  int64_t S;
+  void* gx;                    // (B, N, d) contiguous, fully written
+  float* gw;                   // (d + 1,) grad weight then grad bias, accumulated
+  int B, N, R, sigma;
+};
+cudaError_t fused_backward(const FusedBwdArgs& a, DType key_dtype, bool vec, cudaStream_t stream);
 
 // -------------------------------- clustered attention (attn_*.cu) -----------------------------
 struct AttnArgs {
