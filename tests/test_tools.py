@@ -215,6 +215,31 @@ def test_predict_errors(enact_run, shapes_coco, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- visualize_entropy
 
+@pytest.fixture(scope="module")
+def conditional_ckpt(shapes_coco, tmp_path_factory):
+    """Conditional DETR + ENACT (ENACTAttention), random weights."""
+    path = tmp_path_factory.mktemp("conditional") / "checkpoint.pth"
+    return _built_checkpoint(
+        "Conditional-DETR-ENACT", "conditional_detr", "conditional_detr",
+        ["--coco_path", str(shapes_coco), *TINY, "--enact_impl", "torch",
+         "--smoothing_sigma", "1"], path)
+
+
+def test_conditional_detr_predict_and_entropy(conditional_ckpt, shapes_coco, tmp_path):
+    image = _val_images(shapes_coco)[3]
+    result = predict.run(predict.get_parser().parse_args(
+        ["--checkpoint", str(conditional_ckpt), "--input", str(image), "--output",
+         str(tmp_path / "pred"), "--threshold", "0", "--top_k", "7", "--device", "cpu"]))
+    assert result["detector"] == "conditional_detr"
+    dets = result["images"][0]["detections"]
+    assert len(dets) == 7 and all(d["name"] == SHAPE_IDS.get(d["label"], f"class {d['label']}")
+                                  for d in dets)   # names via the checkpoint's own coco_path
+    visualize.main(["--checkpoint", str(conditional_ckpt), "--input", str(image), "--output",
+                    str(tmp_path / "ent"), "--device", "cpu"])
+    with Image.open(image) as im:
+        _check_pngs(tmp_path / "ent", image.stem, [0], im.size)
+
+
 def _check_pngs(out, stem, layers, size, levels=None):
     names = ("information", "smoothed", "regions")
     for layer in layers:
@@ -254,7 +279,20 @@ def test_visualize_entropy_detr(enact_run, shapes_coco, tmp_path):
     maps = visualize.layer_maps(modules[0], mask, hw)[0]
     assert maps["count"] == int(modules[0].last_stats["clusters_per_image"][0])
     assert maps["count"] > 1
-    assert np.allclose(maps["information"].ravel(), modules[0].information[0].numpy())
+    info = modules[0].information[0].reshape(hw)                  # raster order: i = y*W + x
+    assert np.allclose(maps["information"], info.numpy())
+    # The information PNG: the token of largest / smallest information is the top / bottom
+    # colour of the colour map at that token's block in the image.
+    import cv2
+    lut = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_INFERNO)
+    png = np.asarray(Image.open(out / f"{image_path.stem}_enc0_information.png"))
+    rows = (np.arange(image.height) * hw[0]) // image.height
+    cols = (np.arange(image.width) * hw[1]) // image.width
+    for flat, level in [(int(info.argmax()), 255), (int(info.argmin()), 0)]:
+        y, x = divmod(flat, hw[1])
+        ys, xs = np.nonzero(rows == y)[0], np.nonzero(cols == x)[0]
+        block = png[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1].reshape(-1, 3)
+        assert (block == lut[level, 0, ::-1]).all(), (flat, level)
     # The regions PNG: boundary pixels (white) exactly where the upsampled labels change.
     labels = resize_map(maps["regions"], (image.height, image.width))
     drawn = np.asarray(Image.open(out / f"{image_path.stem}_enc0_regions.png"))
