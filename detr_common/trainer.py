@@ -84,10 +84,11 @@ def _check_args(args):
         raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
 
 
-def _checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch, args, detector):
+def _checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch, args, detector,
+                      class_names):
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-             "detector": detector.name}
+             "detector": detector.name, "class_names": class_names}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     return state
@@ -168,6 +169,7 @@ def run(args, detector):
         return stats
 
     loader_train = _loader(dataset_train, args, train=True)
+    class_names = {int(c["id"]): c["name"] for c in dataset_val.coco.dataset["categories"]}
     log.info("training epochs %d..%d", args.start_epoch, args.epochs - 1)
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
@@ -183,7 +185,7 @@ def run(args, detector):
         lr_scheduler.step()
         if output_dir and is_main_process():
             state = _checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler,
-                                      epoch, args, detector)
+                                      epoch, args, detector, class_names)
             ckpt_io.save_checkpoint(state, output_dir / "checkpoint.pth")
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.checkpoint_every == 0:
                 ckpt_io.save_checkpoint(state, output_dir / f"checkpoint{epoch:04}.pth")
