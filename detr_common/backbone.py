@@ -62,6 +62,31 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+@torch.no_grad()
+def calibrate_frozen_batchnorm(model: nn.Module, images: Tensor) -> None:
+    """Give every FrozenBatchNorm2d of ``model`` the statistics of its own input on ``images``
+    (each layer in forward order, so later layers see normalised activations), as a trained
+    BatchNorm would have them.
+
+    For random-initialised backbones: with a fresh BatchNorm's identity statistics the
+    activations of a frozen-BN ResNet roughly double at every residual block (about 1e5 at
+    the end of a random ResNet-101), and attention logits of 1e10 and more make fused
+    attention backward passes overflow.
+    """
+    def use_input_statistics(bn, inputs):
+        x = inputs[0].float()
+        bn.running_mean.copy_(x.mean((0, 2, 3)))
+        bn.running_var.copy_(x.var((0, 2, 3), unbiased=False))
+
+    handles = [m.register_forward_pre_hook(use_input_statistics)
+               for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    try:
+        model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class _Body(nn.Module):
     """The ResNet trunk (conv1, bn1, relu, maxpool, layer1..layerK) returning chosen layers."""
 
@@ -162,6 +187,8 @@ class Backbone(nn.Module):
     Args: name resnet18|34|50|101; train_backbone: layer2-4 get requires_grad (stem and layer1
     are always frozen); return_layers: names among layer1..layer4; dilation: layer4 stride 2 ->
     dilation 2 (stride 16 instead of 32); weights: "imagenet" (torchvision V1), "none" or a path.
+    With "none" the frozen BatchNorm statistics are calibrated on noise images (see
+    calibrate_frozen_batchnorm), so a random backbone's activations stay of order one.
     Attributes: ``body``, ``num_channels`` (list per returned layer), ``strides`` (list).
     """
 
@@ -183,6 +210,9 @@ class Backbone(nn.Module):
         weights = "none" if weights is None else str(weights)
         if weights.lower() != "none":
             _load_resnet_weights(resnet, name, weights)
+        else:  # random init: frozen statistics of standard-normal noise (own seed, no global RNG)
+            noise = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+            calibrate_frozen_batchnorm(resnet, noise)
         for pname, param in resnet.named_parameters():
             trainable = train_backbone and pname.split(".")[0] in ("layer2", "layer3", "layer4")
             param.requires_grad_(trainable)

@@ -172,3 +172,19 @@ def test_sine_encoding_is_relative_to_the_unpadded_image():
     mask[0, :3, :4] = False
     padded = pe(mask)
     assert torch.allclose(padded[:, :, :3, :4], alone, atol=1e-6)
+
+
+def test_random_backbone_has_calibrated_statistics():
+    """A random ResNet-101 with frozen BN keeps activations of order one (identity statistics
+    would give ~1e5 at layer4), and each BN normalises its input on the calibration noise."""
+    torch.manual_seed(0)
+    backbone = Backbone("resnet101", train_backbone=True, weights="none").eval()
+    images = torch.randn(2, 3, 160, 192, generator=torch.Generator().manual_seed(1))
+    (feat, _), = backbone(images)
+    assert feat.abs().max() < 100 and 0.1 < feat.std() < 10
+    stem_bn = backbone.body.bn1
+    conv_out = backbone.body.conv1(torch.randn(2, 3, 224, 224,
+                                               generator=torch.Generator().manual_seed(0)))
+    assert torch.allclose(stem_bn.running_mean, conv_out.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(stem_bn.running_var, conv_out.var((0, 2, 3), unbiased=False),
+                          rtol=1e-4)

@@ -26,6 +26,7 @@ def test_resume_repeats_the_uninterrupted_run(shapes_coco, tmp_path):
     train(shapes_coco, first, "--epochs", "2")
     ckpt = torch.load(first / "checkpoint.pth", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["detector"] == "detr"
+    assert set(ckpt["class_names"]) == {1, 3, 5, 8, 13, 21}   # the shapes category ids
     assert (first / "checkpoint0001.pth").is_file()            # lr drop after epoch index 1
     train(shapes_coco, resumed, "--epochs", "3", "--resume", first / "checkpoint.pth")
 
