@@ -8,6 +8,7 @@ image (``target_sizes`` = the original (h, w), spec §5).
 import copy
 import importlib
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
@@ -281,3 +282,36 @@ def detect(model, postprocessor, image: Image.Image, transform, device, threshol
 
 def write_json(path, data):
     Path(path).write_text(json.dumps(data, indent=1))
+
+
+def add_common_arguments(parser, checkpoint_help: str, output_default: str, output_help: str):
+    """The flags predict.py and visualize_entropy.py share: checkpoint, inputs, output folder,
+    device, detector override, ENACT backend and input resolution."""
+    p = parser
+    p.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    p.add_argument("--input", required=True, nargs="+",
+                   help="image files and/or folders of images")
+    p.add_argument("--max_images", type=int, default=None,
+                   help="only the first N images (in the order given, folders sorted)")
+    p.add_argument("--output", default=output_default, help=output_help)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--detector", choices=sorted(DETECTORS), default=None,
+                   help="only for checkpoints without a 'detector' entry")
+    p.add_argument("--enact_impl", choices=["auto", "cuda", "torch"], default=None,
+                   help="ENACT backend (default: the checkpoint's; cuda becomes auto on the CPU)")
+    p.add_argument("--eval_size", type=int, default=None,
+                   help="shorter side fed to the model (default: the checkpoint's --eval_size)")
+    p.add_argument("--max_size", type=int, default=None,
+                   help="longest side fed to the model (default: the checkpoint's --max_size)")
+
+
+def run_tool(parser, run, argv=None):
+    """Parse flags and call ``run(args)``; expected failures end with one ``error:`` line and
+    exit status 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (InferenceError, ckpt_io.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

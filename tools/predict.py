@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from detr_common.checkpoint import CheckpointError  # noqa: E402
 from detr_common.drawing import draw_detections  # noqa: E402
-from detr_common.inference import (DETECTORS, InferenceError, class_name, detect,  # noqa: E402
-                                   eval_transform, list_images, load_detector_from_checkpoint,
-                                   read_image, resolve_device, unique_stems, write_json)
+from detr_common.inference import (InferenceError, add_common_arguments,  # noqa: E402
+                                   class_name, detect, eval_transform, list_images,
+                                   load_detector_from_checkpoint, read_image, resolve_device,
+                                   run_tool, unique_stems, write_json)
 
 log = logging.getLogger("predict")
 
@@ -34,30 +34,16 @@ log = logging.getLogger("predict")
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pth written by a main.py")
-    p.add_argument("--input", required=True, nargs="+",
-                   help="image files and/or folders of images")
-    p.add_argument("--max_images", type=int, default=None,
-                   help="only the first N images (in the order given, folders sorted)")
-    p.add_argument("--output", default="predictions", help="folder for the drawn images and "
-                   "detections.json (created)")
+    add_common_arguments(p, "checkpoint.pth written by a main.py", "predictions",
+                         "folder for the drawn images and detections.json (created)")
     p.add_argument("--threshold", type=float, default=0.5, help="keep detections with score >= "
                    "this (0 keeps all)")
     p.add_argument("--top_k", type=int, default=None,
                    help="at most this many detections per image (the highest scores)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--coco_path", default=None, help="COCO-layout folder to read the class "
                    "names from (annotations/instances_val2017.json)")
     p.add_argument("--annotations", default=None, help="a COCO instances JSON to read the class "
                    "names from (instead of --coco_path)")
-    p.add_argument("--detector", choices=sorted(DETECTORS), default=None,
-                   help="only for checkpoints without a 'detector' entry")
-    p.add_argument("--enact_impl", choices=["auto", "cuda", "torch"], default=None,
-                   help="ENACT backend (default: the checkpoint's; cuda becomes auto on the CPU)")
-    p.add_argument("--eval_size", type=int, default=None,
-                   help="shorter side fed to the model (default: the checkpoint's --eval_size)")
-    p.add_argument("--max_size", type=int, default=None,
-                   help="longest side fed to the model (default: the checkpoint's --max_size)")
     p.add_argument("--skip_unreadable", action="store_true",
                    help="warn and skip unreadable images in a folder instead of stopping")
     p.add_argument("--no_images", action="store_true", help="write only detections.json")
@@ -117,13 +103,7 @@ def run(args):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    args = get_parser().parse_args(argv)
-    try:
-        run(args)
-    except (InferenceError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return run_tool(get_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from detr_common.checkpoint import CheckpointError  # noqa: E402
 from detr_common.drawing import draw_regions, heatmap, panel, resize_map  # noqa: E402
-from detr_common.inference import (DETECTORS, InferenceError, eval_transform,  # noqa: E402
-                                   list_images, load_detector_from_checkpoint, prepare_image,
-                                   read_image, resolve_device, unique_stems)
+from detr_common.inference import (InferenceError, add_common_arguments,  # noqa: E402
+                                   eval_transform, list_images, load_detector_from_checkpoint,
+                                   prepare_image, read_image, resolve_device, run_tool,
+                                   unique_stems)
 
 log = logging.getLogger("visualize_entropy")
 
@@ -45,30 +45,17 @@ log = logging.getLogger("visualize_entropy")
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="an ENACT checkpoint.pth (not --no_enact)")
-    p.add_argument("--input", required=True, nargs="+",
-                   help="image files and/or folders of images")
-    p.add_argument("--max_images", type=int, default=None,
-                   help="only the first N images (in the order given, folders sorted)")
-    p.add_argument("--output", default="entropy", help="folder for the PNGs (created)")
+    add_common_arguments(p, "an ENACT checkpoint.pth (not --no_enact)", "entropy",
+                         "folder for the PNGs (created)")
     p.add_argument("--layer", type=int, action="append", default=None,
                    help="ENACT layer index (0 = first encoder layer); repeat for several; "
                         "default: all")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--cmap", default="inferno",
                    choices=["inferno", "viridis", "magma", "jet", "turbo"])
     p.add_argument("--alpha", type=float, default=0.4, help="opacity of the region colours")
     p.add_argument("--panel_height", type=int, default=240,
                    help="smaller images are enlarged (integer factor) to at least this height "
                         "in the panel")
-    p.add_argument("--detector", choices=sorted(DETECTORS), default=None,
-                   help="only for checkpoints without a 'detector' entry")
-    p.add_argument("--enact_impl", choices=["auto", "cuda", "torch"], default=None,
-                   help="ENACT backend (default: the checkpoint's; cuda becomes auto on the CPU)")
-    p.add_argument("--eval_size", type=int, default=None,
-                   help="shorter side fed to the model (default: the checkpoint's --eval_size)")
-    p.add_argument("--max_size", type=int, default=None,
-                   help="longest side fed to the model (default: the checkpoint's --max_size)")
     return p
 
 
@@ -204,13 +191,7 @@ def run(args):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    args = get_parser().parse_args(argv)
-    try:
-        run(args)
-    except (InferenceError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return run_tool(get_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ and turns boxes into normalised (cx, cy, w, h) relative to the (unpadded) image 
 
 Randomness comes from torch's global RNG (seeded per DataLoader worker by torch).
 """
-import math
 
 import numpy as np
 import torch
