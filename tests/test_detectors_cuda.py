@@ -1,0 +1,66 @@
+"""On a GPU: each detector with ENACT gives the same outputs and gradients with the CUDA
+kernels as with the torch backend (a padded batch of two images)."""
+import copy
+
+import pytest
+import torch
+
+from _cli import TINY, load_main, without
+from detr_common.data.collate import pad_images
+
+pytestmark = pytest.mark.cuda
+
+FOLDERS = {"DETR-ENACT": [], "Conditional-DETR-ENACT": [],
+           "Anchor-DETR-ENACT": ["--num_query_position", "6", "--num_query_pattern", "2"]}
+
+
+def build(folder):
+    main = load_main(folder)
+    flags = without(TINY, "--device")
+    if folder == "Anchor-DETR-ENACT":
+        flags = without(flags, "--num_queries")
+    args = main.get_parser().parse_args(["--coco_path", "unused", "--enact_impl", "torch",
+                                         "--smoothing_sigma", "1", *flags,
+                                         *FOLDERS[folder]])
+    args.num_classes = 7
+    torch.manual_seed(0)
+    model, criterion, _ = main.DETECTOR.build(args)
+    return model.cuda().train(), criterion.cuda()
+
+
+def use_cuda_kernels(model):
+    for module in model.modules():
+        for attr in ("impl", "enact_impl"):
+            if getattr(module, attr, None) == "torch":
+                setattr(module, attr, "cuda")
+
+
+def loss_and_grads(model, criterion, batch, targets):
+    out = model(batch)
+    losses = criterion(out, targets)
+    loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    model.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("folder", list(FOLDERS))
+def test_cuda_kernels_match_torch_backend(folder):
+    model_torch, criterion = build(folder)
+    model_cuda = copy.deepcopy(model_torch)
+    use_cuda_kernels(model_cuda)
+    g = torch.Generator().manual_seed(0)
+    batch = pad_images([torch.randn(3, 96, 128, generator=g),
+                        torch.randn(3, 128, 96, generator=g)]).to("cuda")
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]], device="cuda"),
+                "labels": torch.tensor([3], device="cuda")} for _ in range(2)]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out_t, grads_t = loss_and_grads(model_torch, criterion, batch, targets)
+    out_c, grads_c = loss_and_grads(model_cuda, criterion, batch, targets)
+    assert torch.allclose(out_c["pred_logits"], out_t["pred_logits"], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(out_c["pred_boxes"], out_t["pred_boxes"], rtol=1e-4, atol=1e-4)
+    for name, grad in grads_t.items():
+        scale = grad.abs().max().clamp(min=1e-6)
+        assert torch.allclose(grads_c[name], grad, rtol=1e-3, atol=1e-3 * scale), name
