@@ -428,6 +428,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--skip_eager", action="store_true", help="skip dense eager attention")
+    p.add_argument("--skip_bandwidth", action="store_true", help="skip the bandwidth part")
     p.add_argument("--profile", action="store_true",
                    help="print per-kernel CUDA times of ENACT's overhead and the attention")
     p.add_argument("--profile_sizes", default="25x38,50x76",
@@ -453,18 +454,27 @@ def main(argv=None):
     rows, summary = [], []
     dtypes = [getattr(torch, n) for n in args.dtypes.split(",")]
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    bw = []
+    if not args.skip_bandwidth:  # first: a device error later must not cost these numbers
+        try:
+            bw = clustering_bandwidth(args, cb, copy_bw, nominal)
+        except Exception as exc:
+            print(f"clustering bandwidth failed: {type(exc).__name__}: {exc}")
+    broken = None
     for dtype in dtypes:
         for H, W in sizes:
+            if broken:
+                break
             try:
                 bench_size(args, cb, dtype, H, W, rows, summary)
             except Exception as exc:  # keep the other sizes' numbers
                 print(f"  size {H}x{W} {dtype} failed: {type(exc).__name__}: {exc}")
-            torch.cuda.empty_cache()
-    try:
-        bw = clustering_bandwidth(args, cb, copy_bw, nominal)
-    except Exception as exc:
-        print(f"clustering bandwidth failed: {type(exc).__name__}: {exc}")
-        bw = []
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception as exc:  # a sticky device error: stop, still write what we have
+                broken = f"{type(exc).__name__}: {str(exc)[:200]}"
+                print(f"  device error, stopping: {broken}")
 
     print_table(rows)
     print("\nsummary (ratios; >1 speedup means the first is faster):")
@@ -489,7 +499,7 @@ def main(argv=None):
         gpu=gpu, sms=props.multi_processor_count, torch=torch.__version__,
         cuda=torch.version.cuda, copy_bandwidth_GBps=copy_bw / 1e9,
         nominal_bandwidth_GBps=nominal / 1e9 if nominal else None, args=vars(args),
-        rows=rows, summary=summary, clustering_bandwidth=bw), indent=1))
+        rows=rows, summary=summary, clustering_bandwidth=bw, device_error=broken), indent=1))
     print(f"\nwrote {out}")
     return 0
 

@@ -16,8 +16,10 @@ attention.py); all tensors batch-first, masks bool with True = padding.
   clustering path (W_prob logits -> information -> regions -> clusters of every tensor) as ONE
   C++ autograd node: forward = 1 memset + 1 launch, the R_max read (4 bytes into pinned memory
   behind an event; fused_begin returns before it, so work that does not need R_max can be
-  launched in between) + 1 launch; backward = 2 launches that also give grad W_prob, grad bias
-  and the keys' extra gradient term. `fused_supported` says when it applies.
+  launched in between) + 1 launch; backward (set_fused_backward): the clustering backward
+  kernel, the information backward kernel and three small torch ops for grad W_prob, grad bias
+  and the keys' extra term (default), or 2 fused kernels (experimental). `fused_supported`
+  says when it applies.
 - clustered_attention(q, k, v, key_padding_mask, dropout_p, scale) -> (B, h, N, e):
     fused online-softmax attention over each image's clusters [0, R_b), fp32 / bf16, head
     dims 32 and 64, never materialising N x R; FlashAttention-style recomputing backward.
@@ -41,7 +43,7 @@ from .information import check_sigma
 
 __all__ = ["information_regions", "regions", "cluster_tensors", "clustered_attention",
            "dropout_keep_mask", "extension", "fused_supported", "fused_begin", "fused_finish",
-           "FusedState"]
+           "FusedState", "set_fused_backward"]
 
 # Query splits of the dk/dv backward kernel (0 = automatic, to fill the GPU); tests set 1
 # to exercise the non-atomic path.
@@ -250,6 +252,13 @@ def fused_begin(keys: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     b = None if bias is None else (bias if bias.dtype == torch.float32 else bias.float())
     pending = extension().fused_begin(keys, w, b, mask, s, bool(row_breaks), width)
     return FusedState(pending, w, b)
+
+
+def set_fused_backward(mode: int) -> None:
+    """Backward of the fused path: 1 (default) = the separate validated kernels
+    (cluster_backward, info_backward) + three torch ops for gz * w, grad w and grad bias;
+    0 = the two fused backward kernels (experimental)."""
+    extension().set_fused_backward(int(mode))
 
 
 def fused_finish(state: FusedState, keys: torch.Tensor, tensors: Sequence[torch.Tensor]):

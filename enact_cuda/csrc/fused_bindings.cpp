@@ -71,6 +71,11 @@ void check_keys(const at::Tensor& keys) {
               keys.size(2));
 }
 
+// Backward implementation: 0 = the fused kernels (cluster_backward with the fused extras +
+// fused_backward, 2 launches); 1 = the separate validated kernels (cluster_backward,
+// info_backward, then gz * w, gz^T keys and sum gz as torch ops).
+int g_backward_mode = 1;
+
 // Events for the R_max read, reused across calls (creating one per call costs host time).
 std::mutex g_event_mutex;
 std::vector<std::pair<int, cudaEvent_t>> g_events;  // (device, event)
@@ -104,7 +109,7 @@ void release_event(int device, cudaEvent_t e) {
 
 struct FusedPending {
   at::Tensor info, smoothed, region_index, counts, stats;  // public, detached
-  at::Tensor fws, iws, pinned;
+  at::Tensor fws, iws, pinned, mask;
   cudaEvent_t event = nullptr;
   int device = 0;
   int64_t B = 0, N = 0, d = 0, sigma = 0, r_max = -1;
@@ -150,6 +155,7 @@ std::shared_ptr<FusedPending> fused_begin(const at::Tensor& keys, const at::Tens
   auto mask = check_mask(mask_in, B, N, keys);
 
   auto p = std::make_shared<FusedPending>();
+  if (mask) p->mask = *mask;
   p->B = B;
   p->N = N;
   p->d = d;
@@ -275,6 +281,8 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     ctx->saved_data["alias"] = alias;
     ctx->saved_data["sigma"] = p->sigma;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["mask"] = p->mask;
+    ctx->saved_data["mode"] = static_cast<int64_t>(g_backward_mode);
     ctx->mark_non_differentiable({kpm});
     ctx->set_materialize_grads(false);
     outs.push_back(kpm);
@@ -329,13 +337,14 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     a.stats = fw + lay.rstats();
     a.counts = iw + lay.counts();
     a.S = N;
-    a.skip_gx = alias ? 1u : 0u;
+    const bool fused_bwd = ctx->saved_data["mode"].toInt() == 0;
+    a.skip_gx = (alias && fused_bwd) ? 1u : 0u;
     a.dots = dots;
     a.grad_sm = gsm;
-    a.aux_a = fw + lay.aux();
-    a.dotp = dotp;
-    a.zero_ptr = acc;
-    a.zero_n = static_cast<int>(d + 1);
+    a.aux_a = fused_bwd ? fw + lay.aux() : nullptr;
+    a.dotp = fused_bwd ? dotp : nullptr;
+    a.zero_ptr = fused_bwd ? acc : nullptr;
+    a.zero_n = fused_bwd ? static_cast<int>(d + 1) : 0;
     a.n_tensors = n;
     a.B = static_cast<int>(B);
     a.N = static_cast<int>(N);
@@ -354,6 +363,42 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     ENACT_CHECK_CUDA(enact::cluster_backward(a, dtype_of(xs[0]), vec_all, false, true, stream));
 
     at::Tensor keys = keys_in.stride(2) == 1 ? keys_in : keys_in.contiguous();
+    if (!fused_bwd) {
+      // grad z from grad smoothed: the validated information kernel (mode 0 = from logits)
+      at::Tensor gz = at::empty({B, N}, fws.options());
+      const int limit = smem_optin(keys.get_device()) - kFusedStaticSmem;
+      at::Tensor scratch;
+      if (enact::info_backward_smem_bytes(static_cast<int>(N), static_cast<int>(sigma)) >
+          static_cast<size_t>(limit))
+        scratch = at::empty({B, 4 * N}, fws.options());
+      const at::Tensor mask = ctx->saved_data["mask"].toTensor();
+      enact::InfoBwdArgs ib{};
+      ib.x = fw + lay.z();
+      ib.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+      ib.grad_info = nullptr;
+      ib.grad_sm = gsm;
+      ib.grad_x = gz.data_ptr<float>();
+      ib.scratch = scratch.defined() ? scratch.data_ptr<float>() : nullptr;
+      ib.B = static_cast<int>(B);
+      ib.N = static_cast<int>(N);
+      ib.sigma = static_cast<int>(sigma);
+      ib.mode = 0;
+      ENACT_CHECK_CUDA(enact::info_backward(ib, limit, stream));
+      const at::Tensor wrow = weight.reshape({1, 1, d});
+      at::Tensor gk;
+      if (alias) {
+        gk = gxs[0];
+        gk.addcmul_(gz.unsqueeze(-1), wrow);
+      } else {
+        gk = (gz.unsqueeze(-1) * wrow).to(keys.scalar_type());
+        result[0] = gk;
+      }
+      for (int t = 0; t < n; ++t) result[1 + t] = gxs[t];
+      const at::Tensor kf = keys.reshape({B * N, d}).to(at::kFloat);
+      result[1 + n] = at::mm(gz.reshape({1, B * N}), kf).view(weight.sizes());
+      if (has_bias) result[2 + n] = gz.sum().reshape({1});
+      return result;
+    }
     at::Tensor gk = alias ? gxs[0] : at::empty({B, N, d}, keys.options());
     enact::FusedBwdArgs f{};
     f.keys = keys.data_ptr();
@@ -409,7 +454,11 @@ void register_fused(pybind11::module& m) {
       .def_readonly("region_index", &FusedPending::region_index)
       .def_readonly("counts", &FusedPending::counts)
       .def_readonly("stats", &FusedPending::stats)
-      .def("r_max", &FusedPending::R, "max(R_b, 1); waits for the forward kernel");
+      .def("r_max", &FusedPending::R, "max(R_b, 1); waits for the forward kernel")
+      .def_readonly("_fws", &FusedPending::fws)   // workspaces, for tests
+      .def_readonly("_iws", &FusedPending::iws);
+  m.def("set_fused_backward", [](int64_t mode) { g_backward_mode = static_cast<int>(mode); },
+        "0: fused backward kernels (2 launches); 1: separate validated kernels");
   m.def("fused_begin", &fused_begin,
         "logits + information + regions + region statistics (one launch), R_max read pending");
   m.def("fused_finish", &fused_finish,
