@@ -35,9 +35,11 @@ test: setup
 test-cuda: setup
 	$(PY) -m pytest -q -m cuda $(PYTEST_ARGS)
 
-# Compile the CUDA extension without running it (works on a machine with nvcc and no GPU).
+# Compile the CUDA extension without running it (works on a machine with nvcc and no GPU),
+# into a fresh cache folder so that it really compiles.
 build-check: setup
-	CUDA_HOME=$(CUDA_HOME) $(PY) -m enact_cuda.build
+	tmp=$$(mktemp -d) && CUDA_HOME=$(CUDA_HOME) ENACT_CUDA_CACHE=$$tmp $(PY) -m enact_cuda.build \
+		&& rm -rf $$tmp
 
 bench: setup
 	$(PY) benchmarks/bench_enact_kernels.py
