@@ -20,10 +20,12 @@ _CUDA_HEAD_DIMS = (32, 64)
 
 # Which dtypes impl="auto" sends to the fused CUDA kernel; the benchmark decides (DESIGN §4).
 # benchmarks/results/enact_kernels_nvidia_h200.json (H200, torch 2.11, B=8, 8 heads x 32,
-# forward+backward): in float32 the CUDA-core kernel is 1.7-1.9x faster than the torch backend
-# (padded clusters through SDPA, which has no flash path for float32); in bfloat16 torch's
-# tensor-core flash SDPA is 1.2-2.4x faster than it. So "auto" uses the kernel for float32 and
-# torch's SDPA for bfloat16 / float16; impl="cuda" still forces the kernel for bfloat16.
+# forward+backward, C5 25x38 .. DC5 50x76): in float32 the CUDA-core kernel is 1.7-1.9x faster
+# than the torch backend (padded clusters through SDPA, which has no flash path for float32);
+# in bfloat16 torch's tensor-core flash SDPA takes 0.4-0.55x of the kernel's GPU time at every
+# size (wall clock: about equal at 25x38 / 34x51, 1.5-1.9x faster at 42x63 / 50x76). So "auto"
+# uses the kernel for float32 and torch's SDPA for bfloat16 / float16; impl="cuda" still
+# forces the kernel for bfloat16.
 AUTO_CUDA_ATTENTION_DTYPES = (torch.float32,)
 
 

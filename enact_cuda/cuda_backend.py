@@ -257,7 +257,10 @@ def fused_begin(keys: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def set_fused_backward(mode: int) -> None:
     """Backward of the fused path: 1 (default) = the separate validated kernels
     (cluster_backward, info_backward) + three torch ops for gz * w, grad w and grad bias;
-    0 = the two fused backward kernels (experimental)."""
+    0 = the two fused backward kernels (cluster_backward with per-region partial sums +
+    fused_backward). Mode 0 is NOT validated: on the H200 its diagnostic
+    (tests/test_enact_cuda.py::test_fused_workspaces_and_gradient_rows) gave a wrong grad z
+    for one image of the batch (the unpadded one with the most regions); keep mode 1."""
     extension().set_fused_backward(int(mode))
 
 

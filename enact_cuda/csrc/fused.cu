@@ -13,7 +13,8 @@
 //     and for the backward: rank / cidx (pixel <-> compact position), the softmax max and sum,
 //     a = gauss * (p dH/dp) so that sum_k p_k dH/dp_k (gauss * g)_k = sum_m g_m a_m
 //     (the smoothing matrix is symmetric).
-// Backward (fused_bwd_kernel, grid (ceil(N / 64), B), 256 threads), with g = grad smoothed and
+// Backward (fused_bwd_kernel; backward mode 0 of fused_bindings.cpp, NOT validated: a device
+// diagnostic gave a wrong grad z for one image, so mode 1 is the default), with g = grad smoothed and
 // dot_b = sum_m g_m a_m (sum of cluster_backward's per-region partials):
 //   gz_i = p_i (dH/dp_i (gauss * g)_i - dot_b), then per pixel row
 //   gx_i = [w_i G_{r_i} if the keys are clustered tensor 0] + gz_i w,

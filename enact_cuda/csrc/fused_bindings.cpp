@@ -8,9 +8,12 @@
 //   fused_finish(pending, keys, tensors, w, bias, alias) -> [clustered tensors..., key mask]:
 //     waits on the event (the one device->host read), ONE launch clusters every tensor and
 //     writes the key padding mask. Differentiable w.r.t. keys, tensors, w and bias.
-//   backward: cluster_backward (one launch: grads of the tensors, grad smoothed, per-region
-//     partial sums for the softmax Jacobian) + fused_backward (one launch: grad z, the keys' extra
-//     term gz * w added to the keys' gradient, grad w and grad bias).
+//   backward, mode 1 (default, set_fused_backward): cluster_backward (grads of the tensors and
+//     of smoothed), info_backward (grad z), then gz * w into the keys' gradient (addcmul),
+//     grad w = gz^T keys (mm) and grad bias = sum gz.
+//   backward, mode 0 (NOT validated, off): cluster_backward with per-region partial sums for the
+//     softmax Jacobian + fused_backward (grad z, the keys' extra term, grad w, grad bias) in 2
+//     launches; its device diagnostic gave a wrong grad z for one image (cause not found yet).
 // alias = the information keys ARE tensors[0] (ENACTAttention: keys = src + pos), so the keys'
 // two gradient terms are written once into one tensor.
 #include <memory>
