@@ -1,0 +1,386 @@
+"""Accuracy parity: each detector trained with and without ENACT on the shapes data for the same
+training-time budget, COCO AP / AP50 / AP75 / APs / APm / APl side by side (issue 6).
+
+    python benchmarks/accuracy_parity.py --minutes N                 # all three detectors
+    python benchmarks/accuracy_parity.py --minutes N --detectors detr --stop_after 9
+    python benchmarks/accuracy_parity.py --tiny --device cpu         # smoke test of the script
+
+How a run is trained: the detector's own main.py (paper defaults: lr, batch size, losses,
+AdamW groups), random-initialised backbone unless --backbone_weights says otherwise, one
+subprocess per epoch: epoch k continues from the run's checkpoint.pth with
+``--resume checkpoint.pth --epochs k+1`` (main.py reseeds every epoch from (seed, epoch), so
+this trains exactly as one uninterrupted run). After every epoch the run's training time so far
+(log.txt: train_s_per_img x training images, i.e. the timed training loop, data loading
+included; start-up and evaluation excluded) is compared with the budget: another epoch is
+started only if the mean epoch time still fits, so no run exceeds --minutes (at least one epoch
+is always trained). Plain runs use --attn_impl sdpa by default (the faster plain attention, so
+plain gets at least as many epochs as with eager).
+
+Runs live in --out (default outputs/accuracy_parity/<detector>_<plain|enact>/, main.py's
+log.txt and checkpoint.pth); calling the script again with the same flags continues unfinished
+runs (a larger --minutes trains further), so the work can be split over several commands, e.g.
+one per detector, or with --stop_after (wall-clock minutes for this command). The report
+(AP of the last epoch of each run) goes to --results: accuracy_parity_<gpu>.json / .md and a
+PNG of AP per epoch drawn by tools/plot_logs.py (needs matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_reference as ref  # noqa: E402
+
+FOLDERS = {"detr": "DETR-ENACT", "conditional_detr": "Conditional-DETR-ENACT",
+           "anchor_detr": "Anchor-DETR-ENACT"}
+VARIANTS = ("plain", "enact")
+COCO_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# (num_train, num_val, min_size, max_size, train_sizes, eval_size, max_img_size, workers)
+DATA_DEFAULTS = {False: (1200, 200, 256, 384, "224,256,288,320", 320, 512, 4),
+                 True: (4, 2, 64, 96, "64", 64, 96, 0)}
+
+
+class ParityError(RuntimeError):
+    """A problem that stops the script, said in one line."""
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training-time budget per run (default 5; --tiny: one epoch)")
+    p.add_argument("--detectors", default=",".join(FOLDERS),
+                   help="comma-separated subset of " + ",".join(FOLDERS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="plain,enact or one of them")
+    p.add_argument("--plain_attn", choices=["sdpa", "eager"], default="sdpa",
+                   help="--attn_impl of the plain runs")
+    p.add_argument("--out", default=str(ROOT / "outputs" / "accuracy_parity"),
+                   help="folder of the runs (and of the generated shapes data)")
+    p.add_argument("--results", default=str(HERE / "results"),
+                   help="folder for accuracy_parity_<gpu>.json / .md / .png")
+    p.add_argument("--name", default=None, help="report file stem (default "
+                   "accuracy_parity_<gpu>, with --tiny accuracy_parity_<gpu>_tiny)")
+    p.add_argument("--coco_path", default="",
+                   help="dataset in COCO layout (default: shapes data generated under --out "
+                        "with tools/make_shapes_coco.py if absent)")
+    g = p.add_argument_group("generated shapes data and image sizes (defaults depend on --tiny)")
+    g.add_argument("--num_train", type=int, default=None)
+    g.add_argument("--num_val", type=int, default=None)
+    g.add_argument("--min_size", type=int, default=None, help="smallest generated image side")
+    g.add_argument("--max_size", type=int, default=None, help="largest generated image side")
+    g.add_argument("--train_sizes", default=None, help="main.py --train_sizes")
+    g.add_argument("--eval_size", type=int, default=None, help="main.py --eval_size")
+    g.add_argument("--max_img_size", type=int, default=None, help="main.py --max_size")
+    g.add_argument("--num_workers", type=int, default=None, help="main.py --num_workers")
+    p.add_argument("--backbone_weights", default="none",
+                   help="main.py --backbone_weights (none = random init; imagenet needs the "
+                        "torchvision weights cached or a network)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max_epochs", type=int, default=1000, help="epochs cap per run")
+    p.add_argument("--stop_after", type=float, default=None,
+                   help="wall-clock minutes for this command: no epoch is started that would "
+                        "end later (runs continue on the next call)")
+    p.add_argument("--extra", default="", help="more flags for every main.py, one string")
+    p.add_argument("--tiny", action="store_true",
+                   help="smoke mode (CPU): resnet18, hidden 64, 1 encoder / decoder layer, "
+                        "4 train / 2 val images of 64-96 px, batch 2, frozen backbone, one epoch "
+                        "per run")
+    return p
+
+
+def _choices(text, allowed, flag):
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        raise ParityError(f"{flag}: unknown {bad or text!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def resolve_defaults(opts):
+    names = ("num_train", "num_val", "min_size", "max_size", "train_sizes", "eval_size",
+             "max_img_size", "num_workers")
+    for name, value in zip(names, DATA_DEFAULTS[opts.tiny]):
+        if getattr(opts, name) is None:
+            setattr(opts, name, value)
+    if opts.minutes is None:
+        opts.minutes = 1e-3 if opts.tiny else 5.0
+    if opts.minutes <= 0:
+        raise ParityError("--minutes must be > 0")
+    if opts.device is None:
+        import torch
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return opts
+
+
+# ------------------------------------------------------------------------------ data
+def ensure_data(opts):
+    """The dataset folder: --coco_path, or shapes data generated under --out if absent."""
+    if opts.coco_path:
+        coco = Path(opts.coco_path)
+        if not (coco / "annotations" / "instances_train2017.json").is_file():
+            raise ParityError(f"{coco}: no annotations/instances_train2017.json (COCO layout)")
+        return coco
+    coco = Path(opts.out) / (f"shapes_{opts.num_train}x{opts.min_size}-{opts.max_size}"
+                             f"_val{opts.num_val}")
+    if not (coco / "annotations" / "instances_val2017.json").is_file():
+        print(f"generating shapes data in {coco}", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_shapes_coco.py"), "--out",
+                        str(coco), "--num_train", str(opts.num_train), "--num_val",
+                        str(opts.num_val), "--min_size", str(opts.min_size), "--max_size",
+                        str(opts.max_size), "--seed", "0"], check=True, cwd=ROOT)
+    return coco
+
+
+def count_train_images(coco):
+    data = json.loads((Path(coco) / "annotations" / "instances_train2017.json").read_text())
+    return len(data["images"])
+
+
+# ------------------------------------------------------------------------------ runs
+def run_flags(detector, variant, coco, opts):
+    """main.py flags of one run, without --epochs / --resume / --output_dir."""
+    flags = ["--coco_path", str(coco), "--backbone_weights", opts.backbone_weights,
+             "--train_sizes", opts.train_sizes, "--eval_size", str(opts.eval_size),
+             "--max_size", str(opts.max_img_size), "--num_workers", str(opts.num_workers),
+             "--device", opts.device, "--seed", str(opts.seed), "--print_freq", "100",
+             "--checkpoint_every", "1000000"]
+    if opts.tiny:
+        flags += ref.TINY_FLAGS + ref.TINY_QUERIES[detector]
+    if variant == "plain":
+        flags += ["--no_enact", "--attn_impl", opts.plain_attn]
+    else:
+        flags += ["--enact_impl", "auto"]
+    return flags + opts.extra.split()
+
+
+def read_log(run_dir):
+    path = Path(run_dir) / "log.txt"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def epoch_train_seconds(record, n_train):
+    """Training-loop seconds of one log.txt epoch record (s/img x images of the epoch)."""
+    return record["train_s_per_img"] * n_train
+
+
+def next_epoch_fits(spent_s, epochs_done, budget_s):
+    """Whether another epoch (expected to last the mean so far) ends within the budget. The
+    first epoch always runs."""
+    if epochs_done == 0:
+        return True
+    return spent_s + spent_s / epochs_done <= budget_s
+
+
+def train_within_budget(detector, variant, coco, n_train, opts, deadline):
+    """Train one run epoch by epoch until the budget (or --max_epochs / the deadline) stops it.
+    Returns the run's summary; failures are recorded in it, not raised."""
+    run_dir = Path(opts.out) / f"{detector}_{variant}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flags = run_flags(detector, variant, coco, opts)
+    side_path = run_dir / "parity_run.json"
+    side = json.loads(side_path.read_text()) if side_path.is_file() else {}
+    if side and side.get("flags") != flags:
+        raise ParityError(f"{run_dir} was trained with other flags; use another --out or delete "
+                          f"it (was: {' '.join(side.get('flags', []))})")
+    side.setdefault("flags", flags)
+    side.setdefault("epoch_wall_s", [])
+    budget_s = opts.minutes * 60
+    stop, error = None, None
+    while True:
+        records = read_log(run_dir)
+        done = len(records)
+        spent = sum(epoch_train_seconds(r, n_train) for r in records)
+        if done >= opts.max_epochs:
+            stop = "max_epochs"
+        elif not next_epoch_fits(spent, done, budget_s):
+            stop = "budget"
+        elif deadline is not None and side["epoch_wall_s"] and \
+                time.time() + max(side["epoch_wall_s"]) > deadline:
+            stop = "stop_after (continue with the same command)"
+        if stop:
+            break
+        if done and not (run_dir / "checkpoint.pth").is_file():
+            error = f"{run_dir}: log.txt has {done} epochs but checkpoint.pth is missing"
+            break
+        cmd = [sys.executable, str(ROOT / FOLDERS[detector] / "main.py"), *flags,
+               "--output_dir", str(run_dir), "--epochs", str(done + 1)]
+        if done:
+            cmd += ["--resume", str(run_dir / "checkpoint.pth")]
+        start = time.time()
+        with (run_dir / "main_output.txt").open("a") as out:
+            out.write(f"\n$ {' '.join(cmd)}\n")
+            out.flush()
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        side["epoch_wall_s"].append(time.time() - start)
+        side_path.write_text(json.dumps(side, indent=1))
+        if proc.returncode != 0:
+            tail = (run_dir / "main_output.txt").read_text().strip().splitlines()[-3:]
+            error = f"main.py exited with {proc.returncode}: {' | '.join(tail)[-400:]}"
+            break
+        if len(read_log(run_dir)) != done + 1:
+            error = f"main.py finished but {run_dir / 'log.txt'} has no record of epoch {done}"
+            break
+        print(f"  {detector} {variant}: epoch {done} done, {epoch_train_seconds(read_log(run_dir)[-1], n_train):.1f} s "
+              f"training ({side['epoch_wall_s'][-1]:.1f} s wall)", flush=True)
+    return summarise(detector, variant, run_dir, n_train, budget_s, stop, error,
+                     side["epoch_wall_s"])
+
+
+def summarise(detector, variant, run_dir, n_train, budget_s, stop, error, walls):
+    records = read_log(run_dir)
+    row = {"detector": detector, "variant": variant, "run_dir": str(run_dir),
+           "epochs": len(records), "budget_s": budget_s,
+           "train_s": sum(epoch_train_seconds(r, n_train) for r in records),
+           "wall_s": sum(walls), "stopped_by": stop, "error": error}
+    if records:
+        last = records[-1]
+        stats = last.get("test_coco_eval_bbox") or [None] * 6
+        row.update({k: (None if v is None or v < 0 else 100 * v)
+                    for k, v in zip(COCO_NAMES, stats[:6])})
+        aps = [r["test_coco_eval_bbox"][0] for r in records if r.get("test_coco_eval_bbox")]
+        row["best_AP"] = 100 * max(aps) if aps else None
+        row["ap_per_epoch"] = [100 * a for a in aps]
+        row["train_s_per_img"] = sum(r["train_s_per_img"] for r in records) / len(records)
+        row["peak_mem_gib"] = max(r.get("train_peak_mem_gib", 0.0) for r in records)
+        row["clusters_per_img"] = last.get("train_enact_clusters_per_img")
+        row["final_loss"] = last.get("train_loss")
+    else:
+        row.update({k: None for k in COCO_NAMES})
+    return row
+
+
+# --------------------------------------------------------------------------- reports
+def _num(x, fmt=".1f"):
+    return "—" if x is None else format(x, fmt)
+
+
+COLUMNS = ["detector", "variant", "epochs", "train min", "s/img", *COCO_NAMES, "AP (ENACT - plain)",
+           "stopped by"]
+
+
+def row_cells(row, rows):
+    delta = ""
+    if row["variant"] == "enact":
+        plain = next((r for r in rows if r["detector"] == row["detector"]
+                      and r["variant"] == "plain"), None)
+        if plain and plain.get("AP") is not None and row.get("AP") is not None:
+            delta = f"{row['AP'] - plain['AP']:+.1f}"
+    return [ref.DETECTOR_LABELS.get(row["detector"], row["detector"]), row["variant"],
+            str(row["epochs"]), f"{row['train_s'] / 60:.2f}",
+            _num(row.get("train_s_per_img"), ".4f"), *(_num(row.get(k)) for k in COCO_NAMES),
+            delta, row["error"] or row["stopped_by"] or ""]
+
+
+def text_table(rows):
+    cells = [COLUMNS] + [row_cells(r, rows) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells)
+
+
+def markdown(meta, rows, targets, chart):
+    lines = [f"# Accuracy parity on shapes: ENACT vs plain ({meta['gpu']})", "",
+             f"- GPU: {meta['gpu']}; torch {meta['torch']}; command: `{meta['command']}`; "
+             f"{meta['date']}",
+             f"- data: {meta['data']} ({meta['n_train']} training images); budget "
+             f"{meta['minutes']:g} min of training loop per run; plain attention "
+             f"{meta['plain_attn']}; backbone weights {meta['backbone_weights']}", "",
+             "Columns: epochs trained within the budget; train min = training-loop time "
+             "(log.txt s/img x images); AP.. = COCO box metrics x 100 of the LAST epoch "
+             "(— = no object of that size); AP (ENACT - plain) = the parity figure.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(row_cells(r, rows)) + " |" for r in rows]
+    lines += ["", "## Target", "", ref.targets_markdown(targets), ""]
+    if chart:
+        lines += [f"![AP per epoch]({Path(chart).name})", ""]
+    return "\n".join(lines)
+
+
+def draw_curves(rows, path, title):
+    """AP / AP50 / loss per epoch of every run, drawn by tools/plot_logs.py. -> path or None."""
+    spec = importlib.util.spec_from_file_location("plot_logs", ROOT / "tools" / "plot_logs.py")
+    plot_logs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_logs)
+    runs = [r for r in rows if r["epochs"]]
+    if not runs:
+        return None
+    try:
+        return plot_logs.plot([Path(r["run_dir"]) / "log.txt" for r in runs],
+                              [f"{r['detector']} {r['variant']}" for r in runs],
+                              ["AP", "AP50", "loss"], path, title=title)
+    except plot_logs.PlotError as e:
+        print(f"chart skipped: {e}")
+        return None
+
+
+def main(argv=None):
+    opts = get_parser().parse_args(argv)
+    try:
+        return run(opts, argv)
+    except ParityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(opts, argv):
+    detectors = _choices(opts.detectors, FOLDERS, "--detectors")
+    variants = _choices(opts.variants, VARIANTS, "--variants")
+    resolve_defaults(opts)
+    start = time.time()
+    deadline = start + 60 * opts.stop_after if opts.stop_after else None
+    import torch  # only for the device's name
+    gpu = torch.cuda.get_device_name() if opts.device.startswith("cuda") else "cpu"
+    coco = ensure_data(opts)
+    n_train = count_train_images(coco)
+    print(f"GPU: {gpu}  torch {torch.__version__}  data {coco} ({n_train} train images)  "
+          f"budget {opts.minutes:g} min of training per run", flush=True)
+    rows = []
+    for det in detectors:
+        for variant in variants:
+            print(f"{det} {variant}:", flush=True)
+            rows.append(train_within_budget(det, variant, coco, n_train, opts, deadline))
+    aps = {d: {r["variant"]: r.get("AP") for r in rows if r["detector"] == d} for d in detectors}
+    targets = ref.evaluate_parity(aps)
+    stem = opts.name or ("accuracy_parity_" + re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
+                         + ("_tiny" if opts.tiny else ""))
+    results = Path(opts.results)
+    results.mkdir(parents=True, exist_ok=True)
+    chart = draw_curves(rows, results / f"{stem}.png",
+                        f"shapes, {opts.minutes:g} min per run, {gpu}")
+    meta = {"gpu": gpu, "torch": torch.__version__, "device": opts.device,
+            "command": " ".join(["python", "benchmarks/accuracy_parity.py",
+                                 *(argv if argv is not None else sys.argv[1:])]),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "data": str(coco), "n_train": n_train, "minutes": opts.minutes,
+            "plain_attn": opts.plain_attn, "backbone_weights": opts.backbone_weights,
+            "tiny": opts.tiny, "wall_s": time.time() - start}
+    (results / f"{stem}.json").write_text(json.dumps(
+        {**meta, "rows": rows, "targets": targets, "chart": str(chart) if chart else None},
+        indent=1))
+    (results / f"{stem}.md").write_text(markdown(meta, rows, targets, chart))
+    print()
+    print(text_table(rows))
+    for t in targets:
+        print(f"[{t['status']:>6}] {t['detector']:<17} {t['text']}")
+    print(f"\nwrote {results / stem}.json, .md" + (", .png" if chart else "")
+          + f" in {time.time() - start:.0f} s")
+    return 1 if any(r["error"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,603 @@
+"""Whole-detector benchmark: ENACT vs plain attention for DETR R50, Conditional DETR R101 and
+Anchor DETR R50-DC5 under the protocol of issue 6 (the paper's Table 1 on our GPU).
+
+    python benchmarks/bench_detectors.py                      # everything, one GPU, < 10 min
+    python benchmarks/bench_detectors.py --detectors detr --variants plain_eager,enact
+    python benchmarks/bench_detectors.py --tiny --device cpu  # smoke test of the script
+
+Protocol (per row = one detector x one variant x one mode, a freshly built model):
+  fp32 with torch's default TF32 settings (untouched); random-initialised backbone
+  (--backbone_weights none); a batch of 8 random 3x800x1216 images (Anchor DETR: 4, i.e. each
+  detector's default --batch_size) with 1-10 random boxes per image (seeded, the same batch for
+  every variant); the detector's own criterion and AdamW groups (DETECTOR.param_groups),
+  gradient clipping 0.1; 3 warm-up steps, then 10 timed steps between torch.cuda.synchronize();
+  peak = torch.cuda.max_memory_allocated() after reset_peak_memory_stats() following the
+  warm-up; inference at batch 1 (the batch's first image), model.eval() + no_grad, 5 warm-up
+  then 20 timed forwards.
+Variants: plain_eager (--no_enact --attn_impl eager: the paper's baseline, materialised
+  attention weights), plain_sdpa (--no_enact --attn_impl sdpa), enact (--enact_impl auto, the
+  other attentions at the default sdpa: what a user gets), enact_eager (ENACT with the other
+  attentions eager, to separate ENACT from the decoder's attention implementation).
+Modes: fp32 (the protocol; the targets are judged on it), bf16 (the same under
+  torch.autocast bf16; criterion in fp32), mixed (fp32, a padded batch alternating 800x1216 and
+  800x900 images with the padding mask; training only, since a batch-1 image has no padding).
+Writes <out>/<gpu>.json, <gpu>.md (tables, the issue's reference figures, targets met / missed)
+and <gpu>.png (bar chart; needs matplotlib), rewriting JSON and markdown after every row.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.util
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+FOLDERS = {"detr": "DETR-ENACT", "conditional_detr": "Conditional-DETR-ENACT",
+           "anchor_detr": "Anchor-DETR-ENACT"}
+for _p in [ROOT, HERE, *(ROOT / f for f in FOLDERS.values())]:
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import bench_reference as ref  # noqa: E402
+from detr_common.data.collate import pad_images  # noqa: E402
+from detr_common.engine import autocast, move_targets, to_float  # noqa: E402
+
+VARIANTS = {
+    "plain_eager": ["--no_enact", "--attn_impl", "eager"],
+    "plain_sdpa": ["--no_enact", "--attn_impl", "sdpa"],
+    "enact": ["--enact_impl", "auto", "--attn_impl", "sdpa"],
+    "enact_eager": ["--enact_impl", "auto", "--attn_impl", "eager"],
+}
+MODES = {"fp32": "off", "bf16": "bf16", "mixed": "off"}  # mode -> --amp value
+NUM_CLASSES = 91  # COCO's largest category id + 1, as on COCO
+FULL_SIZE, MIXED_SMALL = (800, 1216), (800, 900)
+TINY_SIZE, TINY_SMALL = (64, 96), (64, 72)
+
+
+# ------------------------------------------------------------------------ detectors
+def _load_module(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_MAINS = {}
+
+
+def load_detector(name):
+    """(get_parser, DETECTOR) of ``<folder>/main.py`` imported in-process. The three folders
+    each have an ``engine.py``; the folder's own one is put under the name ``engine`` only while
+    its main.py is executed (main.py does ``from engine import DETECTOR``)."""
+    if name not in _MAINS:
+        folder = ROOT / FOLDERS[name]
+        engine = _load_module(folder / "engine.py", f"_bench_{name}_engine")
+        saved = sys.modules.get("engine")
+        sys.modules["engine"] = engine
+        try:
+            main = _load_module(folder / "main.py", f"_bench_{name}_main")
+        finally:
+            if saved is None:
+                sys.modules.pop("engine", None)
+            else:
+                sys.modules["engine"] = saved
+        _MAINS[name] = main
+    return _MAINS[name].get_parser, _MAINS[name].DETECTOR
+
+
+def detector_args(name, variant, device, tiny):
+    """Parsed flags of the detector's own main.py (paper defaults) for one variant."""
+    get_parser, _ = load_detector(name)
+    argv = ["--backbone_weights", "none", "--device", str(device), *VARIANTS[variant]]
+    if tiny:
+        argv += ref.TINY_FLAGS + ref.TINY_QUERIES[name]
+    args = get_parser().parse_args(argv)
+    args.num_classes = NUM_CLASSES
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+def random_batch(batch_size, sizes, seed, device):
+    """ImageBatch of random N(0, 1) images (sizes: one (h, w) per image, padded to the largest)
+    and targets with 1-10 random boxes each (normalised cxcywh inside the image, labels in
+    1..NUM_CLASSES-1); deterministic in ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for i in range(batch_size):
+        h, w = sizes[i % len(sizes)]
+        images.append(torch.randn(3, h, w, generator=g))
+        n = int(torch.randint(1, 11, (1,), generator=g))
+        centre = 0.2 + 0.6 * torch.rand(n, 2, generator=g)
+        extent = 0.05 + 0.35 * torch.rand(n, 2, generator=g)
+        targets.append({"labels": torch.randint(1, NUM_CLASSES, (n,), generator=g),
+                        "boxes": torch.cat([centre, extent], 1)})
+    return pad_images(images).to(device), move_targets(targets, device)
+
+
+# ---------------------------------------------------------------------------- timing
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model, criterion, optimizer, batch, targets, amp, clip, device):
+    """One optimisation step as detr_common.engine.train_one_epoch takes it (autocast forward,
+    fp32 criterion, weighted loss, backward, gradient clipping, AdamW), minus its logging."""
+    with autocast(device, amp):
+        outputs = model(batch)
+    loss_dict = criterion(to_float(outputs), targets)
+    weights = criterion.weight_dict
+    loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss.detach()
+
+
+def measure_train(model, criterion, optimizer, batch, targets, amp, clip, device, warmup,
+                  steps):
+    """-> {train_s_per_img, peak_gib, loss}: ``warmup`` steps, then ``steps`` timed between
+    synchronisations; peak over the timed steps (statistics reset after the warm-up)."""
+    model.train()
+    criterion.train()
+    for _ in range(warmup):
+        train_step(model, criterion, optimizer, batch, targets, amp, clip, device)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = train_step(model, criterion, optimizer, batch, targets, amp, clip, device)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    return {"train_s_per_img": elapsed / (steps * batch.images.shape[0]), "peak_gib": peak,
+            "loss": float(loss)}
+
+
+@torch.no_grad()
+def measure_inference(model, image, amp, device, warmup, steps):
+    """-> {infer_s_per_img}: batch-1 forwards in eval mode under no_grad."""
+    model.eval()
+    for _ in range(warmup):
+        with autocast(device, amp):
+            model(image)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        with autocast(device, amp):
+            model(image)
+    sync(device)
+    return {"infer_s_per_img": (time.perf_counter() - start) / steps}
+
+
+def cluster_counts(model):
+    """Per ENACT layer (module order = layer order): mean clusters and valid pixels per image of
+    the last forward, from the modules' ``last_stats``; [] for a plain model."""
+    layers = []
+    for name, module in model.named_modules():
+        stats = getattr(module, "last_stats", None)
+        if stats:
+            layers.append({"layer": name,
+                           "clusters_per_img": float(stats["clusters_per_image"].float().mean()),
+                           "pixels_per_img": float(stats["pixels_per_image"].float().mean())})
+    return layers
+
+
+def profile_train(model, criterion, optimizer, batch, targets, amp, clip, device, rows=15):
+    """Top kernels of two training steps (torch.profiler), as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    model.train()
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            train_step(model, criterion, optimizer, batch, targets, amp, clip, device)
+        sync(device)
+    averages = prof.key_averages()
+    keys = (["self_device_time_total", "self_cuda_time_total"] if device.type == "cuda"
+            else ["self_cpu_time_total"])
+    for key in keys:
+        try:
+            return averages.table(sort_by=key, row_limit=rows)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return averages.table(row_limit=rows)
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_row(name, variant, mode, opts, device):
+    """Build one detector variant and measure it; errors (OOM included) are recorded in the row,
+    never raised, and the row keeps what was measured before the error."""
+    _, detector = load_detector(name)
+    amp = MODES[mode]
+    row = {"detector": name, "variant": variant, "mode": mode, "amp": amp,
+           "train_s_per_img": None, "peak_gib": None, "infer_s_per_img": None, "error": None}
+    if device.type == "cuda":
+        row["allocated_before_gib"] = torch.cuda.memory_allocated(device) / 2 ** 30
+    start = time.perf_counter()
+    model = criterion = optimizer = batch = targets = None
+    phase = "build"
+    try:
+        args = detector_args(name, variant, device, opts.tiny)
+        row.update(batch_size=args.batch_size, backbone=args.backbone
+                   + ("-DC5" if getattr(args, "dilation", False) else ""),
+                   enact_impl=None if args.no_enact else args.enact_impl,
+                   attn_impl=args.attn_impl)
+        torch.manual_seed(opts.seed)
+        model, criterion, _ = detector.build(args)
+        model.to(device)
+        criterion.to(device)
+        optimizer = torch.optim.AdamW(detector.param_groups(model, args), lr=args.lr,
+                                      weight_decay=args.weight_decay)
+        full, small = (TINY_SIZE, TINY_SMALL) if opts.tiny else (FULL_SIZE, MIXED_SMALL)
+        sizes = [full, small] if mode == "mixed" else [full]
+        batch, targets = random_batch(args.batch_size, sizes, opts.seed, device)
+        row["image_sizes"] = [list(s) for s in sizes]
+        row["padded_shape"] = list(batch.images.shape)
+        phase = "training"
+        row.update(measure_train(model, criterion, optimizer, batch, targets, amp,
+                                 args.clip_max_norm, device, opts.warmup, opts.steps))
+        row["clusters_train"] = cluster_counts(model)
+        if mode != "mixed":
+            phase = "inference"
+            image = pad_images([batch.images[0]])  # batch 1, no padding
+            row.update(measure_inference(model, image, amp, device, opts.infer_warmup,
+                                         opts.infer_steps))
+            row["clusters_infer"] = cluster_counts(model)
+        if opts.profile and mode == "fp32":
+            phase = "profile"
+            row["profile"] = profile_train(model, criterion, optimizer, batch, targets, amp,
+                                           args.clip_max_norm, device)
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "OOM" if phase in ("build", "training") else f"OOM ({phase})"
+    except Exception as exc:  # keep going with the other rows
+        row["error"] = f"{phase}: {type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        del model, criterion, optimizer, batch, targets
+        free_memory(device)
+    row["wall_s"] = time.perf_counter() - start
+    return row
+
+
+# --------------------------------------------------------------------------- reports
+def add_ratios(rows):
+    """Percent changes of every row against plain_eager and plain_sdpa of the same detector and
+    mode: <metric>_vs_<variant>_pct = (row / plain - 1) x 100."""
+    for row in rows:
+        for base in ("plain_eager", "plain_sdpa"):
+            plain = next((r for r in rows if r["detector"] == row["detector"]
+                          and r["mode"] == row["mode"] and r["variant"] == base), None)
+            for metric in ("train_s_per_img", "peak_gib", "infer_s_per_img"):
+                row[f"{metric}_vs_{base}_pct"] = ref.pct(
+                    row.get(metric), None if plain is None else plain.get(metric))
+    return rows
+
+
+def _num(x, fmt):
+    return "—" if x is None else format(x, fmt)
+
+
+def _pct(x):
+    return "—" if x is None else f"{x:+.1f} %"
+
+
+def _clusters(row):
+    layers = row.get("clusters_train") or []
+    if not layers:
+        return ""
+    return " ".join(f"{c['clusters_per_img']:.0f}" for c in layers) + \
+        f" of {layers[0]['pixels_per_img']:.0f}"
+
+
+TABLE_COLUMNS = ["detector", "mode", "variant", "train s/img", "peak GiB", "infer s/img",
+                 "train vs eager", "mem vs eager", "infer vs eager", "train vs sdpa",
+                 "mem vs sdpa", "infer vs sdpa", "clusters/img per layer (train)"]
+
+
+def table_cells(row):
+    if row.get("error") and row.get("train_s_per_img") is None:
+        return [ref.DETECTOR_LABELS.get(row["detector"], row["detector"]), row["mode"],
+                row["variant"], row["error"]] + [""] * (len(TABLE_COLUMNS) - 4)
+    return [ref.DETECTOR_LABELS.get(row["detector"], row["detector"]), row["mode"],
+            row["variant"], _num(row["train_s_per_img"], ".4f"), _num(row["peak_gib"], ".2f"),
+            _num(row["infer_s_per_img"], ".4f"),
+            *(_pct(row.get(f"{m}_vs_{b}_pct")) for b in ("plain_eager", "plain_sdpa")
+              for m in ("train_s_per_img", "peak_gib", "infer_s_per_img")),
+            _clusters(row) + (f" [{row['error']}]" if row.get("error") else "")]
+
+
+def text_table(rows):
+    cells = [TABLE_COLUMNS] + [table_cells(r) for r in rows]
+    widths = [max(len(str(c[i])) for c in cells) for i in range(len(TABLE_COLUMNS))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in cells)
+
+
+def markdown_table(rows):
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
+             "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in table_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def reference_markdown(rows, detectors):
+    """Our fp32 figures beside the issue's upstream / official / paper / floor figures."""
+    lines = [
+        f"Reference figures: {ref.REFERENCE_GPU}, torch {ref.REFERENCE_TORCH}, same protocol "
+        f"(from issue 6). Percentages are vs plain (ours: vs plain-eager of this run).", "",
+        "| detector | figure | train s/img | peak GiB | infer s/img | train Δ | mem Δ | "
+        "infer Δ |", "|---|---|---|---|---|---|---|---|"]
+
+    def line(det, label, vals, pcts):
+        lines.append(f"| {ref.DETECTOR_LABELS[det]} | {label} | "
+                     f"{_num(vals.get('train_s_per_img'), '.4f')} | "
+                     f"{_num(vals.get('peak_gib'), '.2f')} | "
+                     f"{_num(vals.get('infer_s_per_img'), '.4f')} | "
+                     f"{_pct(pcts.get('train'))} | {_pct(pcts.get('mem'))} | "
+                     f"{_pct(pcts.get('infer'))} |")
+
+    for det in detectors:
+        line(det, "upstream plain (ref.)", ref.UPSTREAM[det], {})
+        line(det, "official ENACT (ref.)", ref.OFFICIAL[det], ref.OFFICIAL_PCT[det])
+        line(det, "paper claim", {}, ref.PAPER_PCT[det])
+        floor = {k: v[0] for k, v in ref.FLOOR_ABS[det].items()}
+        line(det, "floor: free encoder attention (ref.)", floor, ref.FLOOR_PCT[det])
+        if det == "detr":
+            line(det, "plain + fused encoder attention (ref.)", ref.FUSED_DETR,
+                 {"mem": ref.pct(ref.FUSED_DETR["peak_gib"], ref.UPSTREAM["detr"]["peak_gib"])})
+        for variant in ("plain_eager", "plain_sdpa", "enact", "enact_eager"):
+            r = ref._find(rows, det, variant)
+            if r is None:
+                continue
+            line(det, f"**ours: {variant}**", r,
+                 {"train": r.get("train_s_per_img_vs_plain_eager_pct"),
+                  "mem": r.get("peak_gib_vs_plain_eager_pct"),
+                  "infer": r.get("infer_s_per_img_vs_plain_eager_pct")})
+    return "\n".join(lines)
+
+
+def write_markdown(path, meta, rows, targets):
+    detectors = list(dict.fromkeys(r["detector"] for r in rows))
+    met = sum(t["status"] == "met" for t in targets)
+    missed = [t for t in targets if t["status"] == "missed"]
+    parts = [
+        f"# Detector benchmark: ENACT vs plain ({meta['gpu']})", "",
+        f"- GPU: {meta['gpu']}; torch {meta['torch']}; CUDA {meta['cuda']}; "
+        f"TF32 matmul {meta['tf32_matmul']}, cuDNN TF32 {meta['tf32_cudnn']}, float32 matmul "
+        f"precision {meta['float32_matmul_precision']}",
+        f"- ENACT backend (impl auto): {meta['enact_backend']}",
+        f"- command: `{meta['command']}`; {meta['date']}; {meta['wall_s']:.0f} s",
+        f"- protocol: {meta['protocol']}", "",
+        "Columns: train s/img = timed training seconds / (steps x batch); peak GiB = "
+        "max_memory_allocated over the timed steps; infer s/img = batch-1 eval forward; "
+        "\"vs eager\" / \"vs sdpa\" = (row / plain row of the same detector and mode - 1) x 100 "
+        "(negative = less memory / faster); clusters/img per layer = ENACT clusters per image "
+        "of each encoder layer in the last training step, \"of N\" = valid pixels per image.",
+        "", "## Results", "", markdown_table(rows), "",
+        "## Against the reference figures (fp32 rows)", "", reference_markdown(rows, detectors),
+        "", f"## Targets (fp32 rows): {met} met, {len(missed)} missed, "
+        f"{sum(t['status'] == 'n/a' for t in targets)} n/a", "",
+        ref.targets_markdown(targets), ""]
+    if missed:
+        parts += ["Missed: " + "; ".join(f"{t['id']} {t['detector']} ({t['text']})"
+                                         for t in missed), ""]
+    path.write_text("\n".join(parts))
+
+
+def write_chart(path, rows, meta):
+    """Bar chart of the fp32 rows (train s/img, peak GiB, infer s/img), with the upstream and
+    official reference figures as hatched bars. Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("chart skipped: matplotlib is not installed (pip install matplotlib, or "
+              "pip install -e \".[plots]\")")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fp32 = [r for r in rows if r["mode"] == "fp32"]
+    detectors = list(dict.fromkeys(r["detector"] for r in fp32))
+    variants = list(dict.fromkeys(r["variant"] for r in fp32))
+    series = [(v, {r["detector"]: r for r in fp32 if r["variant"] == v}, None)
+              for v in variants]
+    series += [("upstream plain (ref.)", ref.UPSTREAM, "//"),
+               ("official ENACT (ref.)", ref.OFFICIAL, "\\\\")]
+    metrics = [("train_s_per_img", "training s/img"), ("peak_gib", "peak training GiB"),
+               ("infer_s_per_img", "batch-1 inference s/img")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    width = 0.8 / len(series)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (metric, title) in zip(axes, metrics):
+        for i, (label, table, hatch) in enumerate(series):
+            xs, ys = [], []
+            for j, det in enumerate(detectors):
+                value = (table.get(det) or {}).get(metric)
+                if value is not None:
+                    xs.append(j - 0.4 + width * (i + 0.5))
+                    ys.append(value)
+            ax.bar(xs, ys, width, label=label, hatch=hatch,
+                   color="lightgrey" if hatch else colours[i % len(colours)],
+                   edgecolor="black" if hatch else None)
+        ax.set_xticks(range(len(detectors)))
+        ax.set_xticklabels([ref.DETECTOR_LABELS.get(d, d) for d in detectors], fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{meta['gpu']}, torch {meta['torch']}, fp32 (reference bars: "
+                 f"{ref.REFERENCE_GPU}, torch {ref.REFERENCE_TORCH})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------ main
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--detectors", default=",".join(FOLDERS),
+                   help="comma-separated subset of " + ",".join(FOLDERS))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated subset of " + ",".join(MODES))
+    p.add_argument("--warmup", type=int, default=None, help="training warm-up steps (3)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps (10)")
+    p.add_argument("--infer_warmup", type=int, default=None, help="inference warm-ups (5)")
+    p.add_argument("--infer_steps", type=int, default=None, help="timed inference forwards (20)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if "
+                   "available)")
+    p.add_argument("--out", default=str(HERE / "results"),
+                   help="folder for <gpu>.json / .md / .png")
+    p.add_argument("--name", default=None, help="file stem (default: the GPU name, lower case; "
+                   "with --tiny <gpu>_tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 2 training steps per fp32 row: top kernels in "
+                        "<name>_profile.md")
+    p.add_argument("--tiny", action="store_true",
+                   help="smoke mode (CPU): resnet18, hidden 64, 1 encoder / decoder layer, "
+                        "64x96 images (mixed: with 64x72), batch 2, frozen backbone, 1 warm-up + "
+                        "1 timed step")
+    return p
+
+
+def _choices(text, allowed, flag):
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        raise SystemExit(f"error: {flag}: unknown {bad or text!r}; choose from "
+                         f"{', '.join(allowed)}")
+    return items
+
+
+def main(argv=None):
+    opts = get_parser().parse_args(argv)
+    detectors = _choices(opts.detectors, FOLDERS, "--detectors")
+    variants = _choices(opts.variants, VARIANTS, "--variants")
+    modes = _choices(opts.modes, MODES, "--modes")
+    defaults = (1, 1, 1, 1) if opts.tiny else (3, 10, 5, 20)
+    for key, value in zip(("warmup", "steps", "infer_warmup", "infer_steps"), defaults):
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    if opts.steps < 1 or opts.infer_steps < 1:
+        raise SystemExit("error: --steps and --infer_steps must be >= 1")
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
+    if device.type == "cpu" and not opts.tiny:
+        print("warning: the full protocol on the CPU takes very long; use --tiny for a smoke "
+              "run", file=sys.stderr)
+
+    run_start = time.perf_counter()
+    if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        gpu = torch.cuda.get_device_name(device)
+    else:
+        gpu = "cpu"
+    backend = "torch (CPU inputs)"
+    if device.type == "cuda" and any(v.startswith("enact") for v in variants):
+        import enact_cuda
+        t0 = time.perf_counter()
+        info = enact_cuda.backend_info()  # may JIT-build the extension (cached afterwards)
+        backend = f"{info['auto']} ({info['reason']}; checked in {time.perf_counter() - t0:.0f} s)"
+    meta = {
+        "gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "device": str(device),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "enact_backend": backend, "tiny": opts.tiny,
+        "command": " ".join(["python", "benchmarks/bench_detectors.py", *(argv if argv is not
+                                                                          None else sys.argv[1:])]),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "protocol": (f"{'TINY smoke settings, ' if opts.tiny else ''}random-init backbone, "
+                     f"batch = detector default, images {TINY_SIZE if opts.tiny else FULL_SIZE} "
+                     f"(mixed: with {TINY_SMALL if opts.tiny else MIXED_SMALL}), 1-10 boxes, "
+                     f"{opts.warmup} warm-up + {opts.steps} timed steps, inference batch 1 "
+                     f"{opts.infer_warmup} + {opts.infer_steps}, clip 0.1, seed {opts.seed}"),
+        "settings": {k: getattr(opts, k) for k in ("warmup", "steps", "infer_warmup",
+                                                   "infer_steps", "seed")},
+    }
+    print(f"GPU: {gpu}  torch {torch.__version__}  CUDA {torch.version.cuda}  TF32 matmul "
+          f"{meta['tf32_matmul']} cuDNN {meta['tf32_cudnn']}  ENACT backend: {backend}",
+          flush=True)
+    print(f"protocol: {meta['protocol']}", flush=True)
+
+    stem = opts.name or (re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
+                         + ("_tiny" if opts.tiny else ""))
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = (out / f"{stem}.{e}" for e in ("json", "md", "png"))
+    plan = [(d, m, v) for d in detectors for m in modes for v in variants]
+    print(f"{len(plan)} rows -> {json_path}", flush=True)
+
+    rows = []
+
+    def write():
+        meta["wall_s"] = time.perf_counter() - run_start
+        add_ratios(rows)
+        targets = ref.evaluate_targets(rows, gpu, detectors)
+        json_path.write_text(json.dumps({**meta, "rows": [{k: v for k, v in r.items()
+                                                           if k != "profile"} for r in rows],
+                                         "targets": targets,
+                                         "reference": {"gpu": ref.REFERENCE_GPU,
+                                                       "torch": ref.REFERENCE_TORCH,
+                                                       "upstream": ref.UPSTREAM,
+                                                       "official": ref.OFFICIAL,
+                                                       "official_pct": ref.OFFICIAL_PCT,
+                                                       "paper_pct": ref.PAPER_PCT,
+                                                       "floor_pct": ref.FLOOR_PCT}},
+                                        indent=1))
+        write_markdown(md_path, meta, rows, targets)
+        return targets
+
+    for det, mode, variant in plan:
+        row = measure_row(det, variant, mode, opts, device)
+        rows.append(row)
+        layers = row.get("clusters_train") or []
+        print(f"{det:<17} {mode:<5} {variant:<12} train {_num(row['train_s_per_img'], '.4f')} "
+              f"s/img  peak {_num(row['peak_gib'], '.2f')} GiB  infer "
+              f"{_num(row['infer_s_per_img'], '.4f')} s/img"
+              + (f"  clusters/img per layer: {_clusters(row)}" if layers else "")
+              + (f"  ERROR {row['error']}" if row["error"] else "")
+              + f"  ({row['wall_s']:.1f} s)", flush=True)
+        write()
+
+    targets = write()
+    chart = write_chart(png_path, rows, meta)
+    if opts.profile:
+        prof = [f"# Top kernels per fp32 row, 2 training steps ({gpu})", ""]
+        prof += [f"## {r['detector']} {r['variant']}\n\n```\n{r['profile']}\n```\n"
+                 for r in rows if r.get("profile")]
+        (out / f"{stem}_profile.md").write_text("\n".join(prof))
+    print()
+    print(text_table(rows))
+    print()
+    for t in targets:
+        print(f"[{t['status']:>8}] {t['id']:<24} {t['detector']:<17} {t['text']}")
+    print(f"\nwrote {json_path}, {md_path}" + (f", {chart}" if chart else "")
+          + f" in {time.perf_counter() - run_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
