@@ -281,7 +281,7 @@ def row_cells(row, rows):
                       and r["variant"] == "plain"), None)
         if plain and plain.get("AP") is not None and row.get("AP") is not None:
             delta = f"{row['AP'] - plain['AP']:+.1f}"
-    return [ref.DETECTOR_LABELS.get(row["detector"], row["detector"]), row["variant"],
+    return [ref.DETECTOR_SHORT.get(row["detector"], row["detector"]), row["variant"],
             str(row["epochs"]), f"{row['train_s'] / 60:.2f}",
             _num(row.get("train_s_per_img"), ".4f"), *(_num(row.get(k)) for k in COCO_NAMES),
             delta, row["error"] or row["stopped_by"] or ""]
@@ -296,13 +296,14 @@ def text_table(rows):
 def markdown(meta, rows, targets, chart):
     lines = [f"# Accuracy parity on shapes: ENACT vs plain ({meta['gpu']})", "",
              f"- GPU: {meta['gpu']}; torch {meta['torch']}; command: `{meta['command']}`; "
-             f"{meta['date']}",
+             f"{meta['date']}" + ("; **--tiny smoke run (tiny models, a few images): the "
+                                  "figures mean nothing**" if meta["tiny"] else ""),
              f"- data: {meta['data']} ({meta['n_train']} training images); budget "
              f"{meta['minutes']:g} min of training loop per run; plain attention "
              f"{meta['plain_attn']}; backbone weights {meta['backbone_weights']}", "",
              "Columns: epochs trained within the budget; train min = training-loop time "
              "(log.txt s/img x images); AP.. = COCO box metrics x 100 of the LAST epoch "
-             "(— = no object of that size); AP (ENACT - plain) = the parity figure.", "",
+             "(— = undefined: COCO gives -1 when there is no object or no detection of that size); AP (ENACT - plain) = the parity figure.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(row_cells(r, rows)) + " |" for r in rows]
     lines += ["", "## Target", "", ref.targets_markdown(targets), ""]

@@ -60,7 +60,7 @@ VARIANTS = {
 MODES = {"fp32": "off", "bf16": "bf16", "mixed": "off"}  # mode -> --amp value
 NUM_CLASSES = 91  # COCO's largest category id + 1, as on COCO
 FULL_SIZE, MIXED_SMALL = (800, 1216), (800, 900)
-TINY_SIZE, TINY_SMALL = (64, 96), (64, 72)
+TINY_SIZE, TINY_SMALL = (64, 96), (64, 64)
 
 
 # ------------------------------------------------------------------------ detectors
@@ -298,6 +298,12 @@ def _pct(x):
     return "—" if x is None else f"{x:+.1f} %"
 
 
+def row_label(row):
+    """"DETR R50" from the row's detector and backbone (so --tiny rows say R18)."""
+    backbone = (row.get("backbone") or "").replace("resnet", "R")
+    return f"{ref.DETECTOR_SHORT.get(row['detector'], row['detector'])} {backbone}".strip()
+
+
 def _clusters(row):
     layers = row.get("clusters_train") or []
     if not layers:
@@ -313,10 +319,8 @@ TABLE_COLUMNS = ["detector", "mode", "variant", "train s/img", "peak GiB", "infe
 
 def table_cells(row):
     if row.get("error") and row.get("train_s_per_img") is None:
-        return [ref.DETECTOR_LABELS.get(row["detector"], row["detector"]), row["mode"],
-                row["variant"], row["error"]] + [""] * (len(TABLE_COLUMNS) - 4)
-    return [ref.DETECTOR_LABELS.get(row["detector"], row["detector"]), row["mode"],
-            row["variant"], _num(row["train_s_per_img"], ".4f"), _num(row["peak_gib"], ".2f"),
+        return [row_label(row), row["mode"], row["variant"], row["error"]] + [""] * (len(TABLE_COLUMNS) - 4)
+    return [row_label(row), row["mode"], row["variant"], _num(row["train_s_per_img"], ".4f"), _num(row["peak_gib"], ".2f"),
             _num(row["infer_s_per_img"], ".4f"),
             *(_pct(row.get(f"{m}_vs_{b}_pct")) for b in ("plain_eager", "plain_sdpa")
               for m in ("train_s_per_img", "peak_gib", "infer_s_per_img")),
@@ -357,7 +361,10 @@ def reference_markdown(rows, detectors):
         line(det, "official ENACT (ref.)", ref.OFFICIAL[det], ref.OFFICIAL_PCT[det])
         line(det, "paper claim", {}, ref.PAPER_PCT[det])
         floor = {k: v[0] for k, v in ref.FLOOR_ABS[det].items()}
-        line(det, "floor: free encoder attention (ref.)", floor, ref.FLOOR_PCT[det])
+        plain = ref.FLOOR_ABS[det]
+        line(det, f"floor: free encoder attention (ref.; vs its plain run "
+                  f"{plain['train_s_per_img'][1]} s/img, {plain['peak_gib'][1]} GiB)",
+             floor, ref.FLOOR_PCT[det])
         if det == "detr":
             line(det, "plain + fused encoder attention (ref.)", ref.FUSED_DETR,
                  {"mem": ref.pct(ref.FUSED_DETR["peak_gib"], ref.UPSTREAM["detr"]["peak_gib"])})
@@ -383,7 +390,11 @@ def write_markdown(path, meta, rows, targets):
         f"precision {meta['float32_matmul_precision']}",
         f"- ENACT backend (impl auto): {meta['enact_backend']}",
         f"- command: `{meta['command']}`; {meta['date']}; {meta['wall_s']:.0f} s",
-        f"- protocol: {meta['protocol']}", "",
+        f"- protocol: {meta['protocol']}", ""]
+    if meta["tiny"]:
+        parts += ["**--tiny smoke run: tiny models and images; these figures are not comparable "
+                  "with the reference figures or the targets.**", ""]
+    parts += [
         "Columns: train s/img = timed training seconds / (steps x batch); peak GiB = "
         "max_memory_allocated over the timed steps; infer s/img = batch-1 eval forward; "
         "\"vs eager\" / \"vs sdpa\" = (row / plain row of the same detector and mode - 1) x 100 "
@@ -401,8 +412,9 @@ def write_markdown(path, meta, rows, targets):
 
 
 def write_chart(path, rows, meta):
-    """Bar chart of the fp32 rows (train s/img, peak GiB, infer s/img), with the upstream and
-    official reference figures as hatched bars. Returns the path, or None without matplotlib."""
+    """Bar chart of the fp32 rows (else the first mode's; train s/img, peak GiB, infer s/img; ENACT bars labelled with
+    their change vs plain-eager), with the upstream and official reference figures as hatched
+    bars (not for --tiny). Returns the path, or None without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -411,13 +423,17 @@ def write_chart(path, rows, meta):
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fp32 = [r for r in rows if r["mode"] == "fp32"]
+    if not rows:
+        return None
+    mode = "fp32" if any(r["mode"] == "fp32" for r in rows) else rows[0]["mode"]
+    fp32 = [r for r in rows if r["mode"] == mode]
     detectors = list(dict.fromkeys(r["detector"] for r in fp32))
     variants = list(dict.fromkeys(r["variant"] for r in fp32))
     series = [(v, {r["detector"]: r for r in fp32 if r["variant"] == v}, None)
               for v in variants]
-    series += [("upstream plain (ref.)", ref.UPSTREAM, "//"),
-               ("official ENACT (ref.)", ref.OFFICIAL, "\\\\")]
+    if not meta["tiny"] and mode == "fp32":
+        series += [(f"upstream plain ({ref.REFERENCE_GPU})", ref.UPSTREAM, "//"),
+                   (f"official ENACT ({ref.REFERENCE_GPU})", ref.OFFICIAL, "\\\\")]
     metrics = [("train_s_per_img", "training s/img"), ("peak_gib", "peak training GiB"),
                ("infer_s_per_img", "batch-1 inference s/img")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
@@ -425,22 +441,30 @@ def write_chart(path, rows, meta):
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (metric, title) in zip(axes, metrics):
         for i, (label, table, hatch) in enumerate(series):
-            xs, ys = [], []
+            xs, ys, notes = [], [], []
             for j, det in enumerate(detectors):
                 value = (table.get(det) or {}).get(metric)
                 if value is not None:
                     xs.append(j - 0.4 + width * (i + 0.5))
                     ys.append(value)
-            ax.bar(xs, ys, width, label=label, hatch=hatch,
-                   color="lightgrey" if hatch else colours[i % len(colours)],
-                   edgecolor="black" if hatch else None)
+                    change = (table[det].get(f"{metric}_vs_plain_eager_pct")
+                              if label.startswith("enact") else None)
+                    notes.append("" if change is None else f"{change:+.0f}%")
+            bars = ax.bar(xs, ys, width, label=label, hatch=hatch,
+                          color="lightgrey" if hatch else colours[i % len(colours)],
+                          edgecolor="black" if hatch else None)
+            if any(notes):
+                ax.bar_label(bars, notes, fontsize=6, rotation=90, padding=2)
         ax.set_xticks(range(len(detectors)))
-        ax.set_xticklabels([ref.DETECTOR_LABELS.get(d, d) for d in detectors], fontsize=8)
+        first = {r["detector"]: r for r in reversed(fp32)}
+        ax.set_xticklabels([row_label(first[d]) for d in detectors], fontsize=8)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{meta['gpu']}, torch {meta['torch']}, fp32 (reference bars: "
-                 f"{ref.REFERENCE_GPU}, torch {ref.REFERENCE_TORCH})", fontsize=10)
+    fig.suptitle(f"{meta['gpu']}, torch {meta['torch']}, {mode}"
+                 + (" (--tiny smoke run)" if meta["tiny"] else
+                    f"; reference bars: {ref.REFERENCE_GPU}, torch {ref.REFERENCE_TORCH}; "
+                    f"labels: ENACT vs plain-eager"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -469,12 +493,15 @@ def get_parser():
     p.add_argument("--name", default=None, help="file stem (default: the GPU name, lower case; "
                    "with --tiny <gpu>_tiny)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_minutes", type=float, default=None,
+                   help="start no row after this many minutes (the rest are recorded as "
+                        "skipped); rows run fp32 first, so the protocol's rows come first")
     p.add_argument("--profile", action="store_true",
                    help="also profile 2 training steps per fp32 row: top kernels in "
                         "<name>_profile.md")
     p.add_argument("--tiny", action="store_true",
                    help="smoke mode (CPU): resnet18, hidden 64, 1 encoder / decoder layer, "
-                        "64x96 images (mixed: with 64x72), batch 2, frozen backbone, 1 warm-up + "
+                        "64x96 images (mixed: with 64x64), batch 2, frozen backbone, 1 warm-up + "
                         "1 timed step")
     return p
 
@@ -547,7 +574,7 @@ def main(argv=None):
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (out / f"{stem}.{e}" for e in ("json", "md", "png"))
-    plan = [(d, m, v) for d in detectors for m in modes for v in variants]
+    plan = [(d, m, v) for m in modes for d in detectors for v in variants]
     print(f"{len(plan)} rows -> {json_path}", flush=True)
 
     rows = []
@@ -571,6 +598,11 @@ def main(argv=None):
         return targets
 
     for det, mode, variant in plan:
+        if opts.max_minutes is not None and time.perf_counter() - run_start > 60 * opts.max_minutes:
+            rows.append({"detector": det, "variant": variant, "mode": mode,
+                         "train_s_per_img": None, "peak_gib": None, "infer_s_per_img": None,
+                         "error": f"skipped (--max_minutes {opts.max_minutes:g})"})
+            continue
         row = measure_row(det, variant, mode, opts, device)
         rows.append(row)
         layers = row.get("clusters_train") or []

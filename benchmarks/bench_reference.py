@@ -13,6 +13,8 @@ from __future__ import annotations
 REFERENCE_GPU = "NVIDIA H200"
 REFERENCE_TORCH = "2.11"
 
+DETECTOR_SHORT = {"detr": "DETR", "conditional_detr": "Conditional DETR",
+                  "anchor_detr": "Anchor DETR"}
 DETECTOR_LABELS = {"detr": "DETR R50", "conditional_detr": "Conditional DETR R101",
                    "anchor_detr": "Anchor DETR R50-DC5"}
 
