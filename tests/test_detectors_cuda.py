@@ -61,6 +61,9 @@ def test_cuda_kernels_match_torch_backend(folder):
     out_c, grads_c = loss_and_grads(model_cuda, criterion, batch, targets)
     assert torch.allclose(out_c["pred_logits"], out_t["pred_logits"], rtol=1e-4, atol=1e-4)
     assert torch.allclose(out_c["pred_boxes"], out_t["pred_boxes"], rtol=1e-4, atol=1e-4)
+    # Some gradients are zero in exact arithmetic (e.g. the key bias, which shifts every logit
+    # of a query equally) and only rounding noise in both backends: compare on the scale of
+    # the largest gradient of the model.
+    floor = 1e-4 * max(g.abs().max() for g in grads_t.values())
     for name, grad in grads_t.items():
-        scale = grad.abs().max().clamp(min=1e-6)
-        assert torch.allclose(grads_c[name], grad, rtol=1e-3, atol=1e-3 * scale), name
+        assert torch.allclose(grads_c[name], grad, rtol=1e-3, atol=floor), name
