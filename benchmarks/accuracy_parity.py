@@ -6,15 +6,16 @@ training-time budget, COCO AP / AP50 / AP75 / APs / APm / APl side by side (issu
     python benchmarks/accuracy_parity.py --tiny --device cpu         # smoke test of the script
 
 How a run is trained: the detector's own main.py (paper defaults: lr, batch size, losses,
-AdamW groups), random-initialised backbone unless --backbone_weights says otherwise, one
-subprocess per epoch: epoch k continues from the run's checkpoint.pth with
-``--resume checkpoint.pth --epochs k+1`` (main.py reseeds every epoch from (seed, epoch), so
-this trains exactly as one uninterrupted run). After every epoch the run's training time so far
-(log.txt: train_s_per_img x training images, i.e. the timed training loop, data loading
-included; start-up and evaluation excluded) is compared with the budget: another epoch is
-started only if the mean epoch time still fits, so no run exceeds --minutes (at least one epoch
-is always trained). Plain runs use --attn_impl sdpa by default (the faster plain attention, so
-plain gets at least as many epochs as with eager).
+AdamW groups), random-initialised backbone unless --backbone_weights says otherwise, in a few
+main.py calls, each continuing from the run's checkpoint.pth with ``--resume checkpoint.pth
+--epochs <done + k>`` (main.py reseeds every epoch from (seed, epoch), so this trains exactly as
+one uninterrupted run). The budget counts the training loop only (log.txt: train_s_per_img x
+training images, data loading included; start-up and the per-epoch evaluation excluded), the
+same for ENACT and plain: the first call trains one epoch; each next call trains as many epochs
+as still fit at the longest epoch time so far, and a last one while the mean epoch time still
+fits, so a run ends at the budget boundary (at least one epoch is always trained). Plain runs
+use --attn_impl sdpa by default (the faster plain attention, so plain gets at least as many
+epochs as with eager).
 
 Runs live in --out (default outputs/accuracy_parity/<detector>_<plain|enact>/, main.py's
 log.txt and checkpoint.pth); calling the script again with the same flags continues unfinished
@@ -178,17 +179,27 @@ def epoch_train_seconds(record, n_train):
     return record["train_s_per_img"] * n_train
 
 
-def next_epoch_fits(spent_s, epochs_done, budget_s):
-    """Whether another epoch (expected to last the mean so far) ends within the budget. The
-    first epoch always runs."""
-    if epochs_done == 0:
-        return True
-    return spent_s + spent_s / epochs_done <= budget_s
+def epochs_to_run(epoch_seconds, budget_s, max_epochs):
+    """How many epochs the next main.py call trains: 1 to start; then as many as still fit in
+    the budget at the longest epoch time so far; at least 1 more while the mean epoch still
+    fits; 0 = the run is done. Capped by ``max_epochs`` in all."""
+    done = len(epoch_seconds)
+    left = max_epochs - done
+    if left <= 0:
+        return 0
+    if done == 0:
+        return 1
+    spent = sum(epoch_seconds)
+    k = int((budget_s - spent) // max(epoch_seconds))
+    if k < 1 and spent + spent / done <= budget_s:
+        k = 1
+    return max(0, min(k, left))
 
 
 def train_within_budget(detector, variant, coco, n_train, opts, deadline):
-    """Train one run epoch by epoch until the budget (or --max_epochs / the deadline) stops it.
-    Returns the run's summary; failures are recorded in it, not raised."""
+    """Train one run until the budget (or --max_epochs / the deadline) stops it, each main.py
+    call continuing from the last checkpoint. Returns the run's summary; failures are recorded
+    in it, not raised."""
     run_dir = Path(opts.out) / f"{detector}_{variant}"
     run_dir.mkdir(parents=True, exist_ok=True)
     flags = run_flags(detector, variant, coco, opts)
@@ -198,27 +209,28 @@ def train_within_budget(detector, variant, coco, n_train, opts, deadline):
         raise ParityError(f"{run_dir} was trained with other flags; use another --out or delete "
                           f"it (was: {' '.join(side.get('flags', []))})")
     side.setdefault("flags", flags)
-    side.setdefault("epoch_wall_s", [])
+    side.setdefault("calls", [])  # per main.py call: epochs trained, wall seconds
     budget_s = opts.minutes * 60
     stop, error = None, None
     while True:
         records = read_log(run_dir)
         done = len(records)
-        spent = sum(epoch_train_seconds(r, n_train) for r in records)
-        if done >= opts.max_epochs:
-            stop = "max_epochs"
-        elif not next_epoch_fits(spent, done, budget_s):
-            stop = "budget"
-        elif deadline is not None and side["epoch_wall_s"] and \
-                time.time() + max(side["epoch_wall_s"]) > deadline:
-            stop = "stop_after (continue with the same command)"
-        if stop:
+        k = epochs_to_run([epoch_train_seconds(r, n_train) for r in records], budget_s,
+                          opts.max_epochs)
+        if k == 0:
+            stop = "max_epochs" if done >= opts.max_epochs else "budget"
             break
+        if deadline is not None and side["calls"]:
+            per_epoch = max(c["wall_s"] / max(c["epochs"], 1) for c in side["calls"])
+            k = min(k, int((deadline - time.time()) // per_epoch))
+            if k < 1:
+                stop = "stop_after (run the same command again to continue)"
+                break
         if done and not (run_dir / "checkpoint.pth").is_file():
             error = f"{run_dir}: log.txt has {done} epochs but checkpoint.pth is missing"
             break
         cmd = [sys.executable, str(ROOT / FOLDERS[detector] / "main.py"), *flags,
-               "--output_dir", str(run_dir), "--epochs", str(done + 1)]
+               "--output_dir", str(run_dir), "--epochs", str(done + k)]
         if done:
             cmd += ["--resume", str(run_dir / "checkpoint.pth")]
         start = time.time()
@@ -227,19 +239,22 @@ def train_within_budget(detector, variant, coco, n_train, opts, deadline):
             out.flush()
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        side["epoch_wall_s"].append(time.time() - start)
+        trained = len(read_log(run_dir)) - done
+        side["calls"].append({"epochs": trained, "wall_s": time.time() - start})
         side_path.write_text(json.dumps(side, indent=1))
         if proc.returncode != 0:
             tail = (run_dir / "main_output.txt").read_text().strip().splitlines()[-3:]
             error = f"main.py exited with {proc.returncode}: {' | '.join(tail)[-400:]}"
             break
-        if len(read_log(run_dir)) != done + 1:
-            error = f"main.py finished but {run_dir / 'log.txt'} has no record of epoch {done}"
+        if trained != k:
+            error = f"main.py finished but {run_dir / 'log.txt'} has {trained} new epochs, not {k}"
             break
-        print(f"  {detector} {variant}: epoch {done} done, {epoch_train_seconds(read_log(run_dir)[-1], n_train):.1f} s "
-              f"training ({side['epoch_wall_s'][-1]:.1f} s wall)", flush=True)
+        spent = sum(epoch_train_seconds(r, n_train) for r in read_log(run_dir))
+        print(f"  {detector} {variant}: epochs {done}..{done + k - 1} done; {spent:.1f} s of "
+              f"{budget_s:.0f} s training budget spent ({side['calls'][-1]['wall_s']:.1f} s wall)",
+              flush=True)
     return summarise(detector, variant, run_dir, n_train, budget_s, stop, error,
-                     side["epoch_wall_s"])
+                     [c["wall_s"] for c in side["calls"]])
 
 
 def summarise(detector, variant, run_dir, n_train, budget_s, stop, error, walls):

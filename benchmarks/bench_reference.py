@@ -92,6 +92,7 @@ TINY_QUERIES = {"detr": ["--num_queries", "10"], "conditional_detr": ["--num_que
                 "anchor_detr": ["--num_query_position", "10", "--num_query_pattern", "1"]}
 
 PARITY_BOUND = -1.5  # ENACT AP - plain AP (COCO AP x 100) must be >= this
+PARITY_MIN_AP = 5.0  # below this for both runs, the comparison says nothing (train longer)
 TARGET_MODE = "fp32"  # targets are judged on the protocol's fp32 rows
 UNITS = {"train_s_per_img": "s/img", "peak_gib": "GiB", "infer_s_per_img": "s/img"}
 
@@ -208,7 +209,8 @@ def evaluate_targets(rows, gpu, detectors=None):
 
 def evaluate_parity(ap_by_detector):
     """Accuracy parity: {detector: {"plain": AP, "enact": AP}} (COCO AP x 100) -> one entry
-    per detector, ENACT AP - plain AP >= PARITY_BOUND."""
+    per detector, ENACT AP - plain AP >= PARITY_BOUND; "inconclusive" when both APs are below
+    PARITY_MIN_AP (the runs learnt too little for the difference to mean anything)."""
     out = []
     for det, aps in ap_by_detector.items():
         desc = f"Accuracy parity on shapes: ENACT within {-PARITY_BOUND:g} AP of plain"
@@ -216,7 +218,13 @@ def evaluate_parity(ap_by_detector):
             out.append(_entry("ap_parity", det, desc, "AP", "n/a", note="a run is missing"))
             continue
         res = check(aps["enact"] - aps["plain"], ">=", PARITY_BOUND)
-        out.append(_entry("ap_parity", det, desc, "AP", "met" if res["met"] else "missed", res))
+        entry = _entry("ap_parity", det, desc, "AP", "met" if res["met"] else "missed", res)
+        if max(aps["plain"], aps["enact"]) < PARITY_MIN_AP:
+            entry["status"] = "inconclusive"
+            entry["text"] = (f"inconclusive: plain {aps['plain']:.1f} AP, ENACT "
+                             f"{aps['enact']:.1f} AP, both below {PARITY_MIN_AP:g} AP (train "
+                             f"longer: --minutes); {entry['text']}")
+        out.append(entry)
     return out
 
 
