@@ -1,7 +1,7 @@
 """Whole-detector benchmark: ENACT vs plain attention for DETR R50, Conditional DETR R101 and
 Anchor DETR R50-DC5 under the protocol of issue 6 (the paper's Table 1 on our GPU).
 
-    python benchmarks/bench_detectors.py                      # everything, one GPU, < 10 min
+    python benchmarks/bench_detectors.py                      # everything, one GPU (see README)
     python benchmarks/bench_detectors.py --detectors detr --variants plain_eager,enact
     python benchmarks/bench_detectors.py --tiny --device cpu  # smoke test of the script
 
