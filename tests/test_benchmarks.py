@@ -137,6 +137,20 @@ def test_budget_rule():
 
 # ------------------------------------------------------------------ end to end, --tiny
 
+@pytest.fixture(autouse=True)
+def _one_cpu_thread(request, monkeypatch):
+    """The end-to-end runs on one thread: tiny models gain nothing from two, and two OpenMP
+    threads on a busy 2-core machine run ~10x slower. Restored afterwards."""
+    if not request.node.name.startswith(("test_bench_", "test_accuracy_parity")):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the main.py subprocesses of accuracy_parity
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def bench():
     return _load("bench_detectors")
