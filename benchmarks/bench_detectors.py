@@ -31,6 +31,7 @@ import datetime
 import gc
 import importlib.util
 import json
+import math
 import platform
 import re
 import sys
@@ -162,8 +163,12 @@ def measure_train(model, criterion, optimizer, batch, targets, amp, clip, device
     sync(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    return {"train_s_per_img": elapsed / (steps * batch.images.shape[0]), "peak_gib": peak,
-            "loss": float(loss)}
+    value = float(loss)
+    out = {"train_s_per_img": elapsed / (steps * batch.images.shape[0]), "peak_gib": peak,
+           "loss": value if math.isfinite(value) else None}
+    if not math.isfinite(value):
+        out["warning"] = f"non-finite training loss ({value})"
+    return out
 
 
 @torch.no_grad()
@@ -440,6 +445,7 @@ def write_chart(path, rows, meta):
     width = 0.8 / len(series)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (metric, title) in zip(axes, metrics):
+        drawn = False
         for i, (label, table, hatch) in enumerate(series):
             xs, ys, notes = [], [], []
             for j, det in enumerate(detectors):
@@ -453,19 +459,26 @@ def write_chart(path, rows, meta):
             bars = ax.bar(xs, ys, width, label=label, hatch=hatch,
                           color="lightgrey" if hatch else colours[i % len(colours)],
                           edgecolor="black" if hatch else None)
+            drawn = drawn or bool(xs)
             if any(notes):
                 ax.bar_label(bars, notes, fontsize=6, rotation=90, padding=2)
+        if not drawn:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
+        ax.margins(y=0.15)
         ax.set_xticks(range(len(detectors)))
         first = {r["detector"]: r for r in reversed(fp32)}
-        ax.set_xticklabels([row_label(first[d]) for d in detectors], fontsize=8)
+        ax.set_xticklabels([row_label(first[d]).replace(" R", "\nR", 1) for d in detectors],
+                           fontsize=8)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"{meta['gpu']}, torch {meta['torch']}, {mode}"
                  + (" (--tiny smoke run)" if meta["tiny"] else
                     f"; reference bars: {ref.REFERENCE_GPU}, torch {ref.REFERENCE_TORCH}; "
                     f"labels: ENACT vs plain-eager"), fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -611,6 +624,7 @@ def main(argv=None):
               f"{_num(row['infer_s_per_img'], '.4f')} s/img"
               + (f"  clusters/img per layer: {_clusters(row)}" if layers else "")
               + (f"  ERROR {row['error']}" if row["error"] else "")
+              + (f"  WARNING {row['warning']}" if row.get("warning") else "")
               + f"  ({row['wall_s']:.1f} s)", flush=True)
         write()
 
