@@ -414,3 +414,10 @@ def test_transformer_matches_reference_equations(pre_norm):
     assert hs.shape == (2, 2, 5, d)
     assert torch.allclose(memory, ref_memory, atol=1e-5)
     assert torch.allclose(hs, ref_hs, atol=1e-5)
+
+
+def test_loss_coefficients_reach_the_weight_dict():
+    criterion = detr.build(_tiny_args(cls_loss_coef=3.0, bbox_loss_coef=4.0, giou_loss_coef=1.5,
+                                      dec_layers=2))[1]
+    assert criterion.weight_dict == {"loss_ce": 3.0, "loss_bbox": 4.0, "loss_giou": 1.5,
+                                     "loss_ce_0": 3.0, "loss_bbox_0": 4.0, "loss_giou_0": 1.5}

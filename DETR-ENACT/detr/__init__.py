@@ -18,8 +18,9 @@ __all__ = ["DETR", "Transformer", "build", "build_criterion"]
 _DEFAULTS = dict(num_queries=100, hidden_dim=256, nheads=8, enc_layers=6, dec_layers=6,
                  dim_feedforward=2048, dropout=0.1, pre_norm=False, aux_loss=True,
                  attn_impl="sdpa", no_enact=False, enact_impl="auto", smoothing_sigma=3,
-                 set_cost_class=1.0, set_cost_bbox=5.0, set_cost_giou=2.0, bbox_loss_coef=5.0,
-                 giou_loss_coef=2.0, eos_coef=0.1, backbone="resnet50", dilation=False,
+                 set_cost_class=1.0, set_cost_bbox=5.0, set_cost_giou=2.0, cls_loss_coef=1.0,
+                 bbox_loss_coef=5.0, giou_loss_coef=2.0, eos_coef=0.1, backbone="resnet50",
+                 dilation=False,
                  lr_backbone=1e-5, backbone_weights="imagenet", device="cpu")
 
 
@@ -41,7 +42,7 @@ def build(args):
     Reads: num_classes (required: max category id + 1), hidden_dim, nheads, enc_layers,
     dec_layers, dim_feedforward, dropout, num_queries, pre_norm, aux_loss, backbone, dilation,
     lr_backbone, backbone_weights, attn_impl, no_enact, enact_impl, smoothing_sigma,
-    set_cost_class/bbox/giou, bbox_loss_coef, giou_loss_coef, eos_coef, device.
+    set_cost_class/bbox/giou, cls_loss_coef, bbox_loss_coef, giou_loss_coef, eos_coef, device.
     """
     a = _with_defaults(args)
     if getattr(args, "num_classes", None) is None:
