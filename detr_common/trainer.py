@@ -138,7 +138,11 @@ def run(args, detector):
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
-    if args.pretrained:
+    if args.pretrained and args.eval:  # evaluating: the weights must fit exactly
+        ckpt = ckpt_io.load_checkpoint(args.pretrained)
+        ckpt_io.check_detector(args.pretrained, ckpt, detector.name)
+        ckpt_io.load_model_state(model, args.pretrained, ckpt, args)
+    elif args.pretrained:
         ckpt_io.load_pretrained(model, args.pretrained, detector.name)
     if args.resume:
         ckpt = ckpt_io.load_checkpoint(args.resume)

@@ -64,5 +64,8 @@ def test_checkpoint_of_another_shape_and_resume_past_the_end(shapes_coco, tmp_pa
     ckpt = run / "checkpoint.pth"
     fails_with(detr(shapes_coco, tmp_path / "o", "--resume", ckpt, "--eval",
                     "--num_queries", "12"), "checkpoint.pth", "query_embed.weight")
+    # fine-tuning re-initialises a class head of another size; evaluating must not
+    fails_with(detr(shapes_coco, tmp_path / "o", "--pretrained", ckpt, "--eval",
+                    "--num_classes", "30"), "checkpoint.pth", "class_embed.weight")
     fails_with(detr(shapes_coco, tmp_path / "o", "--resume", ckpt, "--epochs", "1"),
                "checkpoint.pth", "already finished epoch 0")
