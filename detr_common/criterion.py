@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .matcher import build_matcher
 
 LOSSES = ("labels", "boxes", "cardinality")
 
@@ -173,3 +174,18 @@ class SetCriterion(nn.Module):
                     part = self._get_loss(name, aux, targets, indices, num_boxes, **kwargs)
                     losses.update({f"{k}_{i}": v for k, v in part.items()})
         return losses
+
+
+def build_criterion(args, num_classes: int, class_loss: str) -> SetCriterion:
+    """Matcher + SetCriterion from the flags, for ``class_loss`` "ce" (DETR: softmax class
+    cost, ``eos_coef``) or "focal" (Conditional / Anchor DETR: focal class cost,
+    ``focal_alpha``). Weights ``cls_loss_coef``, ``bbox_loss_coef``, ``giou_loss_coef``, copied
+    to the ``dec_layers - 1`` auxiliary outputs unless ``aux_loss`` is off."""
+    weight_dict = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef,
+                   "loss_giou": args.giou_loss_coef}
+    if getattr(args, "aux_loss", True):
+        weight_dict = expand_aux_weights(weight_dict, args.dec_layers)
+    matcher = build_matcher(args, class_cost="softmax" if class_loss == "ce" else "focal")
+    return SetCriterion(num_classes, matcher, weight_dict, ("labels", "boxes", "cardinality"),
+                        class_loss=class_loss, eos_coef=getattr(args, "eos_coef", 0.1),
+                        focal_alpha=getattr(args, "focal_alpha", 0.25), focal_gamma=2.0)

@@ -7,8 +7,7 @@ L1 5, GIoU 2 (CLI defaults of Anchor-DETR-ENACT/main.py), top-100 sigmoid post-p
 ENACT (paper mode, DESIGN §4) unless args.no_enact.
 """
 from detr_common.backbone import build_backbone
-from detr_common.criterion import SetCriterion, expand_aux_weights
-from detr_common.matcher import build_matcher
+from detr_common.criterion import build_criterion
 from detr_common.postprocess import PostProcessTopK
 
 from .model import AnchorDETR
@@ -28,11 +27,5 @@ def build(args):
     aux_loss = getattr(args, "aux_loss", True)
     model = AnchorDETR(build_backbone(args, return_layers=return_layers),
                        build_transformer(args, num_classes), aux_loss=aux_loss)
-    weight_dict = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef,
-                   "loss_giou": args.giou_loss_coef}
-    if aux_loss:
-        weight_dict = expand_aux_weights(weight_dict, args.dec_layers)
-    criterion = SetCriterion(num_classes, build_matcher(args, class_cost="focal"), weight_dict,
-                             ("labels", "boxes", "cardinality"), class_loss="focal",
-                             focal_alpha=getattr(args, "focal_alpha", 0.25), focal_gamma=2.0)
+    criterion = build_criterion(args, num_classes, class_loss="focal")
     return model, criterion, PostProcessTopK(k=100)

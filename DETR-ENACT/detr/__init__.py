@@ -5,15 +5,15 @@
 import torch
 
 from detr_common.backbone import Joiner, build_backbone
+from detr_common.criterion import build_criterion
 from detr_common.encoder import build_encoder_attention
 from detr_common.position_encoding import build_position_encoding
 from detr_common.postprocess import PostProcess
 
-from .criterion import build_criterion
 from .model import DETR
 from .transformer import Transformer
 
-__all__ = ["DETR", "Transformer", "build", "build_criterion"]
+__all__ = ["DETR", "Transformer", "build"]
 
 _DEFAULTS = dict(num_queries=100, hidden_dim=256, nheads=8, enc_layers=6, dec_layers=6,
                  dim_feedforward=2048, dropout=0.1, pre_norm=False, aux_loss=True,
@@ -58,6 +58,6 @@ def build(args):
                               normalize_before=a.pre_norm, attn_impl=a.attn_impl)
     model = DETR(backbone, transformer, num_classes=args.num_classes,
                  num_queries=a.num_queries, aux_loss=a.aux_loss)
-    criterion = build_criterion(a, args.num_classes)
+    criterion = build_criterion(a, args.num_classes, class_loss="ce")
     device = torch.device(a.device)
     return model.to(device), criterion.to(device), PostProcess()
