@@ -87,6 +87,15 @@ def load_model_state(model, path, ckpt, args):
     model.load_state_dict(state, strict=True)
 
 
+def load_weights(model, path, detector, args):
+    """Load a checkpoint of ``detector`` whose weights fit ``model`` exactly; returns the
+    checkpoint dict (for the optimizer / scheduler state of a resume)."""
+    ckpt = load_checkpoint(path)
+    check_detector(path, ckpt, detector)
+    load_model_state(model, path, ckpt, args)
+    return ckpt
+
+
 def load_pretrained(model, path, detector, class_head_prefixes=("class_embed",)):
     """Weights only (fine-tuning). A class head whose shape differs is left re-initialised."""
     ckpt = load_checkpoint(path)

@@ -42,6 +42,11 @@ def move_targets(targets, device):
     return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
 
+def weighted_total(losses, weight_dict):
+    """Sum of the losses that have a weight, each times its weight (tensors or floats)."""
+    return sum(losses[k] * weight_dict[k] for k in losses if k in weight_dict)
+
+
 class RunningMeans:
     """Running means of named scalars, kept as device tensors until read (no per-step sync)."""
 
@@ -90,10 +95,10 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, *,
         with autocast(device, amp):
             outputs = model(images)
         loss_dict = criterion(to_float(outputs), targets)
-        loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+        loss = weighted_total(loss_dict, weight_dict)
 
         logged = reduce_dict(loss_dict)
-        loss_value = sum(logged[k] * weight_dict[k] for k in logged if k in weight_dict)
+        loss_value = weighted_total(logged, weight_dict)
         if not math.isfinite(loss_value):
             bad = {k: v for k, v in logged.items() if not math.isfinite(v)}
             raise NonFiniteLossError(
@@ -117,7 +122,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, *,
 
         batch = images.images.shape[0]
         n_images += batch
-        means.add({"loss": torch.tensor(loss_value), **{k: torch.tensor(v) for k, v in logged.items()}})
+        means.add({"loss": loss_value, **logged})
         if stats_fn is not None:
             means.add(stats_fn(model))
         if step % print_freq == 0 or step == len(data_loader) - 1:
@@ -163,9 +168,7 @@ def evaluate(model, criterion, postprocessor, data_loader, base_ds, device, *, a
         outputs = to_float(outputs)
         loss_dict = criterion(outputs, targets)
         logged = reduce_dict(loss_dict)
-        means.add({"loss": torch.tensor(sum(logged[k] * weight_dict[k] for k in logged
-                                            if k in weight_dict)),
-                   **{k: torch.tensor(v) for k, v in logged.items()}})
+        means.add({"loss": weighted_total(logged, weight_dict), **logged})
         if stats_fn is not None:
             means.add(stats_fn(model))
         orig_sizes = torch.stack([t["orig_size"] for t in targets])

@@ -139,15 +139,11 @@ def run(args, detector):
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
     if args.pretrained and args.eval:  # evaluating: the weights must fit exactly
-        ckpt = ckpt_io.load_checkpoint(args.pretrained)
-        ckpt_io.check_detector(args.pretrained, ckpt, detector.name)
-        ckpt_io.load_model_state(model, args.pretrained, ckpt, args)
+        ckpt_io.load_weights(model, args.pretrained, detector.name, args)
     elif args.pretrained:
         ckpt_io.load_pretrained(model, args.pretrained, detector.name)
     if args.resume:
-        ckpt = ckpt_io.load_checkpoint(args.resume)
-        ckpt_io.check_detector(args.resume, ckpt, detector.name)
-        ckpt_io.load_model_state(model, args.resume, ckpt, args)
+        ckpt = ckpt_io.load_weights(model, args.resume, detector.name, args)
         if not args.eval and "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
             lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
