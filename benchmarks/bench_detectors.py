@@ -201,7 +201,8 @@ def cluster_counts(model):
 
 
 def profile_train(model, criterion, optimizer, batch, targets, amp, clip, device, rows=15):
-    """Top kernels of two training steps (torch.profiler), as a text table."""
+    """Top kernels (by GPU time) and top host ops (by self CPU time) of two training steps
+    (torch.profiler), as text tables."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
@@ -212,13 +213,18 @@ def profile_train(model, criterion, optimizer, batch, targets, amp, clip, device
         sync(device)
     averages = prof.key_averages()
     keys = (["self_device_time_total", "self_cuda_time_total"] if device.type == "cuda"
-            else ["self_cpu_time_total"])
+            else [])
+    tables = []
     for key in keys:
         try:
-            return averages.table(sort_by=key, row_limit=rows)
+            tables.append(averages.table(sort_by=key, row_limit=rows))
+            break
         except (AttributeError, KeyError, ValueError):
             continue
-    return averages.table(row_limit=rows)
+    # the host side: where the step waits (cudaStreamSynchronize / cudaEventSynchronize) and
+    # which ops cost host time
+    tables.append(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
+    return "\n".join(tables)
 
 
 def free_memory(device):
@@ -266,7 +272,7 @@ def measure_row(name, variant, mode, opts, device):
             row.update(measure_inference(model, image, amp, device, opts.infer_warmup,
                                          opts.infer_steps))
             row["clusters_infer"] = cluster_counts(model)
-        if opts.profile and mode == "fp32":
+        if opts.profile and mode != "mixed":
             phase = "profile"
             row["profile"] = profile_train(model, criterion, optimizer, batch, targets, amp,
                                            args.clip_max_norm, device)
@@ -510,8 +516,8 @@ def get_parser():
                    help="start no row after this many minutes (the rest are recorded as "
                         "skipped); rows run fp32 first, so the protocol's rows come first")
     p.add_argument("--profile", action="store_true",
-                   help="also profile 2 training steps per fp32 row: top kernels in "
-                        "<name>_profile.md")
+                   help="also profile 2 training steps per fp32 / bf16 row: top kernels and "
+                        "host ops in <name>_profile.md")
     p.add_argument("--tiny", action="store_true",
                    help="smoke mode (CPU): resnet18, hidden 64, 1 encoder / decoder layer, "
                         "64x96 images (mixed: with 64x64), batch 2, frozen backbone, 1 warm-up + "
@@ -631,8 +637,8 @@ def main(argv=None):
     targets = write()
     chart = write_chart(png_path, rows, meta)
     if opts.profile:
-        prof = [f"# Top kernels per fp32 row, 2 training steps ({gpu})", ""]
-        prof += [f"## {r['detector']} {r['variant']}\n\n```\n{r['profile']}\n```\n"
+        prof = [f"# Top kernels and host ops per row, 2 training steps ({gpu})", ""]
+        prof += [f"## {r['detector']} {r['mode']} {r['variant']}\n\n```\n{r['profile']}\n```\n"
                  for r in rows if r.get("profile")]
         (out / f"{stem}_profile.md").write_text("\n".join(prof))
     print()

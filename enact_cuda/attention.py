@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .information import resolve_impl, cuda_backend_or_reason, _log_fallback
 
@@ -28,6 +29,14 @@ _CUDA_HEAD_DIMS = (32, 64)
 # forces the kernel for bfloat16.
 AUTO_CUDA_ATTENTION_DTYPES = (torch.float32,)
 
+# SDPA backends for the padded clusters. cuDNN is left out: it builds (and caches) an execution
+# graph per new shape, and the cluster count R changes with every layer and batch, so in
+# training nearly every call paid a graph build (bf16 ENACT training ran 2x slower than plain
+# on an H200 with torch 2.11; see benchmarks/README.md). Flash needs no mask; the
+# memory-efficient kernel takes the key mask and dropout at any R without a per-shape cost.
+_VARYING_R_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                       SDPBackend.MATH]
+
 
 def clustered_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               key_padding_mask: torch.Tensor | None, dropout_p: float = 0.0,
@@ -36,7 +45,8 @@ def clustered_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("clustered_attention: q, k, v must be (B, heads, L, e)")
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        with sdpa_kernel(_VARYING_R_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     B, R = key_padding_mask.shape
     if k.shape[0] != B or k.shape[2] != R:
         raise ValueError(f"key_padding_mask {tuple(key_padding_mask.shape)} does not match "
@@ -45,8 +55,9 @@ def clustered_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # attn_mask True = attend. An image without any cluster attends to its (zero, masked)
     # padding rows instead of producing NaN; its output is then set to 0.
     keep = (~key_padding_mask) | ~has_key[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :],
-                                         dropout_p=dropout_p, scale=scale)
+    with sdpa_kernel(_VARYING_R_BACKENDS):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :],
+                                             dropout_p=dropout_p, scale=scale)
     return torch.where(has_key[:, None, None, None], out, out.new_zeros(()))
 
 

@@ -16,10 +16,9 @@ attention.py); all tensors batch-first, masks bool with True = padding.
   clustering path (W_prob logits -> information -> regions -> clusters of every tensor) as ONE
   C++ autograd node: forward = 1 memset + 1 launch, the R_max read (4 bytes into pinned memory
   behind an event; fused_begin returns before it, so work that does not need R_max can be
-  launched in between) + 1 launch; backward (set_fused_backward): the clustering backward
-  kernel, the information backward kernel and three small torch ops for grad W_prob, grad bias
-  and the keys' extra term (default), or 2 fused kernels (experimental). `fused_supported`
-  says when it applies.
+  launched in between) + 1 launch; backward = 3 launches (clustering backward, information
+  backward, and one pass over the keys for their information term, grad W_prob and grad
+  bias). `fused_supported` says when it applies.
 - clustered_attention(q, k, v, key_padding_mask, dropout_p, scale) -> (B, h, N, e):
     fused online-softmax attention over each image's clusters [0, R_b), fp32 / bf16, head
     dims 32 and 64, never materialising N x R; FlashAttention-style recomputing backward.
@@ -43,7 +42,7 @@ from .information import check_sigma
 
 __all__ = ["information_regions", "regions", "cluster_tensors", "clustered_attention",
            "dropout_keep_mask", "extension", "fused_supported", "fused_begin", "fused_finish",
-           "FusedState", "set_fused_backward"]
+           "FusedState"]
 
 # Query splits of the dk/dv backward kernel (0 = automatic, to fill the GPU); tests set 1
 # to exercise the non-atomic path.
@@ -252,16 +251,6 @@ def fused_begin(keys: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     b = None if bias is None else (bias if bias.dtype == torch.float32 else bias.float())
     pending = extension().fused_begin(keys, w, b, mask, s, bool(row_breaks), width)
     return FusedState(pending, w, b)
-
-
-def set_fused_backward(mode: int) -> None:
-    """Backward of the fused path: 1 (default) = the separate validated kernels
-    (cluster_backward, info_backward) + three torch ops for gz * w, grad w and grad bias;
-    0 = the two fused backward kernels (cluster_backward with per-region partial sums +
-    fused_backward). Mode 0 is NOT validated: on the H200 its diagnostic
-    (tests/test_enact_cuda.py::test_fused_workspaces_and_gradient_rows) gave a wrong grad z
-    for one image of the batch (the unpadded one with the most regions); keep mode 1."""
-    extension().set_fused_backward(int(mode))
 
 
 def fused_finish(state: FusedState, keys: torch.Tensor, tensors: Sequence[torch.Tensor]):

@@ -205,11 +205,8 @@ std::vector<at::Tensor> cluster_backward(const std::vector<at::Tensor>& grads_in
     a.stats = stats.data_ptr<float>();
     a.counts = counts.data_ptr<int>();
     a.S = R;
-    a.skip_gx = 0u;
     a.dots = dots.data_ptr<float>();
     a.grad_sm = gsm.data_ptr<float>();
-    a.aux_a = nullptr;
-    a.dotp = nullptr;
     a.zero_ptr = nullptr;
     a.zero_n = 0;
     a.n_tensors = static_cast<int>(g.idx.size());

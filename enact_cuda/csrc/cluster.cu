@@ -226,19 +226,15 @@ __global__ void __launch_bounds__(kThreads)
     const int hi = min(static_cast<int>(t % chunks) * 32 + 32, N);
     for (int i = lo; i < hi; ++i)
       for (int tt = 0; tt < a.n_tensors; ++tt)
-        if (!(a.skip_gx & (1u << tt)))
-          zero_row<T, VEC, NCH>(static_cast<T*>(a.gx[tt]) + (static_cast<int64_t>(b) * N + i) * a.d[tt],
-                                a.d[tt], lane);
+        zero_row<T, VEC, NCH>(static_cast<T*>(a.gx[tt]) + (static_cast<int64_t>(b) * N + i) * a.d[tt],
+                              a.d[tt], lane);
     if (finalize && lo + lane < hi) a.grad_sm[static_cast<int64_t>(b) * N + lo + lane] = 0.f;
     return;
   }
 
   const int b = static_cast<int>(gw / a.R), r = static_cast<int>(gw % a.R);
   const int cnt = a.counts[b];
-  if (r >= cnt) {
-    if (finalize && a.aux_a != nullptr && lane == 0) a.dotp[gw] = 0.f;
-    return;
-  }
+  if (r >= cnt) return;
   const int64_t bs = static_cast<int64_t>(b) * a.S;
   const int lo = a.starts[bs + r];
   const int hi = a.ends[bs + r];
@@ -266,9 +262,8 @@ __global__ void __launch_bounds__(kThreads)
       for (unsigned m = pad; m; m &= m - 1) {
         const int ip = base + __ffs(m) - 1;
         for (int tt = 0; tt < a.n_tensors; ++tt)
-          if (!(a.skip_gx & (1u << tt)))
-            zero_row<T, VEC, NCH>(static_cast<T*>(a.gx[tt]) + (static_cast<int64_t>(b) * N + ip) * a.d[tt],
-                                  a.d[tt], lane);
+          zero_row<T, VEC, NCH>(static_cast<T*>(a.gx[tt]) + (static_cast<int64_t>(b) * N + ip) * a.d[tt],
+                                a.d[tt], lane);
       }
     }
     const int n = build_list(base, min(end, hi), r, rib, smb, mx, inv, sidx, sw, lane);
@@ -284,7 +279,6 @@ __global__ void __launch_bounds__(kThreads)
       }
       for (int tt = 0; tt < a.n_tensors; ++tt) {
         const int d = a.d[tt];
-        const bool write = !(a.skip_gx & (1u << tt));
         const int64_t xs = a.x_row_stride[tt];
         const T* G = static_cast<const T*>(a.g[tt]) + (static_cast<int64_t>(b) * a.R + r) * d;
         const T* X = static_cast<const T*>(a.x[tt]) + static_cast<int64_t>(b) * a.x_batch_stride[tt];
@@ -324,7 +318,7 @@ __global__ void __launch_bounds__(kThreads)
               pd[u] = fmaf(g[c][v], x[u][c][v], pd[u]);
             }
             const int f = (c * 32 + lane) * VEC;
-            if (write && idx[u] >= 0 && f < d)
+            if (idx[u] >= 0 && f < d)
               store_vec<T, VEC>(GX + static_cast<int64_t>(idx[u]) * d + f, o);
           }
         }
@@ -344,16 +338,8 @@ __global__ void __launch_bounds__(kThreads)
   if (!finalize) return;
   csum = __shfl_sync(ENACT_FULL_MASK, csum, 0);
   __syncwarp();
-  float part = 0.f;  // sum of grad_sm * aux_a over the owned pixels (fused backward)
-  for (int i = own_lo + lane; i < gap_hi; i += 32) {
-    const float gs = (rib[i] == r) ? expf(smb[i] - mx) * inv * (dots[i] - csum) : 0.f;
-    gsm[i] = gs;
-    if (a.aux_a != nullptr) part = fmaf(gs, a.aux_a[static_cast<int64_t>(b) * N + i], part);
-  }
-  if (a.aux_a != nullptr) {
-    part = warp_sum(part);
-    if (lane == 0) a.dotp[gw] = part;
-  }
+  for (int i = own_lo + lane; i < gap_hi; i += 32)
+    gsm[i] = (rib[i] == r) ? expf(smb[i] - mx) * inv * (dots[i] - csum) : 0.f;
 }
 
 // chunks of 32 * VEC elements needed for the widest tensor -> kernel template NCH

@@ -83,12 +83,10 @@ struct ClusterBwdArgs {
   int64_t x_row_stride[kMaxClusterTensors];
   int64_t x_batch_stride[kMaxClusterTensors];
   int d[kMaxClusterTensors];
-  unsigned skip_gx;            // bit t: do not write gx[t] (the fused backward writes it)
   float* dots;                 // (B, N) scratch: sum_t <G_t[region], X_t[i]> per pixel
   float* grad_sm;              // (B, N) written by the finalising launch (0 on padding)
-  const float* aux_a;          // (B, N) or nullptr: with it, the finalising launch writes
-  float* dotp;                 //   dotp (B, R) = sum over warp r's pixels of grad_sm * aux_a
-  float* zero_ptr;             // nullptr or zero_n floats zeroed by this launch
+  float* zero_ptr;             // nullptr or zero_n floats zeroed by this launch (an accumulator
+                               // of a later kernel, saving a memset launch)
   int zero_n;
   int n_tensors, B, N, R;
 };
@@ -100,8 +98,8 @@ cudaError_t cluster_backward(const ClusterBwdArgs& a, DType dtype, bool vec, boo
 // --------------------------- fused ENACT clustering path (fused.cu) --------------------------
 // Forward, ONE launch: z = keys . w + bias (W_prob logits) for all pixels (many blocks), then
 // the last block of each image (atomic ticket) runs information, smoothing, curvature, regions,
-// region bounds and region softmax statistics, and the backward's per-pixel helpers. Region
-// arrays use row stride N per image (R is not known before this kernel ends).
+// region bounds and region softmax statistics. Region arrays use row stride N per image (R is
+// not known before this kernel ends).
 struct FusedFwdArgs {
   const void* keys;            // (B, N, d), unit stride along d
   int64_t key_row_stride, key_batch_stride;
@@ -115,50 +113,34 @@ struct FusedFwdArgs {
   int64_t* region_out;         // (B, N), -1 on padding
   int64_t* counts_out;         // (B,)
   float* stats3;               // (3, B) clusters, valid pixels, mean region length
-  float* aux_a;                // (B, N) conv(p * dH/dp) for the backward (0 on padding)
-  float* softmax;              // (B, 2) softmax max and sum of exp over the valid pixels
-  int* rank;                   // (B, N) compact position, -1 on padding
-  int* cidx;                   // (B, N) compact position -> pixel (first L_b entries)
-  int* lengths;                // (B,) valid pixels L_b
   int* counts32;               // (B,)
   int* starts;                 // (B, N) first pixel of region r
   int* ends;                   // (B, N) last valid pixel of region r + 1
   float* rstats;               // (B, N, 2) region softmax max, 1/sum
   int* counter;                // (B,) zero on entry (tickets), left at gridDim.x
   int* rmax;                   // (1,) zero on entry; max_b R_b on exit
-  float* scratch;              // nullptr, or (B, 4N) floats when the compact arrays exceed smem
+  float* scratch;              // nullptr, or (B, 3N) floats when the compact arrays exceed smem
   int B, N, sigma, row_breaks, W;
 };
 cudaError_t fused_forward(const FusedFwdArgs& a, DType key_dtype, bool vec, int smem_limit,
                           cudaStream_t stream);
 size_t fused_forward_smem_bytes(int N);
 
-// Backward of the information part, after cluster_backward (which wrote grad_sm and dotp):
-// grad z per pixel (smoothing adjoint, entropy derivative, softmax Jacobian), then per pixel row
-// gx_keys = [w_i G0_{r_i} when the keys are also clustered tensor 0] + gz_i * weight, and
-// grad weight += sum_i gz_i keys_i, grad bias += sum_i gz_i (atomics into gw, zeroed before).
-struct FusedBwdArgs {
-  const void* keys;            // (B, N, d)
+// The information keys' share of the backward, given gz = grad of the W_prob logits (B, N)
+// (info_backward): per pixel row gx_i = [gx_i if accumulate] + gz_i * weight, and
+// gw[0:d] += sum_i gz_i keys_i, gw[d] += sum_i gz_i (atomics; gw zeroed before).
+struct KeyGradArgs {
+  const void* keys;            // (B, N, d), unit stride along d
   int64_t key_row_stride, key_batch_stride;
   int d;
-  const void* g0;              // (B, R, d) contiguous grad of clustered keys, or nullptr
-  const float* weight;         // (d,)
-  const float* z;
-  const float* softmax;
-  const int* rank;
-  const int* cidx;
-  const int* lengths;
-  const float* grad_sm;        // (B, N)
-  const float* dotp;           // (B, R)
-  const float* smoothed;
-  const int64_t* region_index;
-  const float* rstats;         // (B, S, 2)
-  int64_t S;
-  void* gx;                    // (B, N, d) contiguous, fully written
-  float* gw;                   // (d + 1,) grad weight then grad bias, accumulated
-  int B, N, R, sigma;
+  const float* gz;             // (B, N), 0 on padding
+  const float* weight;         // (d,) float32
+  void* gx;                    // (B, N, d) contiguous, keys' dtype
+  int accumulate;              // 1: add to gx (the keys' clustering gradient is already there)
+  float* gw;                   // (d + 1,) float32
+  int B, N;
 };
-cudaError_t fused_backward(const FusedBwdArgs& a, DType key_dtype, bool vec, cudaStream_t stream);
+cudaError_t key_grad(const KeyGradArgs& a, DType key_dtype, bool vec, cudaStream_t stream);
 
 // -------------------------------- clustered attention (attn_*.cu) -----------------------------
 struct AttnArgs {

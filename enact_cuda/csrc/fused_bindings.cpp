@@ -8,12 +8,9 @@
 //   fused_finish(pending, keys, tensors, w, bias, alias) -> [clustered tensors..., key mask]:
 //     waits on the event (the one device->host read), ONE launch clusters every tensor and
 //     writes the key padding mask. Differentiable w.r.t. keys, tensors, w and bias.
-//   backward, mode 1 (default, set_fused_backward): cluster_backward (grads of the tensors and
-//     of smoothed), info_backward (grad z), then gz * w into the keys' gradient (addcmul),
-//     grad w = gz^T keys (mm) and grad bias = sum gz.
-//   backward, mode 0 (NOT validated, off): cluster_backward with per-region partial sums for the
-//     softmax Jacobian + fused_backward (grad z, the keys' extra term, grad w, grad bias) in 2
-//     launches; its device diagnostic gave a wrong grad z for one image (cause not found yet).
+//   backward, 3 launches: cluster_backward (grads of the tensors and of smoothed; it also zeroes
+//     the grad w / bias accumulator), info_backward (grad z), key_grad (gz * w into the keys'
+//     gradient, grad w = sum gz keys, grad bias = sum gz).
 // alias = the information keys ARE tensors[0] (ENACTAttention: keys = src + pos), so the keys'
 // two gradient terms are written once into one tensor.
 #include <memory>
@@ -40,22 +37,17 @@ int smem_optin(int device) {
 // Offsets into the int32 workspace `iws` and the float32 workspace `fws` (B images, N pixels).
 struct Layout {
   int64_t B, N;
-  // iws: [counter B][rmax 1][counts B][lengths B][rank BN][cidx BN][starts BN][ends BN]
+  // iws: [counter B][rmax 1][counts B][starts BN][ends BN]
   int64_t counter() const { return 0; }
   int64_t rmax() const { return B; }
   int64_t counts() const { return B + 1; }
-  int64_t lengths() const { return 2 * B + 1; }
-  int64_t rank() const { return 3 * B + 1; }
-  int64_t cidx() const { return 3 * B + 1 + B * N; }
-  int64_t starts() const { return 3 * B + 1 + 2 * B * N; }
-  int64_t ends() const { return 3 * B + 1 + 3 * B * N; }
-  int64_t iws_size() const { return 3 * B + 1 + 4 * B * N; }
-  // fws: [z BN][aux_a BN][rstats 2BN][softmax 2B]
+  int64_t starts() const { return 2 * B + 1; }
+  int64_t ends() const { return 2 * B + 1 + B * N; }
+  int64_t iws_size() const { return 2 * B + 1 + 2 * B * N; }
+  // fws: [z BN][rstats 2BN]
   int64_t z() const { return 0; }
-  int64_t aux() const { return B * N; }
-  int64_t rstats() const { return 2 * B * N; }
-  int64_t softmax() const { return 4 * B * N; }
-  int64_t fws_size() const { return 4 * B * N + 2 * B; }
+  int64_t rstats() const { return B * N; }
+  int64_t fws_size() const { return 3 * B * N; }
 };
 
 bool key_vec_ok(const at::Tensor& keys) {
@@ -73,11 +65,6 @@ void check_keys(const at::Tensor& keys) {
               "keys d <= 256 (or <= 256 * 16/element bytes with aligned rows), got ",
               keys.size(2));
 }
-
-// Backward implementation: 0 = the fused kernels (cluster_backward with the fused extras +
-// fused_backward, 2 launches); 1 = the separate validated kernels (cluster_backward,
-// info_backward, then gz * w, gz^T keys and sum gz as torch ops).
-int g_backward_mode = 1;
 
 // Events for the R_max read, reused across calls (creating one per call costs host time).
 std::mutex g_event_mutex;
@@ -175,7 +162,7 @@ std::shared_ptr<FusedPending> fused_begin(const at::Tensor& keys, const at::Tens
   const int limit = smem_optin(keys.get_device()) - kFusedStaticSmem;
   at::Tensor scratch;
   if (enact::fused_forward_smem_bytes(static_cast<int>(N)) > static_cast<size_t>(limit))
-    scratch = at::empty({B, 4 * N}, fopt);
+    scratch = at::empty({B, 3 * N}, fopt);
   auto stream = c10::cuda::getCurrentCUDAStream();
   int* iw = p->iws.data_ptr<int>();
   float* fw = p->fws.data_ptr<float>();
@@ -195,11 +182,6 @@ std::shared_ptr<FusedPending> fused_begin(const at::Tensor& keys, const at::Tens
   a.region_out = p->region_index.data_ptr<int64_t>();
   a.counts_out = p->counts.data_ptr<int64_t>();
   a.stats3 = p->stats.data_ptr<float>();
-  a.aux_a = fw + lay.aux();
-  a.softmax = fw + lay.softmax();
-  a.rank = iw + lay.rank();
-  a.cidx = iw + lay.cidx();
-  a.lengths = iw + lay.lengths();
   a.counts32 = iw + lay.counts();
   a.starts = iw + lay.starts();
   a.ends = iw + lay.ends();
@@ -285,7 +267,6 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     ctx->saved_data["sigma"] = p->sigma;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["mask"] = p->mask;
-    ctx->saved_data["mode"] = static_cast<int64_t>(g_backward_mode);
     ctx->mark_non_differentiable({kpm});
     ctx->set_materialize_grads(false);
     outs.push_back(kpm);
@@ -322,13 +303,12 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
                                       : at::zeros({B, R, dt}, xs[t].options()));
       gxs.push_back(at::empty({B, N, dt}, xs[t].options()));
     }
-    // float workspace: dots (B,N), grad smoothed (B,N), dotp (B,R), grad w and bias (d+1)
-    at::Tensor bws = at::empty({2 * B * N + B * R + d + 1}, fws.options());
+    // float workspace: dots (B,N), grad smoothed (B,N), grad z (B,N), grad w and bias (d+1)
+    at::Tensor bws = at::empty({3 * B * N + d + 1}, fws.options());
     float* bw = bws.data_ptr<float>();
-    float* dots = bw;
     float* gsm = bw + B * N;
-    float* dotp = bw + 2 * B * N;
-    float* acc = bw + 2 * B * N + B * R;
+    float* gz = bw + 2 * B * N;
+    float* acc = bw + 3 * B * N;
     const int* iw = iws.data_ptr<int>();
     const float* fw = fws.data_ptr<float>();
 
@@ -340,14 +320,10 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     a.stats = fw + lay.rstats();
     a.counts = iw + lay.counts();
     a.S = N;
-    const bool fused_bwd = ctx->saved_data["mode"].toInt() == 0;
-    a.skip_gx = (alias && fused_bwd) ? 1u : 0u;
-    a.dots = dots;
+    a.dots = bw;
     a.grad_sm = gsm;
-    a.aux_a = fused_bwd ? fw + lay.aux() : nullptr;
-    a.dotp = fused_bwd ? dotp : nullptr;
-    a.zero_ptr = fused_bwd ? acc : nullptr;
-    a.zero_n = fused_bwd ? static_cast<int>(d + 1) : 0;
+    a.zero_ptr = acc;
+    a.zero_n = static_cast<int>(d + 1);
     a.n_tensors = n;
     a.B = static_cast<int>(B);
     a.N = static_cast<int>(N);
@@ -365,75 +341,47 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     }
     ENACT_CHECK_CUDA(enact::cluster_backward(a, dtype_of(xs[0]), vec_all, false, true, stream));
 
-    at::Tensor keys = keys_in.stride(2) == 1 ? keys_in : keys_in.contiguous();
-    if (!fused_bwd) {
-      // grad z from grad smoothed: the validated information kernel (mode 0 = from logits)
-      at::Tensor gz = at::empty({B, N}, fws.options());
-      const int limit = smem_optin(keys.get_device()) - kFusedStaticSmem;
-      at::Tensor scratch;
-      if (enact::info_backward_smem_bytes(static_cast<int>(N), static_cast<int>(sigma)) >
-          static_cast<size_t>(limit))
-        scratch = at::empty({B, 4 * N}, fws.options());
-      const at::Tensor mask = ctx->saved_data["mask"].toTensor();
-      enact::InfoBwdArgs ib{};
-      ib.x = fw + lay.z();
-      ib.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-      ib.grad_info = nullptr;
-      ib.grad_sm = gsm;
-      ib.grad_x = gz.data_ptr<float>();
-      ib.scratch = scratch.defined() ? scratch.data_ptr<float>() : nullptr;
-      ib.B = static_cast<int>(B);
-      ib.N = static_cast<int>(N);
-      ib.sigma = static_cast<int>(sigma);
-      ib.mode = 0;
-      ENACT_CHECK_CUDA(enact::info_backward(ib, limit, stream));
-      const at::Tensor wrow = weight.reshape({1, 1, d});
-      at::Tensor gk;
-      if (alias) {
-        gk = gxs[0];
-        gk.addcmul_(gz.unsqueeze(-1), wrow);
-      } else {
-        gk = (gz.unsqueeze(-1) * wrow).to(keys.scalar_type());
-        result[0] = gk;
-      }
-      for (int t = 0; t < n; ++t) result[1 + t] = gxs[t];
-      const at::Tensor kf = keys.reshape({B * N, d}).to(at::kFloat);
-      result[1 + n] = at::mm(gz.reshape({1, B * N}), kf).view(weight.sizes());
-      if (has_bias) result[2 + n] = gz.sum().reshape({1});
-      return result;
-    }
+    // grad z from grad smoothed: the information kernel's backward (mode 0 = from logits)
+    const int limit = smem_optin(keys_in.get_device()) - kFusedStaticSmem;
+    at::Tensor scratch;
+    if (enact::info_backward_smem_bytes(static_cast<int>(N), static_cast<int>(sigma)) >
+        static_cast<size_t>(limit))
+      scratch = at::empty({B, 4 * N}, fws.options());
+    const at::Tensor mask = ctx->saved_data["mask"].toTensor();
+    enact::InfoBwdArgs ib{};
+    ib.x = fw + lay.z();
+    ib.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    ib.grad_info = nullptr;
+    ib.grad_sm = gsm;
+    ib.grad_x = gz;
+    ib.scratch = scratch.defined() ? scratch.data_ptr<float>() : nullptr;
+    ib.B = static_cast<int>(B);
+    ib.N = static_cast<int>(N);
+    ib.sigma = static_cast<int>(sigma);
+    ib.mode = 0;
+    ENACT_CHECK_CUDA(enact::info_backward(ib, limit, stream));
+
+    // the keys' information term, grad w and grad bias in one pass over the keys
+    const at::Tensor keys = keys_in.stride(2) == 1 ? keys_in : keys_in.contiguous();
     at::Tensor gk = alias ? gxs[0] : at::empty({B, N, d}, keys.options());
-    enact::FusedBwdArgs f{};
-    f.keys = keys.data_ptr();
-    f.key_row_stride = keys.stride(1);
-    f.key_batch_stride = keys.stride(0);
-    f.d = static_cast<int>(d);
-    f.g0 = alias ? gs[0].data_ptr() : nullptr;
-    f.weight = weight.data_ptr<float>();
-    f.z = fw + lay.z();
-    f.softmax = fw + lay.softmax();
-    f.rank = iw + lay.rank();
-    f.cidx = iw + lay.cidx();
-    f.lengths = iw + lay.lengths();
-    f.grad_sm = gsm;
-    f.dotp = dotp;
-    f.smoothed = smoothed.data_ptr<float>();
-    f.region_index = region_index.data_ptr<int64_t>();
-    f.rstats = fw + lay.rstats();
-    f.S = N;
-    f.gx = gk.data_ptr();
-    f.gw = acc;
-    f.B = static_cast<int>(B);
-    f.N = static_cast<int>(N);
-    f.R = static_cast<int>(R);
-    f.sigma = static_cast<int>(sigma);
-    const bool kvec = key_vec_ok(keys) && aligned16(gk) && (!alias || aligned16(gs[0]));
-    ENACT_CHECK_CUDA(enact::fused_backward(f, dtype_of(keys), kvec, stream));
+    enact::KeyGradArgs k{};
+    k.keys = keys.data_ptr();
+    k.key_row_stride = keys.stride(1);
+    k.key_batch_stride = keys.stride(0);
+    k.d = static_cast<int>(d);
+    k.gz = gz;
+    k.weight = weight.data_ptr<float>();
+    k.gx = gk.data_ptr();
+    k.accumulate = alias ? 1 : 0;
+    k.gw = acc;
+    k.B = static_cast<int>(B);
+    k.N = static_cast<int>(N);
+    ENACT_CHECK_CUDA(enact::key_grad(k, dtype_of(keys), key_vec_ok(keys) && aligned16(gk), stream));
 
     if (!alias) result[0] = gk;
     for (int t = 0; t < n; ++t) result[1 + t] = gxs[t];
-    result[1 + n] = bws.narrow(0, 2 * B * N + B * R, d).view(weight.sizes());
-    if (has_bias) result[2 + n] = bws.narrow(0, 2 * B * N + B * R + d, 1);
+    result[1 + n] = bws.narrow(0, 3 * B * N, d).view(weight.sizes());
+    if (has_bias) result[2 + n] = bws.narrow(0, 3 * B * N + d, 1);
     return result;
   }
 };
@@ -457,11 +405,7 @@ void register_fused(pybind11::module& m) {
       .def_readonly("region_index", &FusedPending::region_index)
       .def_readonly("counts", &FusedPending::counts)
       .def_readonly("stats", &FusedPending::stats)
-      .def("r_max", &FusedPending::R, "max(R_b, 1); waits for the forward kernel")
-      .def_readonly("_fws", &FusedPending::fws)   // workspaces, for tests
-      .def_readonly("_iws", &FusedPending::iws);
-  m.def("set_fused_backward", [](int64_t mode) { g_backward_mode = static_cast<int>(mode); },
-        "0: fused backward kernels (2 launches); 1: separate validated kernels");
+      .def("r_max", &FusedPending::R, "max(R_b, 1); waits for the forward kernel");
   m.def("fused_begin", &fused_begin,
         "logits + information + regions + region statistics (one launch), R_max read pending");
   m.def("fused_finish", &fused_finish,
