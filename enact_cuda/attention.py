@@ -3,7 +3,8 @@
 Torch backend: padded clusters + key mask through F.scaled_dot_product_attention. The CUDA
 backend (enact_cuda.cuda_backend, optional) is a fused varlen kernel with the same semantics
 (CUDA cores, float32 and bfloat16). impl="auto" chooses per dtype from the benchmark
-(AUTO_CUDA_ATTENTION_DTYPES): the kernel for float32, torch's flash SDPA for bfloat16/float16.
+(AUTO_CUDA_ATTENTION_DTYPES): the kernel for float32, torch's SDPA (tensor cores) for
+bfloat16/float16.
 """
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ _CUDA_HEAD_DIMS = (32, 64)
 
 # Which dtypes impl="auto" sends to the fused CUDA kernel; the benchmark decides (DESIGN §4).
 # benchmarks/results/enact_kernels_nvidia_h200.json (H200, torch 2.11, B=8, 8 heads x 32,
-# forward+backward, C5 25x38 .. DC5 50x76): in float32 the CUDA-core kernel is 1.7-1.9x faster
-# than the torch backend (padded clusters through SDPA, which has no flash path for float32);
-# in bfloat16 torch's tensor-core flash SDPA takes 0.4-0.55x of the kernel's GPU time at every
-# size (wall clock: about equal at 25x38 / 34x51, 1.5-1.9x faster at 42x63 / 50x76). So "auto"
-# uses the kernel for float32 and torch's SDPA for bfloat16 / float16; impl="cuda" still
-# forces the kernel for bfloat16.
+# forward+backward, C5 25x38 .. DC5 50x76): in float32 the CUDA-core kernel is 1.8-2.1x faster
+# than the torch backend (padded clusters through SDPA's memory-efficient kernel); in bfloat16
+# the torch backend takes 0.71-0.88x of the kernel's GPU time (tensor cores), while in wall
+# clock the kernel is 2x faster at 25x38 (fewer launches) and about equal at the larger sizes.
+# So "auto" uses the kernel for float32 and torch's SDPA for bfloat16 / float16; impl="cuda"
+# still forces the kernel for bfloat16.
 AUTO_CUDA_ATTENTION_DTYPES = (torch.float32,)
 
 # SDPA backends for the padded clusters. cuDNN is left out: it builds (and caches) an execution
@@ -75,7 +76,7 @@ def _auto_prefers_torch(q: torch.Tensor) -> str:
     """'' if impl="auto" should use the fused CUDA kernel for this dtype, else the reason."""
     if q.dtype in AUTO_CUDA_ATTENTION_DTYPES:
         return ""
-    return (f"clustered_attention in {q.dtype}: torch's flash SDPA measured faster than the "
+    return (f"clustered_attention in {q.dtype}: torch's SDPA measured faster than the "
             f"CUDA-core kernel (impl='cuda' forces the kernel)")
 
 
@@ -89,7 +90,7 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dropout_p is attention dropout (pass 0 in eval). An image with no cluster outputs zeros.
     impl: "auto" | "cuda" | "torch" (see enact_cuda.backend_info()). "auto" picks per dtype
     what the benchmark measured faster: the fused CUDA kernel for float32 CUDA inputs, torch's
-    SDPA (flash, tensor cores) for bfloat16 / float16; "cuda" uses the kernel for float32 and
+    SDPA (tensor cores) for bfloat16 / float16; "cuda" uses the kernel for float32 and
     bfloat16 alike.
     """
     backend = resolve_impl(impl, q, k, v)

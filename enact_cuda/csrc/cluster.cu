@@ -108,25 +108,6 @@ __device__ __forceinline__ void zero_row(T* __restrict__ row, int d, int lane) {
   }
 }
 
-// Raw storage of VEC elements (one 16-byte access, or one scalar): loads are issued into
-// registers first and converted to float only when used, so many stay in flight cheaply.
-template <typename T, int VEC>
-struct Raw {
-  uint4 v;
-  __device__ __forceinline__ void load(const T* p) { v = *reinterpret_cast<const uint4*>(p); }
-  __device__ __forceinline__ void zero() { v = make_uint4(0u, 0u, 0u, 0u); }
-  __device__ __forceinline__ float get(int i) const {
-    return to_float(reinterpret_cast<const T*>(&v)[i]);
-  }
-};
-template <typename T>
-struct Raw<T, 1> {
-  T v;
-  __device__ __forceinline__ void load(const T* p) { v = *p; }
-  __device__ __forceinline__ void zero() { v = from_float<T>(0.f); }
-  __device__ __forceinline__ float get(int) const { return to_float(v); }
-};
-
 // Forward: warp gw -> (region g = b * R + r, task k); task k -> (tensor t, column chunk c).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) cluster_fwd_kernel(ClusterFwdArgs a, int K) {

@@ -150,4 +150,23 @@ __device__ __forceinline__ bool dropout_keep(uint32_t row_key, int key, uint32_t
   return mix32(row_key + static_cast<uint32_t>(key) * 0x9e3779b9U) >= threshold;
 }
 
+// Raw storage of VEC elements (one 16-byte access, or one scalar): loads are issued into
+// registers first and converted to float only when used, so many stay in flight cheaply.
+template <typename T, int VEC>
+struct Raw {
+  uint4 v;
+  __device__ __forceinline__ void load(const T* p) { v = *reinterpret_cast<const uint4*>(p); }
+  __device__ __forceinline__ void zero() { v = make_uint4(0u, 0u, 0u, 0u); }
+  __device__ __forceinline__ float get(int i) const {
+    return to_float(reinterpret_cast<const T*>(&v)[i]);
+  }
+};
+template <typename T>
+struct Raw<T, 1> {
+  T v;
+  __device__ __forceinline__ void load(const T* p) { v = *p; }
+  __device__ __forceinline__ void zero() { v = from_float<T>(0.f); }
+  __device__ __forceinline__ float get(int) const { return to_float(v); }
+};
+
 }  // namespace enact

@@ -27,23 +27,6 @@ constexpr int kGradThreads = 256;
 constexpr int kGradRows = 64;  // pixels per key_grad block
 constexpr int kGradUnroll = 4;
 
-template <typename T, int VEC>
-struct RawVec {
-  uint4 v;
-  __device__ __forceinline__ void load(const T* p) { v = *reinterpret_cast<const uint4*>(p); }
-  __device__ __forceinline__ void zero() { v = make_uint4(0u, 0u, 0u, 0u); }
-  __device__ __forceinline__ float get(int i) const {
-    return to_float(reinterpret_cast<const T*>(&v)[i]);
-  }
-};
-template <typename T>
-struct RawVec<T, 1> {
-  T v;
-  __device__ __forceinline__ void load(const T* p) { v = *p; }
-  __device__ __forceinline__ void zero() { v = from_float<T>(0.f); }
-  __device__ __forceinline__ float get(int) const { return to_float(v); }
-};
-
 // The per-image part of the forward, run by one whole block (all threads) for image b.
 // base: 3N floats (shared memory or global scratch). taps synced by the caller.
 __device__ __noinline__ void image_part(const FusedFwdArgs& a, int b, float* base,
@@ -179,7 +162,7 @@ __global__ void __launch_bounds__(kFwdThreads) fused_fwd_kernel(FusedFwdArgs a) 
       dot[u] = 0.f;
     }
     for (int c0 = lane * VEC; c0 < d; c0 += 32 * VEC) {
-      RawVec<T, VEC> raw[kRowsPerWarp];
+      Raw<T, VEC> raw[kRowsPerWarp];
 #pragma unroll
       for (int u = 0; u < kRowsPerWarp; ++u) {
         const int i = i0 + u * (kFwdThreads / 32);
@@ -253,7 +236,7 @@ __global__ void __launch_bounds__(kGradThreads) key_grad_kernel(KeyGradArgs a) {
     const T* K = static_cast<const T*>(a.keys) + static_cast<int64_t>(b) * a.key_batch_stride + col;
     T* GX = static_cast<T*>(a.gx) + off * d + col;
     for (int rr0 = grp; rr0 < kGradRows; rr0 += kGradUnroll * G) {
-      RawVec<T, VEC> kr[kGradUnroll], gr[kGradUnroll];
+      Raw<T, VEC> kr[kGradUnroll], gr[kGradUnroll];
 #pragma unroll
       for (int u = 0; u < kGradUnroll; ++u) {
         const int rr = rr0 + u * G;
