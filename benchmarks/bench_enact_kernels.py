@@ -138,13 +138,8 @@ class FixedClusterLayer(nn.Module):
         self.enact, self.ck, self.cv, self.kpm = enact, ck, cv, kpm
 
     def forward(self, src, pos, key_padding_mask, hw=None):
-        e, (B, N, d), R = self.enact, src.shape, self.ck.shape[1]
-        h = e.nhead
-        q = e.W_q(src + pos).view(B, N, h, d // h).transpose(1, 2)
-        k = e.W_k(self.ck).view(B, R, h, d // h).transpose(1, 2)
-        v = e.W_v(self.cv).view(B, R, h, d // h).transpose(1, 2)
-        out = enact_cuda.clustered_attention(q, k, v, self.kpm, impl=e.impl)
-        return e.W_o(out.transpose(1, 2).reshape(B, N, d))
+        return self.enact.attend(self.enact.W_q(src + pos), self.ck, self.cv, self.kpm,
+                                 impl=self.enact.impl)
 
 
 def dense_attention(q, k, v, key_padding_mask, impl):

@@ -142,18 +142,23 @@ class ENACTAttention(_ENACTRegions):
     def forward(self, src: torch.Tensor, pos: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None, hw=None) -> torch.Tensor:
         _check_inputs(src, key_padding_mask, hw, "ENACTAttention")
-        B, N, d = src.shape
-        h, e = self.nhead, d // self.nhead
         keys = src if pos is None else src + pos
         backend, (ck, cv), cluster_mask, _, q = self._cluster(
             keys, (keys, src), key_padding_mask, hw, before_sync=lambda: self.W_q(keys))
-        R = ck.shape[1]
+        return self.attend(q, ck, cv, cluster_mask,
+                           impl="torch" if backend == "torch" else self.impl)
+
+    def attend(self, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor,
+               cluster_mask: torch.Tensor, impl: str) -> torch.Tensor:
+        """The layer after clustering: q (B, N, d) = W_q(src + pos), clustered keys and values
+        (B, R, d), cluster_mask (B, R) True = no cluster -> W_o(attention) (B, N, d)."""
+        B, N, d = q.shape
+        h, e, R = self.nhead, d // self.nhead, ck.shape[1]
         q = q.view(B, N, h, e).transpose(1, 2)
         k = self.W_k(ck).view(B, R, h, e).transpose(1, 2)
         v = self.W_v(cv).view(B, R, h, e).transpose(1, 2)
         out = clustered_attention(q, k, v, cluster_mask,
-                                  dropout_p=self.dropout if self.training else 0.0,
-                                  impl="torch" if backend == "torch" else self.impl)
+                                  dropout_p=self.dropout if self.training else 0.0, impl=impl)
         return self.W_o(out.transpose(1, 2).reshape(B, N, d))
 
     def extra_repr(self) -> str:
