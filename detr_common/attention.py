@@ -32,14 +32,29 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               scale=scale)
     if impl == "eager":
-        weights = torch.matmul(q, k.transpose(-2, -1)) * scale
-        if key_padding_mask is not None:
-            weights = weights.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        weights = weights.softmax(dim=-1)
-        if dropout_p > 0:
-            weights = F.dropout(weights, p=dropout_p)
-        return torch.matmul(weights, v)
+        return _eager_attention(q, k, v, key_padding_mask, dropout_p, scale)
     raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
+
+
+def _eager_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                     dropout_p: float, scale: float) -> Tensor:
+    """Materialised weights with upstream nn.MultiheadAttention's op sequence: the queries are
+    scaled (Lq x e, not Lq x Lk, elements), the padding mask enters as an additive -inf bias
+    inside the score GEMM (baddbmm), then softmax, dropout and one more GEMM."""
+    b, h, lq, e = q.shape
+    lk, ev = k.shape[2], v.shape[3]
+    q3 = (q * scale).reshape(b * h, lq, e)
+    k3 = k.reshape(b * h, lk, e).transpose(1, 2)
+    if key_padding_mask is None:
+        weights = torch.bmm(q3, k3)
+    else:
+        bias = torch.zeros(b, 1, 1, lk, dtype=q3.dtype, device=q3.device)
+        bias = bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        weights = torch.baddbmm(bias.expand(b, h, 1, lk).reshape(b * h, 1, lk), q3, k3)
+    weights = weights.softmax(dim=-1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p)
+    return torch.bmm(weights, v.reshape(b * h, lk, ev)).view(b, h, lq, ev)
 
 
 class MultiheadAttention(nn.Module):

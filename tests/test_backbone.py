@@ -36,6 +36,27 @@ def test_frozen_bn_math_and_state_dict():
     assert torch.allclose(frozen(x), bn(x), atol=1e-5)
 
 
+def test_frozen_bn_cache_follows_buffer_changes():
+    """The cached (scale, shift) are rebuilt after a state_dict load, an in-place edit of a
+    buffer and a dtype change; the gradient w.r.t. the input is scale per channel."""
+    frozen = FrozenBatchNorm2d(5)
+    x = torch.randn(2, 5, 3, 4, requires_grad=True)
+    assert torch.allclose(frozen(x), x / (1 + 1e-5) ** 0.5)  # identity statistics
+    bn = _bn_with_stats()
+    frozen.load_state_dict(bn.state_dict())
+    assert torch.allclose(frozen(x), bn(x), atol=1e-5)
+    frozen.running_var.mul_(4.0)
+    bn.running_var.mul_(4.0)
+    assert torch.allclose(frozen(x), bn(x), atol=1e-5)
+    frozen.double()
+    y = frozen(x.double())
+    assert y.dtype == torch.float64
+    assert torch.allclose(y, bn.double()(x.double()), atol=1e-10)
+    frozen(x.double()).sum().backward()
+    scale = bn.weight / (bn.running_var + 1e-5).sqrt()
+    assert torch.allclose(x.grad, scale.view(1, 5, 1, 1).float().expand_as(x), atol=1e-6)
+
+
 @pytest.mark.parametrize("train_backbone", [True, False])
 def test_freezing(train_backbone):
     bb = Backbone("resnet18", train_backbone=train_backbone, weights="none")
