@@ -11,7 +11,7 @@ matcher and returns a dict of losses (all fp32 scalars, computed with autocast d
 Auxiliary decoder outputs get the same losses with suffixes _0 .. _{L-2} (no class_error).
 num_boxes = total targets in the batch, averaged over distributed workers, clamped >= 1.
 """
-from typing import Dict, Sequence
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -58,6 +58,49 @@ def expand_aux_weights(weight_dict: Dict[str, float], num_decoder_layers: int) -
     return out
 
 
+class FlatTargets(NamedTuple):
+    """A batch's targets concatenated in image order, on the predictions' device: labels (T,),
+    boxes (T, 4) cxcywh, lengths (B,) targets per image."""
+    labels: Tensor
+    boxes: Tensor
+    lengths: Tensor
+
+
+class MatchedPairs(NamedTuple):
+    """One decoder layer's matched pairs, on the predictions' device, each (K,) int64: the
+    image (batch) and query (pred) of each pair and its target's index in FlatTargets (tgt)."""
+    batch: Tensor
+    pred: Tensor
+    tgt: Tensor
+
+
+def flatten_matches(targets: Sequence[Dict[str, Tensor]],
+                    matched: Sequence[Sequence[Tuple[Tensor, Tensor]]],
+                    device) -> Tuple[FlatTargets, List[MatchedPairs]]:
+    """targets (list of {'labels', 'boxes'}) and the matcher's per-layer, per-image CPU
+    indices -> (FlatTargets, one MatchedPairs per layer). All indices and the per-image
+    target counts travel to the device in ONE pinned, non-blocking copy (a plain .to(device)
+    of each small CPU tensor would make the host wait for the GPU every time)."""
+    lengths = torch.as_tensor([len(t["labels"]) for t in targets], dtype=torch.int64)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    parts, counts = [lengths], []
+    for layer in matched:
+        batch = [torch.full_like(src, i) for i, (src, _) in enumerate(layer)]
+        pred = [src for src, _ in layer]
+        tgt = [tgt + offsets[i] for i, (_, tgt) in enumerate(layer)]
+        parts += [torch.cat(batch), torch.cat(pred), torch.cat(tgt)]
+        counts.append(parts[-1].numel())
+    host = torch.cat(parts)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    values = host.to(device, non_blocking=True).split([len(targets)] + [c for c in counts
+                                                                         for _ in range(3)])
+    flat = FlatTargets(torch.cat([t["labels"] for t in targets]).to(device),
+                       torch.cat([t["boxes"] for t in targets]).to(device), values[0])
+    pairs = [MatchedPairs(*values[1 + 3 * i: 4 + 3 * i]) for i in range(len(matched))]
+    return flat, pairs
+
+
 class SetCriterion(nn.Module):
     """Hungarian-matched detection losses.
 
@@ -88,21 +131,13 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
-    # -- individual losses; `indices` from the matcher, `num_boxes` a float tensor ------------
-    @staticmethod
-    def _src_index(indices, device):
-        batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        src = torch.cat([src for src, _ in indices])
-        return batch.to(device), src.to(device)
-
-    def loss_labels(self, outputs, targets, indices, num_boxes, log=True) -> Dict[str, Tensor]:
+    # -- individual losses: `pairs` a MatchedPairs, `flat` the batch's FlatTargets ----------
+    def loss_labels(self, outputs, flat, pairs, num_boxes, log=True) -> Dict[str, Tensor]:
         logits = outputs["pred_logits"]
-        batch_idx, src_idx = self._src_index(indices, logits.device)
-        matched_labels = torch.cat([t["labels"][j.to(t["labels"].device)]
-                                    for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        matched_labels = flat.labels[pairs.tgt]
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64,
                                     device=logits.device)
-        target_classes[batch_idx, src_idx] = matched_labels
+        target_classes[pairs.batch, pairs.pred] = matched_labels
         if self.class_loss == "ce":
             loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
         else:
@@ -111,12 +146,12 @@ class SetCriterion(nn.Module):
                                       self.focal_gamma) * logits.shape[1]
         out = {"loss_ce": loss}
         if log:
-            matched_logits = logits[batch_idx, src_idx].detach()
+            matched_logits = logits[pairs.batch, pairs.pred].detach()
             out["class_error"] = 100 - _accuracy_top1(matched_logits, matched_labels)
         return out
 
     @torch.no_grad()
-    def loss_cardinality(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
+    def loss_cardinality(self, outputs, flat, pairs, num_boxes) -> Dict[str, Tensor]:
         """Logging only. Softmax head: queries whose argmax is not no-object; sigmoid head:
         queries with max probability > 0.5 (upstream's argmax rule is meaningless there)."""
         logits = outputs["pred_logits"]
@@ -124,14 +159,11 @@ class SetCriterion(nn.Module):
             predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
         else:
             predicted = (logits.sigmoid().amax(-1) > 0.5).sum(1)
-        lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
-        return {"cardinality_error": F.l1_loss(predicted.float(), lengths.float())}
+        return {"cardinality_error": F.l1_loss(predicted.float(), flat.lengths.float())}
 
-    def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
-        batch_idx, src_idx = self._src_index(indices, outputs["pred_boxes"].device)
-        src = outputs["pred_boxes"][batch_idx, src_idx]
-        tgt = torch.cat([t["boxes"][j.to(t["boxes"].device)]
-                         for t, (_, j) in zip(targets, indices)]).to(src)
+    def loss_boxes(self, outputs, flat, pairs, num_boxes) -> Dict[str, Tensor]:
+        src = outputs["pred_boxes"][pairs.batch, pairs.pred]
+        tgt = flat.boxes[pairs.tgt].to(src)
         loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
         if src.shape[0]:
             giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
@@ -140,14 +172,14 @@ class SetCriterion(nn.Module):
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
-    def _get_loss(self, name, outputs, targets, indices, num_boxes, **kwargs):
+    def _get_loss(self, name, outputs, flat, pairs, num_boxes, **kwargs):
         fn = {"labels": self.loss_labels, "boxes": self.loss_boxes,
               "cardinality": self.loss_cardinality}[name]
-        return fn(outputs, targets, indices, num_boxes, **kwargs)
+        return fn(outputs, flat, pairs, num_boxes, **kwargs)
 
     def num_boxes(self, targets, device) -> Tensor:
         """Total targets in the batch averaged over workers, clamped >= 1 (fp32 scalar)."""
-        n = torch.as_tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+        n = torch.full((), float(sum(len(t["labels"]) for t in targets)), device=device)
         if _is_dist() and dist.get_world_size() > 1:
             dist.all_reduce(n)
             n = n / dist.get_world_size()
@@ -160,19 +192,18 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: Dict, targets: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         device = outputs["pred_logits"].device
         with torch.autocast(device_type=device.type, enabled=False):
-            main = self._fp32(outputs)
+            layers = [self._fp32(outputs)]
+            layers += [self._fp32(aux) for aux in outputs.get("aux_outputs") or []]
             num_boxes = self.num_boxes(targets, device)
-            indices = self.matcher(main, targets)
+            matched = self.matcher.match_layers(layers, targets)
+            flat, pairs = flatten_matches(targets, matched, device)
             losses = {}
-            for name in self.losses:
-                losses.update(self._get_loss(name, main, targets, indices, num_boxes))
-            for i, aux in enumerate(outputs.get("aux_outputs") or []):
-                aux = self._fp32(aux)
-                indices = self.matcher(aux, targets)
+            for i, (out, layer_pairs) in enumerate(zip(layers, pairs)):
+                suffix = "" if i == 0 else f"_{i - 1}"
                 for name in self.losses:
-                    kwargs = {"log": False} if name == "labels" else {}
-                    part = self._get_loss(name, aux, targets, indices, num_boxes, **kwargs)
-                    losses.update({f"{k}_{i}": v for k, v in part.items()})
+                    kwargs = {"log": False} if (i and name == "labels") else {}
+                    part = self._get_loss(name, out, flat, layer_pairs, num_boxes, **kwargs)
+                    losses.update({f"{k}{suffix}": v for k, v in part.items()})
         return losses
 
 

@@ -5,7 +5,8 @@ C_cls: "softmax": -softmax(logits)[target class] (DETR);
        "focal": alpha(1-p)^g(-log(p+1e-8)) - (1-alpha)p^g(-log(1-p+1e-8)), p = sigmoid
                 (Conditional / Anchor DETR).
 Computed in fp32 with autocast disabled; non-finite costs are replaced by a large finite value so
-scipy's linear_sum_assignment always succeeds. One assignment per image on the CPU.
+scipy's linear_sum_assignment always succeeds. One assignment per image on the CPU;
+``match_layers`` matches all decoder layers with one device->host copy.
 """
 from typing import Dict, List, Sequence, Tuple
 
@@ -68,27 +69,39 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: Dict[str, Tensor],
                 targets: Sequence[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        bs, num_queries = logits.shape[:2]
+        return self.match_layers([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, layers: Sequence[Dict[str, Tensor]],
+                     targets: Sequence[Dict[str, Tensor]]) -> List[List[Tuple[Tensor, Tensor]]]:
+        """Match several decoder layers' outputs (each like ``forward``'s) to the same targets
+        -> one ``forward`` result per layer. The cost matrices of all layers are computed in
+        one pass and copied to the CPU together: one device->host wait per training step."""
+        logits = torch.stack([o["pred_logits"] for o in layers])  # (L, B, Q, C')
+        boxes = torch.stack([o["pred_boxes"] for o in layers])    # (L, B, Q, 4)
+        n_layers, bs, num_queries = logits.shape[:3]
         sizes = [len(t["boxes"]) for t in targets]
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
-            return [(empty, empty.clone()) for _ in sizes]
+            return [[(empty, empty.clone()) for _ in sizes] for _ in range(n_layers)]
         with torch.autocast(device_type=logits.device.type, enabled=False):
             tgt_labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
             tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device)
-            cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), tgt_labels,
+            cost = self.cost_matrix(logits.flatten(0, 2), boxes.flatten(0, 2), tgt_labels,
                                     tgt_boxes)
-        cost = cost.view(bs, num_queries, -1).cpu().double()
-        indices = []
-        for i, c in enumerate(cost.split(sizes, dim=-1)):
-            if sizes[i] == 0:
-                indices.append((empty, empty.clone()))
-                continue
-            rows, cols = linear_sum_assignment(c[i].numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64),
-                            torch.as_tensor(cols, dtype=torch.int64)))
-        return indices
+        cost = cost.view(n_layers, bs, num_queries, -1).cpu().double()
+        result = []
+        for layer_cost in cost:
+            indices = []
+            for i, c in enumerate(layer_cost.split(sizes, dim=-1)):
+                if sizes[i] == 0:
+                    indices.append((empty, empty.clone()))
+                    continue
+                rows, cols = linear_sum_assignment(c[i].numpy())
+                indices.append((torch.as_tensor(rows, dtype=torch.int64),
+                                torch.as_tensor(cols, dtype=torch.int64)))
+            result.append(indices)
+        return result
 
 
 def build_matcher(args, class_cost: str = "softmax") -> HungarianMatcher:

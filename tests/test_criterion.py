@@ -163,3 +163,42 @@ def test_num_boxes_is_averaged_over_workers(monkeypatch):
 def test_rejects_unknown_loss_names():
     with pytest.raises(ValueError, match="unknown losses"):
         SetCriterion(3, HungarianMatcher(), WEIGHTS, losses=("labels", "masks"))
+
+
+def test_layers_and_images_against_per_image_reference():
+    """Three decoder layers with different outputs, images with 3, 0 and 2 targets: every
+    layer's L1 / CE losses equal a per-image loop over that layer's own matching (so the
+    flattened indices, target offsets and layer order of flatten_matches are right)."""
+    g = torch.Generator().manual_seed(0)
+    B, Q, C = 3, 5, 3
+    layers = [{"pred_logits": torch.randn(B, Q, C + 1, generator=g),
+               "pred_boxes": torch.rand(B, Q, 4, generator=g) * 0.5 + 0.25} for _ in range(3)]
+    targets = [{"labels": torch.randint(0, C, (n,), generator=g),
+                "boxes": torch.rand(n, 4, generator=g) * 0.5 + 0.25} for n in (3, 0, 2)]
+    outputs = dict(layers[-1], aux_outputs=layers[:-1])
+    crit = _criterion(num_classes=C)
+    losses = crit(outputs, targets)
+    for suffix, out in zip(("_0", "_1", ""), layers):
+        indices = crit.matcher(out, targets)
+        l1, ce_target = 0.0, torch.full((B, Q), C)
+        for b, (src, tgt) in enumerate(indices):
+            for q, t in zip(src.tolist(), tgt.tolist()):
+                l1 += (out["pred_boxes"][b, q] - targets[b]["boxes"][t]).abs().sum()
+                ce_target[b, q] = targets[b]["labels"][t]
+        ce = torch.nn.functional.cross_entropy(out["pred_logits"].transpose(1, 2), ce_target,
+                                               crit.empty_weight)
+        assert torch.allclose(losses["loss_bbox" + suffix], l1 / 5.0, atol=1e-6)
+        assert torch.allclose(losses["loss_ce" + suffix], ce, atol=1e-6)
+
+
+def test_match_layers_equals_one_match_per_layer():
+    g = torch.Generator().manual_seed(1)
+    layers = [{"pred_logits": torch.randn(2, 6, 4, generator=g),
+               "pred_boxes": torch.rand(2, 6, 4, generator=g) * 0.5 + 0.25} for _ in range(3)]
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.rand(2, 4, generator=g) * 0.5 + 0.25},
+               {"labels": torch.tensor([1]), "boxes": torch.rand(1, 4, generator=g) * 0.5 + 0.25}]
+    matcher = HungarianMatcher(1.0, 5.0, 2.0)
+    together = matcher.match_layers(layers, targets)
+    for layer, got in zip(layers, together):
+        for (src, tgt), (ref_src, ref_tgt) in zip(got, matcher(layer, targets)):
+            assert torch.equal(src, ref_src) and torch.equal(tgt, ref_tgt)
