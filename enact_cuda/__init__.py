@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import clustered_attention, clustered_attention_torch
+from .attention import clustered_attention, clustered_attention_torch, uses_cuda_kernel
 from .clustering import Clusters, PackedClusters, cluster, cluster_tensors, pack
 from .information import (check_sigma, cuda_backend_or_reason, gaussian_taps,
                           information_from_logits, regions, regions_from_steps, resolve_impl,
@@ -35,7 +35,8 @@ from .module import ENACTAttention, ENACTClustering
 __all__ = [
     "self_information", "information_from_logits", "gaussian_taps", "check_sigma", "regions",
     "regions_from_steps", "cluster", "cluster_tensors", "Clusters", "PackedClusters", "pack",
-    "clustered_attention", "clustered_attention_torch", "ENACTAttention", "ENACTClustering",
+    "clustered_attention", "clustered_attention_torch", "uses_cuda_kernel", "ENACTAttention",
+    "ENACTClustering",
     "backend_info", "resolve_impl",
 ]
 

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .information import resolve_impl, cuda_backend_or_reason, _log_fallback
 
-__all__ = ["clustered_attention", "clustered_attention_torch"]
+__all__ = ["clustered_attention", "clustered_attention_torch", "uses_cuda_kernel"]
 
 # What the fused CUDA kernel handles (issue 3): other inputs use torch under impl="auto".
 _CUDA_DTYPES = (torch.float32, torch.bfloat16)
@@ -78,6 +78,20 @@ def _auto_prefers_torch(q: torch.Tensor) -> str:
         return ""
     return (f"clustered_attention in {q.dtype}: torch's SDPA measured faster than the "
             f"CUDA-core kernel (impl='cuda' forces the kernel)")
+
+
+def uses_cuda_kernel(x: torch.Tensor, head_dim: int, impl: str) -> bool:
+    """Whether clustered_attention(impl) runs the fused CUDA kernel on attention inputs computed
+    from `x` (its dtype, or autocast's on its device) with this q / k / v head dim, assuming the
+    extension is usable. The kernel's cost follows each image's cluster count, not the padded
+    R, so callers may then allocate clusters at an upper bound (cuda_backend.fused_finish)."""
+    if impl == "torch" or not x.is_cuda or head_dim not in _CUDA_HEAD_DIMS:
+        return False
+    dtype = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
+             else x.dtype)
+    if dtype not in _CUDA_DTYPES:
+        return False
+    return impl == "cuda" or dtype in AUTO_CUDA_ATTENTION_DTYPES
 
 
 def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -16,7 +16,8 @@ attention.py); all tensors batch-first, masks bool with True = padding.
   clustering path (W_prob logits -> information -> regions -> clusters of every tensor) as ONE
   C++ autograd node: forward = 1 memset + 1 launch, the R_max read (4 bytes into pinned memory
   behind an event; fused_begin returns before it, so work that does not need R_max can be
-  launched in between) + 1 launch; backward = 3 launches (clustering backward, information
+  launched in between; skipped with fused_finish(upper_bound=True), which allocates N cluster
+  rows instead) + 1 launch; backward = 3 launches (clustering backward, information
   backward, and one pass over the keys for their information term, grad W_prob and grad
   bias). `fused_supported` says when it applies.
 - clustered_attention(q, k, v, key_padding_mask, dropout_p, scale) -> (B, h, N, e):
@@ -239,9 +240,10 @@ def fused_supported(keys: torch.Tensor, tensors: Sequence[torch.Tensor], sigma) 
 
 def fused_begin(keys: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 padding_mask: torch.Tensor | None, sigma, row_breaks: bool = False,
-                hw=None) -> FusedState:
+                hw=None, read_rmax: bool = True) -> FusedState:
     """Launch the fused forward: logits z = keys @ weight.T + bias, information, smoothing,
-    regions, region bounds and statistics (one kernel); R_max is read asynchronously.
+    regions, region bounds and statistics (one kernel); R_max is read asynchronously (not at
+    all with read_rmax=False, for fused_finish(upper_bound=True)).
     keys (B, N, d); weight (1, d) (cast to float32 if needed); bias (1,) or None; padding_mask
     (B, N) bool or None. Returns at once; fused_finish waits for R_max."""
     s = check_sigma(sigma)
@@ -249,18 +251,23 @@ def fused_begin(keys: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     mask = _check_mask(padding_mask, keys.shape[:2], "fused_begin")
     w = weight if weight.dtype == torch.float32 else weight.float()
     b = None if bias is None else (bias if bias.dtype == torch.float32 else bias.float())
-    pending = extension().fused_begin(keys, w, b, mask, s, bool(row_breaks), width)
+    pending = extension().fused_begin(keys, w, b, mask, s, bool(row_breaks), width,
+                                      bool(read_rmax))
     return FusedState(pending, w, b)
 
 
-def fused_finish(state: FusedState, keys: torch.Tensor, tensors: Sequence[torch.Tensor]):
+def fused_finish(state: FusedState, keys: torch.Tensor, tensors: Sequence[torch.Tensor],
+                 upper_bound: bool = False):
     """Wait for R_max, cluster every tensor (one launch) -> (tuple of (B, R, d_t) in each
     tensor's dtype, key_padding_mask (B, R) bool). Differentiable w.r.t. keys, the tensors and
     the W_prob weight / bias given to fused_begin. `keys` must be fused_begin's keys; when
-    tensors[0] is keys itself (ENACTAttention), its two gradient terms are written once."""
+    tensors[0] is keys itself (ENACTAttention), its two gradient terms are written once.
+    upper_bound=True: R = N rows (rows r >= R_b zero and masked) without waiting for R_max —
+    for consumers whose cost follows the mask, not R (the CUDA attention kernel)."""
     tensors = list(tensors)
     alias = tensors[0] is keys
-    res = extension().fused_finish(state.pending, keys, tensors, state.weight, state.bias, alias)
+    res = extension().fused_finish(state.pending, keys, tensors, state.weight, state.bias, alias,
+                                   bool(upper_bound))
     return tuple(res[:-1]), res[-1]
 
 
@@ -322,8 +329,11 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if dropout_p > 0.0 and seed is None:
         seed = _draw_seed()
-    out, lse = _ClusteredAttention.apply(q, k, v, key_padding_mask.contiguous(), dropout_p,
-                                         scale, int(seed or 0))
+    kpm = key_padding_mask.contiguous()
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _ClusteredAttention.apply(q, k, v, kpm, dropout_p, scale, int(seed or 0))
+    else:  # no autograd node (eval): the extension directly, less host time per call
+        out, lse = extension().attn_forward(q, k, v, kpm, scale, dropout_p, int(seed or 0))
     return (out, lse) if return_lse else out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import clustered_attention
+from .attention import clustered_attention, uses_cuda_kernel
 from .clustering import Clusters, _cluster_mask, _num_clusters, cluster_tensors
 from .information import (check_sigma, cuda_backend_or_reason, information_from_logits, regions,
                           resolve_impl)
@@ -53,22 +53,26 @@ class _ENACTRegions(nn.Module):
         self.information: torch.Tensor | None = None
         self.smoothed_information: torch.Tensor | None = None
 
-    def _cluster(self, info_keys, tensors, key_padding_mask, hw, before_sync=None):
+    def _cluster(self, info_keys, tensors, key_padding_mask, hw, before_sync=None,
+                 upper_bound=False):
         """-> (backend, tuple of clustered tensors (B, R, d_t), cluster mask (B, R),
         region_index (B, N), before_sync() or None).
 
         CUDA backend: the fused path (cuda_backend.fused_begin / fused_finish, one autograd
         node, 3 launches forward) when it supports the inputs; `before_sync` (work that does
         not need R_max, e.g. the query projection) is launched while the GPU computes the
-        regions, before the one device->host read of R_max.
+        regions, before the one device->host read of R_max. upper_bound (fused path only):
+        R = N cluster rows, zero and masked beyond each image's count, and no read of R_max
+        (nothing waits for the GPU) — for no-grad forwards whose attention cost follows the mask.
         """
         backend = resolve_impl(self.impl, info_keys, *tensors)
         cb = cuda_backend_or_reason()[0] if backend == "cuda" else None
         if cb is not None and cb.fused_supported(info_keys, tensors, self.sigma):
             state = cb.fused_begin(info_keys, self.W_prob.weight, self.W_prob.bias,
-                                   key_padding_mask, self.sigma, self.row_breaks, hw)
+                                   key_padding_mask, self.sigma, self.row_breaks, hw,
+                                   read_rmax=not upper_bound)
             early = before_sync() if before_sync is not None else None
-            clustered, cluster_mask = cb.fused_finish(state, info_keys, tensors)
+            clustered, cluster_mask = cb.fused_finish(state, info_keys, tensors, upper_bound)
             pend = state.pending
             stats = pend.stats  # (3, B): clusters, valid pixels, mean region length
             self.last_stats = {"clusters_per_image": stats[0], "pixels_per_image": stats[1],
@@ -125,6 +129,8 @@ class ENACTAttention(_ENACTRegions):
     attention dropout `dropout` in training; then W_o. hw is needed only for row_breaks.
     After a forward: `last_stats` (detached (B,) float tensors: clusters_per_image,
     pixels_per_image, mean_region_length), `information` and `smoothed_information` (B, N).
+    Without autograd (eval) and with the CUDA attention kernel, the clusters are allocated at
+    N rows so the forward never waits for the GPU (the kernel's cost follows the mask).
     """
 
     def __init__(self, d_model: int, nhead: int, sigma, dropout: float = 0.0,
@@ -143,8 +149,11 @@ class ENACTAttention(_ENACTRegions):
                 key_padding_mask: torch.Tensor | None = None, hw=None) -> torch.Tensor:
         _check_inputs(src, key_padding_mask, hw, "ENACTAttention")
         keys = src if pos is None else src + pos
+        upper_bound = (not torch.is_grad_enabled()
+                       and uses_cuda_kernel(src, self.d_model // self.nhead, self.impl))
         backend, (ck, cv), cluster_mask, _, q = self._cluster(
-            keys, (keys, src), key_padding_mask, hw, before_sync=lambda: self.W_q(keys))
+            keys, (keys, src), key_padding_mask, hw, before_sync=lambda: self.W_q(keys),
+            upper_bound=upper_bound)
         return self.attend(q, ck, cv, cluster_mask,
                            impl="torch" if backend == "torch" else self.impl)
 
@@ -169,17 +178,20 @@ class ENACTClustering(_ENACTRegions):
     """ENACT clustering only (Anchor DETR): one set of regions for several tensors.
 
     forward(info_keys (B, N, d) the keys the information is computed from, tensors: tuple of
-    (B, N, d_t), key_padding_mask (B, N) or None, hw) -> Clusters(keys=None, values=tuple of
-    (B, R, d_t), key_padding_mask (B, R), region_index (B, N)). Same attributes as
-    ENACTAttention after a forward (last_stats, information, smoothed_information).
+    (B, N, d_t), key_padding_mask (B, N) or None, hw, upper_bound) -> Clusters(keys=None,
+    values=tuple of (B, R, d_t), key_padding_mask (B, R), region_index (B, N)). Same
+    attributes as ENACTAttention after a forward (last_stats, information,
+    smoothed_information). upper_bound=True lets the fused CUDA path return R = N rows (zero
+    and masked beyond each image's count) without waiting for the GPU; pass it only when the
+    consumer's cost follows the mask (enact_cuda.uses_cuda_kernel).
     """
 
     def forward(self, info_keys: torch.Tensor, tensors, key_padding_mask=None,
-                hw=None) -> Clusters:
+                hw=None, upper_bound: bool = False) -> Clusters:
         _check_inputs(info_keys, key_padding_mask, hw, "ENACTClustering")
         tensors = tuple(tensors)
         if not tensors:
             raise ValueError("ENACTClustering: tensors must be a non-empty tuple")
-        _, clustered, cluster_mask, region_index, _ = self._cluster(info_keys, tensors,
-                                                                    key_padding_mask, hw)
+        _, clustered, cluster_mask, region_index, _ = self._cluster(
+            info_keys, tensors, key_padding_mask, hw, upper_bound=upper_bound)
         return Clusters(None, tuple(clustered), cluster_mask, region_index)

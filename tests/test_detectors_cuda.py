@@ -67,3 +67,22 @@ def test_cuda_kernels_match_torch_backend(folder):
     floor = 1e-4 * max(g.abs().max() for g in grads_t.values())
     for name, grad in grads_t.items():
         assert torch.allclose(grads_c[name], grad, rtol=1e-3, atol=floor), name
+
+
+@pytest.mark.parametrize("folder", list(FOLDERS))
+def test_cuda_eval_forward_matches_torch_backend(folder):
+    """model.eval() under no_grad: the CUDA path clusters at N rows without waiting for the GPU
+    (ENACT's upper-bound mode); the outputs equal the torch backend's on a padded batch."""
+    model_torch, _ = build(folder)
+    model_cuda = copy.deepcopy(model_torch)
+    use_cuda_kernels(model_cuda)
+    g = torch.Generator().manual_seed(1)
+    batch = pad_images([torch.randn(3, 96, 128, generator=g),
+                        torch.randn(3, 128, 96, generator=g)]).to("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    with torch.no_grad():
+        out_t = model_torch.eval()(batch)
+        out_c = model_cuda.eval()(batch)
+    assert torch.allclose(out_c["pred_logits"], out_t["pred_logits"], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(out_c["pred_boxes"], out_t["pred_boxes"], rtol=1e-4, atol=1e-4)

@@ -678,3 +678,44 @@ def test_enact_clustering_module_cuda_matches_torch(cb, dev):
     assert rel(wc, wt) <= 5 * FP32_TOL
     assert torch.equal(m_cuda.last_stats["clusters_per_image"], m_torch.last_stats["clusters_per_image"])
     assert torch.equal(m_cuda.last_stats["pixels_per_image"], m_torch.last_stats["pixels_per_image"])
+
+
+def test_upper_bound_clusters_equal_exact_ones(cb, dev):
+    """ENACTClustering(upper_bound=True): N rows, the exact clusters first, zeros and a True
+    mask after each image's count (no R_max read)."""
+    torch.manual_seed(5)
+    B, H, W, d = 3, 12, 17, 64
+    m = enact_cuda.ENACTClustering(d, sigma=3, impl="cuda").to(dev)
+    gen = torch.Generator().manual_seed(6)
+    mask = make_mask(B, H, W, dev, gen=gen)
+    keys = torch.randn(B, H * W, d, generator=gen).to(dev)
+    vals = torch.randn(B, H * W, 32, generator=gen).to(dev)
+    exact = m(keys, (keys, vals), mask, (H, W))
+    wide = m(keys, (keys, vals), mask, (H, W), upper_bound=True)
+    R = exact.key_padding_mask.shape[1]
+    assert wide.key_padding_mask.shape == (B, H * W)
+    assert torch.equal(wide.key_padding_mask[:, :R], exact.key_padding_mask)
+    assert wide.key_padding_mask[:, R:].all()
+    for a, b_ in zip(wide.values, exact.values):
+        assert torch.equal(a[:, :R], b_)
+        assert not a[:, R:].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_enact_attention_eval_without_grad_equals_with_grad(cb, dev, dtype):
+    """The no-grad forward (clusters at N rows, no wait for the GPU when the CUDA kernel
+    attends) gives the same output as the autograd forward (clusters at R_max)."""
+    torch.manual_seed(7)
+    B, H, W, d = 3, 19, 26, 256
+    m = enact_cuda.ENACTAttention(d, 8, sigma=3, impl="cuda").to(dev).eval()
+    gen = torch.Generator().manual_seed(8)
+    src = torch.randn(B, H * W, d, generator=gen).to(dev, dtype)
+    pos = torch.randn(B, H * W, d, generator=gen).to(dev, dtype)
+    mask = make_mask(B, H, W, dev, gen=gen)
+    m = m.to(dtype)
+    with_grad = m(src.requires_grad_(True), pos, mask, (H, W)).detach()
+    with torch.no_grad():
+        without = m(src, pos, mask, (H, W))
+    assert enact_cuda.uses_cuda_kernel(src, d // 8, "cuda")
+    tol = FP32_TOL if dtype == torch.float32 else 1e-2
+    assert rel(without.float(), with_grad.float()) <= tol

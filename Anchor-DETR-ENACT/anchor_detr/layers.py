@@ -4,6 +4,7 @@ Grid features are (B, H, W, E); the padding mask (B, H, W) is True on padding. R
 embeddings pe_row (B, W, E) are indexed by x (they make the ROW keys src + pe_x), column
 embeddings pe_col (B, H, E) by y. Submodule names follow upstream so checkpoints load.
 """
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -62,9 +63,14 @@ class EncoderLayerSpatial(nn.Module):
         if self.ENACT is None:
             out = self.self_attn(q_row, q_col, k_row, k_col, src, key_padding_mask=mask)
         else:
+            from enact_cuda import uses_cuda_kernel
             flat_mask = mask.reshape(b, h * w)
+            # eval: clusters at N rows, no wait for R_max, when the CUDA kernel attends (its
+            # q / k head dim is 2 d_h, values padded to it)
+            upper_bound = not torch.is_grad_enabled() and uses_cuda_kernel(
+                src, 2 * self.self_attn.head_dim, self.enact_impl)
             clusters = self.ENACT(q_row, (q_row, q_col, src.reshape(b, h * w, e)), flat_mask,
-                                  (h, w))
+                                  (h, w), upper_bound=upper_bound)
             c_row, c_col, c_val = clusters.values
             out = self.self_attn.forward_clustered(q_row, q_col, c_row, c_col, c_val,
                                                    clusters.key_padding_mask, impl=self.enact_impl)

@@ -21,15 +21,16 @@ struct AttnLayout {
   static constexpr int RS = TP * PW;                // floats per row in shared memory
 };
 
-// Number of keys of image b: the count of False entries of its key padding mask row (the
-// mask is a suffix, so keys [0, count) exist). Every thread of the block gets it.
+// Number of keys of image b: the index of the first True of its key padding mask row (the
+// mask is a suffix, so keys [0, count) exist), by binary search: every thread computes the
+// same answer from log2(R) broadcast reads, so R may be a generous upper bound (e.g. N).
 __device__ __forceinline__ int block_key_count(const bool* __restrict__ kpm_row, int R) {
-  int cnt = 0;
-  for (int r0 = 0; r0 < R; r0 += blockDim.x) {
-    const int r = r0 + threadIdx.x;
-    cnt += __syncthreads_count(r < R && !kpm_row[r]);
+  int lo = 0, hi = R;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (kpm_row[mid]) hi = mid; else lo = mid + 1;
   }
-  return cnt;
+  return lo;
 }
 
 // 32 consecutive elements (one part of a row) -> registers as float. p 16-byte aligned.

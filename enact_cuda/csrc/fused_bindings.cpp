@@ -5,9 +5,12 @@
 //     kernel launch (logits + information + regions + bounds + region statistics), then R_max is
 //     copied (4 bytes, non-blocking) into pinned host memory behind an event; nothing waits yet,
 //     so the caller can launch work that does not depend on R_max (e.g. the query projection).
-//   fused_finish(pending, keys, tensors, w, bias, alias) -> [clustered tensors..., key mask]:
-//     waits on the event (the one device->host read), ONE launch clusters every tensor and
-//     writes the key padding mask. Differentiable w.r.t. keys, tensors, w and bias.
+//   fused_finish(pending, keys, tensors, w, bias, alias, upper_bound) -> [clustered tensors...,
+//     key mask]: waits on the event (the one device->host read), ONE launch clusters every
+//     tensor and writes the key padding mask. Differentiable w.r.t. keys, tensors, w and bias.
+//     upper_bound: allocate R = N cluster rows (every region has at least one pixel) instead of
+//     R_max, so nothing waits; rows r >= R_b are zero and masked. fused_begin's read_rmax =
+//     false then skips the copy and the event.
 //   backward, 3 launches: cluster_backward (grads of the tensors and of smoothed; it also zeroes
 //     the grad w / bias accumulator), info_backward (grad z), key_grad (gz * w into the keys'
 //     gradient, grad w = sum gz keys, grad bias = sum gz).
@@ -106,6 +109,7 @@ struct FusedPending {
 
   // R_max = max(max_b R_b, 1): waits for the forward kernel (the one device->host read).
   int64_t R() {
+    TORCH_CHECK(event != nullptr, "enact_cuda: fused_begin was called with read_rmax=False");
     if (r_max < 0) {
       ENACT_CHECK_CUDA(cudaEventSynchronize(event));
       r_max = std::max<int64_t>(static_cast<int64_t>(pinned.data_ptr<int>()[0]), 1);
@@ -128,7 +132,8 @@ using torch::autograd::variable_list;
 std::shared_ptr<FusedPending> fused_begin(const at::Tensor& keys, const at::Tensor& weight,
                                           const std::optional<at::Tensor>& bias,
                                           const std::optional<at::Tensor>& mask_in,
-                                          int64_t sigma, bool row_breaks, int64_t W) {
+                                          int64_t sigma, bool row_breaks, int64_t W,
+                                          bool read_rmax) {
   check_keys(keys);
   c10::cuda::CUDAGuard guard(keys.device());
   const int64_t B = keys.size(0), N = keys.size(1), d = keys.size(2);
@@ -196,6 +201,7 @@ std::shared_ptr<FusedPending> fused_begin(const at::Tensor& keys, const at::Tens
   a.W = static_cast<int>(W);
   ENACT_CHECK_CUDA(enact::fused_forward(a, dtype_of(keys), key_vec_ok(keys), limit, stream));
 
+  if (!read_rmax) return p;
   p->pinned = at::empty({1}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
   ENACT_CHECK_CUDA(cudaMemcpyAsync(p->pinned.data_ptr<int>(), iw + lay.rmax(), sizeof(int),
                                    cudaMemcpyDeviceToHost, stream));
@@ -209,7 +215,8 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& info_keys,
                                at::TensorList tensors, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias,
-                               const std::shared_ptr<FusedPending>& p, bool alias) {
+                               const std::shared_ptr<FusedPending>& p, bool alias,
+                               bool upper_bound) {
     const int n = static_cast<int>(tensors.size());
     TORCH_CHECK(n >= 1 && n <= enact::kMaxClusterTensors, "enact_cuda: fused clustering takes 1 to ",
                 enact::kMaxClusterTensors, " tensors");
@@ -225,7 +232,7 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
       TORCH_CHECK(xs[t].scalar_type() == xs[0].scalar_type(),
                   "enact_cuda: fused clustering needs one dtype for all tensors");
     }
-    const int64_t R = p->R();  // waits for the forward kernel
+    const int64_t R = upper_bound ? N : p->R();  // R(): waits for the forward kernel
     variable_list outs;
     outs.reserve(n + 1);
     for (int t = 0; t < n; ++t) outs.push_back(at::empty({B, R, xs[t].size(2)}, xs[t].options()));
@@ -279,7 +286,8 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     const bool alias = ctx->saved_data["alias"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const int64_t sigma = ctx->saved_data["sigma"].toInt();
-    variable_list result(static_cast<size_t>(n) + 5);  // keys, tensors.., w, bias, pending, alias
+    variable_list result(static_cast<size_t>(n) + 6);  // keys, tensors.., w, bias, pending, alias,
+                                                       // upper_bound
     bool any = false;
     for (int t = 0; t < n; ++t) any = any || grads[t].defined();
     if (!any) return result;
@@ -390,9 +398,11 @@ std::vector<at::Tensor> fused_finish(const std::shared_ptr<FusedPending>& p,
                                      const at::Tensor& info_keys,
                                      const std::vector<at::Tensor>& tensors,
                                      const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& bias, bool alias) {
+                                     const std::optional<at::Tensor>& bias, bool alias,
+                                     bool upper_bound) {
   TORCH_CHECK(p != nullptr, "enact_cuda: fused_finish needs fused_begin's result");
-  return FusedClusterFn::apply(info_keys, at::TensorList(tensors), weight, bias, p, alias);
+  return FusedClusterFn::apply(info_keys, at::TensorList(tensors), weight, bias, p, alias,
+                               upper_bound);
 }
 
 }  // namespace
@@ -407,7 +417,8 @@ void register_fused(pybind11::module& m) {
       .def_readonly("stats", &FusedPending::stats)
       .def("r_max", &FusedPending::R, "max(R_b, 1); waits for the forward kernel");
   m.def("fused_begin", &fused_begin,
-        "logits + information + regions + region statistics (one launch), R_max read pending");
+        "logits + information + regions + region statistics (one launch), R_max read pending "
+        "(unless read_rmax is false)");
   m.def("fused_finish", &fused_finish,
         "cluster the tensors (one launch); differentiable w.r.t. keys, tensors, weight, bias");
 }
