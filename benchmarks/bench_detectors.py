@@ -13,7 +13,9 @@ Protocol (per row = one detector x one variant x one mode, a freshly built model
   gradient clipping 0.1; 3 warm-up steps, then 10 timed steps between torch.cuda.synchronize();
   peak = torch.cuda.max_memory_allocated() after reset_peak_memory_stats() following the
   warm-up; inference at batch 1 (the batch's first image), model.eval() + no_grad, 5 warm-up
-  then 20 timed forwards.
+  then 20 timed forwards. The timed parts are repeated (--repeats, 3) and the median is
+  reported (all repeats are in the JSON): the steps are partly host-bound, and one 0.3-1 s
+  measurement moves by several per cent with the host's state; the GC is paused while timing.
 Variants: plain_eager (--no_enact --attn_impl eager: the paper's baseline, materialised
   attention weights), plain_sdpa (--no_enact --attn_impl sdpa), enact (--enact_impl auto, the
   other attentions at the default sdpa: what a user gets), enact_eager (ENACT with the other
@@ -34,6 +36,7 @@ import json
 import math
 import platform
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -146,10 +149,25 @@ def train_step(model, criterion, optimizer, batch, targets, amp, clip, device):
     return loss.detach()
 
 
+class _NoGC:
+    """Python's garbage collector paused in a timed region (as timeit does): a collection
+    inside a host-bound 0.1-1 s measurement moves it by several per cent."""
+
+    def __enter__(self):
+        self.was_enabled = gc.isenabled()
+        gc.collect()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        if self.was_enabled:
+            gc.enable()
+
+
 def measure_train(model, criterion, optimizer, batch, targets, amp, clip, device, warmup,
-                  steps):
-    """-> {train_s_per_img, peak_gib, loss}: ``warmup`` steps, then ``steps`` timed between
-    synchronisations; peak over the timed steps (statistics reset after the warm-up)."""
+                  steps, repeats=1):
+    """-> {train_s_per_img, peak_gib, loss, train_s_per_img_repeats}: ``warmup`` steps, then
+    ``repeats`` times ``steps`` steps timed between synchronisations; train_s_per_img = the
+    median repeat; peak over all timed steps (statistics reset after the warm-up)."""
     model.train()
     criterion.train()
     for _ in range(warmup):
@@ -157,34 +175,42 @@ def measure_train(model, criterion, optimizer, batch, targets, amp, clip, device
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = train_step(model, criterion, optimizer, batch, targets, amp, clip, device)
-    sync(device)
-    elapsed = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        with _NoGC():
+            start = time.perf_counter()
+            for _ in range(steps):
+                loss = train_step(model, criterion, optimizer, batch, targets, amp, clip, device)
+            sync(device)
+            times.append((time.perf_counter() - start) / (steps * batch.images.shape[0]))
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     value = float(loss)
-    out = {"train_s_per_img": elapsed / (steps * batch.images.shape[0]), "peak_gib": peak,
-           "loss": value if math.isfinite(value) else None}
+    out = {"train_s_per_img": statistics.median(times), "train_s_per_img_repeats": times,
+           "peak_gib": peak, "loss": value if math.isfinite(value) else None}
     if not math.isfinite(value):
         out["warning"] = f"non-finite training loss ({value})"
     return out
 
 
 @torch.no_grad()
-def measure_inference(model, image, amp, device, warmup, steps):
-    """-> {infer_s_per_img}: batch-1 forwards in eval mode under no_grad."""
+def measure_inference(model, image, amp, device, warmup, steps, repeats=1):
+    """-> {infer_s_per_img, infer_s_per_img_repeats}: batch-1 forwards in eval mode under
+    no_grad, ``warmup`` then ``repeats`` times ``steps`` timed; the median repeat."""
     model.eval()
     for _ in range(warmup):
         with autocast(device, amp):
             model(image)
     sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        with autocast(device, amp):
-            model(image)
-    sync(device)
-    return {"infer_s_per_img": (time.perf_counter() - start) / steps}
+    times = []
+    for _ in range(repeats):
+        with _NoGC():
+            start = time.perf_counter()
+            for _ in range(steps):
+                with autocast(device, amp):
+                    model(image)
+            sync(device)
+            times.append((time.perf_counter() - start) / steps)
+    return {"infer_s_per_img": statistics.median(times), "infer_s_per_img_repeats": times}
 
 
 def cluster_counts(model):
@@ -264,13 +290,14 @@ def measure_row(name, variant, mode, opts, device):
         row["padded_shape"] = list(batch.images.shape)
         phase = "training"
         row.update(measure_train(model, criterion, optimizer, batch, targets, amp,
-                                 args.clip_max_norm, device, opts.warmup, opts.steps))
+                                 args.clip_max_norm, device, opts.warmup, opts.steps,
+                                 opts.repeats))
         row["clusters_train"] = cluster_counts(model)
         if mode != "mixed":
             phase = "inference"
             image = pad_images([batch.images[0]])  # batch 1, no padding
             row.update(measure_inference(model, image, amp, device, opts.infer_warmup,
-                                         opts.infer_steps))
+                                         opts.infer_steps, opts.repeats))
             row["clusters_infer"] = cluster_counts(model)
         if opts.profile and mode != "mixed":
             phase = "profile"
@@ -505,6 +532,9 @@ def get_parser():
     p.add_argument("--steps", type=int, default=None, help="timed training steps (10)")
     p.add_argument("--infer_warmup", type=int, default=None, help="inference warm-ups (5)")
     p.add_argument("--infer_steps", type=int, default=None, help="timed inference forwards (20)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats of the training steps and of the inference forwards; "
+                        "the median is reported, all are kept in the JSON (3; --tiny 1)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if "
                    "available)")
     p.add_argument("--out", default=str(HERE / "results"),
@@ -539,12 +569,13 @@ def main(argv=None):
     detectors = _choices(opts.detectors, FOLDERS, "--detectors")
     variants = _choices(opts.variants, VARIANTS, "--variants")
     modes = _choices(opts.modes, MODES, "--modes")
-    defaults = (1, 1, 1, 1) if opts.tiny else (3, 10, 5, 20)
-    for key, value in zip(("warmup", "steps", "infer_warmup", "infer_steps"), defaults):
+    defaults = (1, 1, 1, 1, 1) if opts.tiny else (3, 10, 5, 20, 3)
+    for key, value in zip(("warmup", "steps", "infer_warmup", "infer_steps", "repeats"),
+                          defaults):
         if getattr(opts, key) is None:
             setattr(opts, key, value)
-    if opts.steps < 1 or opts.infer_steps < 1:
-        raise SystemExit("error: --steps and --infer_steps must be >= 1")
+    if opts.steps < 1 or opts.infer_steps < 1 or opts.repeats < 1:
+        raise SystemExit("error: --steps, --infer_steps and --repeats must be >= 1")
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
@@ -579,9 +610,11 @@ def main(argv=None):
                      f"batch = detector default, images {TINY_SIZE if opts.tiny else FULL_SIZE} "
                      f"(mixed: with {TINY_SMALL if opts.tiny else MIXED_SMALL}), 1-10 boxes, "
                      f"{opts.warmup} warm-up + {opts.steps} timed steps, inference batch 1 "
-                     f"{opts.infer_warmup} + {opts.infer_steps}, clip 0.1, seed {opts.seed}"),
+                     f"{opts.infer_warmup} + {opts.infer_steps}, clip 0.1, seed {opts.seed}; "
+                     f"timed parts repeated {opts.repeats}x, median reported, Python GC "
+                     f"paused while timing"),
         "settings": {k: getattr(opts, k) for k in ("warmup", "steps", "infer_warmup",
-                                                   "infer_steps", "seed")},
+                                                   "infer_steps", "repeats", "seed")},
     }
     print(f"GPU: {gpu}  torch {torch.__version__}  CUDA {torch.version.cuda}  TF32 matmul "
           f"{meta['tf32_matmul']} cuDNN {meta['tf32_cudnn']}  ENACT backend: {backend}",
