@@ -9,7 +9,8 @@ Protocol (per row = one detector x one variant x one mode, a freshly built model
   fp32 with torch's default TF32 settings (untouched); random-initialised backbone
   (--backbone_weights none); a batch of 8 random 3x800x1216 images (Anchor DETR: 4, i.e. each
   detector's default --batch_size) with 1-10 random boxes per image (seeded, the same batch for
-  every variant); the detector's own criterion and AdamW groups (DETECTOR.param_groups),
+  every variant); the detector's own criterion and AdamW groups (DETECTOR.param_groups;
+  detr_common.trainer.build_optimizer, fused AdamW on CUDA, as main.py trains),
   gradient clipping 0.1; 3 warm-up steps, then 10 timed steps between torch.cuda.synchronize();
   peak = torch.cuda.max_memory_allocated() after reset_peak_memory_stats() following the
   warm-up; inference at batch 1 (the batch's first image), model.eval() + no_grad, 5 warm-up
@@ -54,6 +55,7 @@ for _p in [ROOT, HERE, *(ROOT / f for f in FOLDERS.values())]:
 import bench_reference as ref  # noqa: E402
 from detr_common.data.collate import pad_images  # noqa: E402
 from detr_common.engine import autocast, move_targets, to_float  # noqa: E402
+from detr_common.trainer import build_optimizer  # noqa: E402
 
 VARIANTS = {
     "plain_eager": ["--no_enact", "--attn_impl", "eager"],
@@ -227,8 +229,9 @@ def cluster_counts(model):
 
 
 def profile_train(model, criterion, optimizer, batch, targets, amp, clip, device, rows=15):
-    """Top kernels (by GPU time) and top host ops (by self CPU time) of two training steps
-    (torch.profiler), as text tables."""
+    """Two profiled training steps (torch.profiler) -> (text tables: top kernels by GPU time
+    and top host ops by self CPU time; GPU kernel milliseconds per step, None on the CPU).
+    The kernel time next to the wall time shows how host-bound a step is."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
@@ -238,19 +241,16 @@ def profile_train(model, criterion, optimizer, batch, targets, amp, clip, device
             train_step(model, criterion, optimizer, batch, targets, amp, clip, device)
         sync(device)
     averages = prof.key_averages()
-    keys = (["self_device_time_total", "self_cuda_time_total"] if device.type == "cuda"
-            else [])
-    tables = []
-    for key in keys:
-        try:
-            tables.append(averages.table(sort_by=key, row_limit=rows))
-            break
-        except (AttributeError, KeyError, ValueError):
-            continue
+    tables, gpu_ms = [], None
+    if device.type == "cuda":
+        tables.append(averages.table(sort_by="self_device_time_total", row_limit=rows))
+        gpu_us = sum(e.self_device_time_total for e in averages
+                     if str(e.device_type).endswith("CUDA"))
+        gpu_ms = gpu_us / 1e3 / 2
     # the host side: where the step waits (cudaStreamSynchronize / cudaEventSynchronize) and
     # which ops cost host time
     tables.append(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
-    return "\n".join(tables)
+    return "\n".join(tables), gpu_ms
 
 
 def free_memory(device):
@@ -281,8 +281,7 @@ def measure_row(name, variant, mode, opts, device):
         model, criterion, _ = detector.build(args)
         model.to(device)
         criterion.to(device)
-        optimizer = torch.optim.AdamW(detector.param_groups(model, args), lr=args.lr,
-                                      weight_decay=args.weight_decay)
+        optimizer = build_optimizer(detector, model, args, device)
         full, small = (TINY_SIZE, TINY_SMALL) if opts.tiny else (FULL_SIZE, MIXED_SMALL)
         sizes = [full, small] if mode == "mixed" else [full]
         batch, targets = random_batch(args.batch_size, sizes, opts.seed, device)
@@ -301,8 +300,8 @@ def measure_row(name, variant, mode, opts, device):
             row["clusters_infer"] = cluster_counts(model)
         if opts.profile and mode != "mixed":
             phase = "profile"
-            row["profile"] = profile_train(model, criterion, optimizer, batch, targets, amp,
-                                           args.clip_max_norm, device)
+            row["profile"], row["train_gpu_ms_per_step"] = profile_train(
+                model, criterion, optimizer, batch, targets, amp, args.clip_max_norm, device)
     except torch.cuda.OutOfMemoryError:
         row["error"] = "OOM" if phase in ("build", "training") else f"OOM ({phase})"
     except Exception as exc:  # keep going with the other rows
@@ -322,7 +321,8 @@ def add_ratios(rows):
         for base in ("plain_eager", "plain_sdpa"):
             plain = next((r for r in rows if r["detector"] == row["detector"]
                           and r["mode"] == row["mode"] and r["variant"] == base), None)
-            for metric in ("train_s_per_img", "peak_gib", "infer_s_per_img"):
+            for metric in ("train_s_per_img", "peak_gib", "infer_s_per_img",
+                           "train_gpu_ms_per_step"):
                 row[f"{metric}_vs_{base}_pct"] = ref.pct(
                     row.get(metric), None if plain is None else plain.get(metric))
     return rows
@@ -351,15 +351,22 @@ def _clusters(row):
 
 
 TABLE_COLUMNS = ["detector", "mode", "variant", "train s/img", "peak GiB", "infer s/img",
-                 "train vs eager", "mem vs eager", "infer vs eager", "train vs sdpa",
+                 "train GPU ms/step (vs eager)", "train vs eager", "mem vs eager", "infer vs eager", "train vs sdpa",
                  "mem vs sdpa", "infer vs sdpa", "clusters/img per layer (train)"]
+
+
+def _gpu_cell(row):
+    gpu = row.get("train_gpu_ms_per_step")
+    if gpu is None:
+        return "—"
+    return f"{gpu:.1f} ({_pct(row.get('train_gpu_ms_per_step_vs_plain_eager_pct'))})"
 
 
 def table_cells(row):
     if row.get("error") and row.get("train_s_per_img") is None:
         return [row_label(row), row["mode"], row["variant"], row["error"]] + [""] * (len(TABLE_COLUMNS) - 4)
     return [row_label(row), row["mode"], row["variant"], _num(row["train_s_per_img"], ".4f"), _num(row["peak_gib"], ".2f"),
-            _num(row["infer_s_per_img"], ".4f"),
+            _num(row["infer_s_per_img"], ".4f"), _gpu_cell(row),
             *(_pct(row.get(f"{m}_vs_{b}_pct")) for b in ("plain_eager", "plain_sdpa")
               for m in ("train_s_per_img", "peak_gib", "infer_s_per_img")),
             _clusters(row) + (f" [{row['error']}]" if row.get("error") else "")]
@@ -435,6 +442,9 @@ def write_markdown(path, meta, rows, targets):
     parts += [
         "Columns: train s/img = timed training seconds / (steps x batch); peak GiB = "
         "max_memory_allocated over the timed steps; infer s/img = batch-1 eval forward; "
+        "train GPU ms/step = kernel time of one training step from two profiled steps "
+        "(--profile; when it is well below the wall time of a step, train s/img x batch, the "
+        "step is host-bound and GPU savings do not show in wall time); "
         "\"vs eager\" / \"vs sdpa\" = (row / plain row of the same detector and mode - 1) x 100 "
         "(negative = less memory / faster); clusters/img per layer = ENACT clusters per image "
         "of each encoder layer in the last training step, \"of N\" = valid pixels per image.",

@@ -51,6 +51,20 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return iou - (enclosing - union) / enclosing
 
 
+def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Generalized IoU of corresponding xyxy boxes (..., 4) x (..., 4) -> (...): the diagonal
+    of generalized_box_iou without its M x N matrix."""
+    area1, area2 = box_area(boxes1), box_area(boxes2)
+    wh = (torch.min(boxes1[..., 2:], boxes2[..., 2:])
+          - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area1 + area2 - inter
+    wh = (torch.max(boxes1[..., 2:], boxes2[..., 2:])
+          - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    enclosing = wh[..., 0] * wh[..., 1]
+    return inter / union - (enclosing - union) / enclosing
+
+
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """log(x / (1 - x)) with x clamped to [0, 1] and both terms clamped below by eps."""
     x = x.clamp(min=0, max=1)

@@ -69,16 +69,16 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: Dict[str, Tensor],
                 targets: Sequence[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
-        return self.match_layers([outputs], targets)[0]
+        return self.match_layers(outputs["pred_logits"][None], outputs["pred_boxes"][None],
+                                 targets)[0]
 
     @torch.no_grad()
-    def match_layers(self, layers: Sequence[Dict[str, Tensor]],
+    def match_layers(self, logits: Tensor, boxes: Tensor,
                      targets: Sequence[Dict[str, Tensor]]) -> List[List[Tuple[Tensor, Tensor]]]:
-        """Match several decoder layers' outputs (each like ``forward``'s) to the same targets
-        -> one ``forward`` result per layer. The cost matrices of all layers are computed in
-        one pass and copied to the CPU together: one device->host wait per training step."""
-        logits = torch.stack([o["pred_logits"] for o in layers])  # (L, B, Q, C')
-        boxes = torch.stack([o["pred_boxes"] for o in layers])    # (L, B, Q, 4)
+        """Match L decoder layers' outputs, logits (L,B,Q,C') and boxes (L,B,Q,4) cxcywh, to
+        the same targets -> one ``forward`` result per layer. The cost matrices of all layers
+        are computed in one pass and copied to the CPU together: one device->host wait per
+        training step."""
         n_layers, bs, num_queries = logits.shape[:3]
         sizes = [len(t["boxes"]) for t in targets]
         empty = torch.empty(0, dtype=torch.int64)

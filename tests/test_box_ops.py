@@ -4,7 +4,7 @@ import math
 import torch
 
 from detr_common.box_ops import (box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh,
-                                 generalized_box_iou, inverse_sigmoid)
+                                 generalized_box_iou, inverse_sigmoid, paired_generalized_box_iou)
 
 
 def test_format_conversions_hand_values():
@@ -49,3 +49,13 @@ def test_inverse_sigmoid_round_trip_and_clamp():
     assert torch.allclose(inverse_sigmoid(torch.sigmoid(x)), x, atol=1e-4)
     edge = inverse_sigmoid(torch.tensor([0.0, 1.0]))
     assert torch.allclose(edge, torch.tensor([math.log(1e-5), -math.log(1e-5)]))
+
+
+def test_paired_generalized_iou_is_the_diagonal():
+    g = torch.Generator().manual_seed(0)
+    a = box_cxcywh_to_xyxy(torch.rand(7, 4, generator=g) * 0.5 + 0.2)
+    b = box_cxcywh_to_xyxy(torch.rand(7, 4, generator=g) * 0.5 + 0.2)
+    assert torch.allclose(paired_generalized_box_iou(a, b), torch.diag(generalized_box_iou(a, b)))
+    assert torch.allclose(paired_generalized_box_iou(a.view(7, 1, 4), b.view(7, 1, 4)),
+                          torch.diag(generalized_box_iou(a, b)).view(7, 1))
+    assert paired_generalized_box_iou(a[:0], b[:0]).shape == (0,)

@@ -165,30 +165,49 @@ def test_rejects_unknown_loss_names():
         SetCriterion(3, HungarianMatcher(), WEIGHTS, losses=("labels", "masks"))
 
 
-def test_layers_and_images_against_per_image_reference():
+@pytest.mark.parametrize("class_loss", ["ce", "focal"])
+def test_layers_and_images_against_per_image_reference(class_loss):
     """Three decoder layers with different outputs, images with 3, 0 and 2 targets: every
-    layer's L1 / CE losses equal a per-image loop over that layer's own matching (so the
-    flattened indices, target offsets and layer order of flatten_matches are right)."""
+    layer's losses equal a per-image loop over that layer's own matching (so the batched
+    layer computation, target offsets and layer order are right)."""
+    from detr_common.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
     g = torch.Generator().manual_seed(0)
     B, Q, C = 3, 5, 3
-    layers = [{"pred_logits": torch.randn(B, Q, C + 1, generator=g),
+    width = C + 1 if class_loss == "ce" else C
+    layers = [{"pred_logits": torch.randn(B, Q, width, generator=g),
                "pred_boxes": torch.rand(B, Q, 4, generator=g) * 0.5 + 0.25} for _ in range(3)]
     targets = [{"labels": torch.randint(0, C, (n,), generator=g),
                 "boxes": torch.rand(n, 4, generator=g) * 0.5 + 0.25} for n in (3, 0, 2)]
     outputs = dict(layers[-1], aux_outputs=layers[:-1])
-    crit = _criterion(num_classes=C)
+    crit = _criterion(num_classes=C, class_loss=class_loss)
     losses = crit(outputs, targets)
     for suffix, out in zip(("_0", "_1", ""), layers):
         indices = crit.matcher(out, targets)
-        l1, ce_target = 0.0, torch.full((B, Q), C)
+        l1, giou, hits, classes = 0.0, 0.0, [], torch.full((B, Q), C)
         for b, (src, tgt) in enumerate(indices):
             for q, t in zip(src.tolist(), tgt.tolist()):
-                l1 += (out["pred_boxes"][b, q] - targets[b]["boxes"][t]).abs().sum()
-                ce_target[b, q] = targets[b]["labels"][t]
-        ce = torch.nn.functional.cross_entropy(out["pred_logits"].transpose(1, 2), ce_target,
-                                               crit.empty_weight)
+                p, y = out["pred_boxes"][b, q], targets[b]["boxes"][t]
+                l1 += (p - y).abs().sum()
+                giou += 1 - generalized_box_iou(box_cxcywh_to_xyxy(p[None]),
+                                                box_cxcywh_to_xyxy(y[None]))[0, 0]
+                classes[b, q] = targets[b]["labels"][t]
+                hits.append(float(out["pred_logits"][b, q].argmax() == classes[b, q]))
+        if class_loss == "ce":
+            ce = torch.nn.functional.cross_entropy(out["pred_logits"].transpose(1, 2), classes,
+                                                   crit.empty_weight)
+            predicted = (out["pred_logits"].argmax(-1) != C).sum(1)
+        else:
+            onehot = torch.nn.functional.one_hot(classes, C + 1)[..., :C].float()
+            ce = sigmoid_focal_loss(out["pred_logits"], onehot, 5.0) * Q
+            predicted = (out["pred_logits"].sigmoid().amax(-1) > 0.5).sum(1)
+        cardinality = (predicted.float() - torch.tensor([3.0, 0.0, 2.0])).abs().mean()
         assert torch.allclose(losses["loss_bbox" + suffix], l1 / 5.0, atol=1e-6)
+        assert torch.allclose(losses["loss_giou" + suffix], giou / 5.0, atol=1e-6)
         assert torch.allclose(losses["loss_ce" + suffix], ce, atol=1e-6)
+        assert torch.allclose(losses["cardinality_error" + suffix], cardinality)
+        if suffix == "":
+            assert torch.allclose(losses["class_error"], torch.tensor(100 - 100 * sum(hits) / 5))
+    assert "class_error_0" not in losses
 
 
 def test_match_layers_equals_one_match_per_layer():
@@ -198,7 +217,8 @@ def test_match_layers_equals_one_match_per_layer():
     targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.rand(2, 4, generator=g) * 0.5 + 0.25},
                {"labels": torch.tensor([1]), "boxes": torch.rand(1, 4, generator=g) * 0.5 + 0.25}]
     matcher = HungarianMatcher(1.0, 5.0, 2.0)
-    together = matcher.match_layers(layers, targets)
+    together = matcher.match_layers(torch.stack([o["pred_logits"] for o in layers]),
+                                    torch.stack([o["pred_boxes"] for o in layers]), targets)
     for layer, got in zip(layers, together):
         for (src, tgt), (ref_src, ref_tgt) in zip(got, matcher(layer, targets)):
             assert torch.equal(src, ref_src) and torch.equal(tgt, ref_tgt)
