@@ -6,10 +6,10 @@ Module names follow upstream DETR so state_dict keys match (spec §4.2):
 """
 from typing import Optional, Tuple
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import EncoderSelfAttention
+from .mlp import add_ffn_and_norms, feed_forward
 
 
 def build_encoder_attention(args) -> nn.Module:
@@ -36,26 +36,17 @@ class TransformerEncoderLayer(nn.Module):
                  dropout: float = 0.1, normalize_before: bool = False):
         super().__init__()
         self.self_attn = self_attn
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        add_ffn_and_norms(self, d_model, dim_feedforward, dropout, num_norms=2)
         self.normalize_before = normalize_before
-
-    def _ffn(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
     def forward(self, src: Tensor, pos: Optional[Tensor], key_padding_mask: Optional[Tensor],
                 hw: Tuple[int, int]) -> Tensor:
         """src, pos (B, N, d) with N = H*W raster order; key_padding_mask (B, N) -> (B, N, d)."""
         if self.normalize_before:
             src = src + self.dropout1(self.self_attn(self.norm1(src), pos, key_padding_mask, hw))
-            return src + self.dropout2(self._ffn(self.norm2(src)))
+            return src + self.dropout2(feed_forward(self, self.norm2(src)))
         src = self.norm1(src + self.dropout1(self.self_attn(src, pos, key_padding_mask, hw)))
-        return self.norm2(src + self.dropout2(self._ffn(src)))
+        return self.norm2(src + self.dropout2(feed_forward(self, src)))
 
 
 class TransformerEncoder(nn.Module):

@@ -1,4 +1,5 @@
-"""The small MLP used for box heads, reference points and query scaling."""
+"""The small MLP used for box heads, reference points and query scaling, and the feed-forward
+block + residual norms of the transformer layers (upstream attribute names)."""
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -18,3 +19,23 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
+
+
+def add_ffn_and_norms(layer: nn.Module, d_model: int, dim_feedforward: int, dropout: float,
+                      num_norms: int) -> None:
+    """Register on ``layer``, with upstream DETR's names (so state_dict keys match): the
+    feed-forward block ``linear1`` (d_model -> dim_feedforward), ``dropout``, ``linear2`` (back to
+    d_model), and per residual sub-block i = 1..num_norms ``norm{i}`` (LayerNorm) and
+    ``dropout{i}``. Used with ``feed_forward``."""
+    layer.linear1 = nn.Linear(d_model, dim_feedforward)
+    layer.dropout = nn.Dropout(dropout)
+    layer.linear2 = nn.Linear(dim_feedforward, d_model)
+    for i in range(1, num_norms + 1):
+        layer.add_module(f"norm{i}", nn.LayerNorm(d_model))
+    for i in range(1, num_norms + 1):
+        layer.add_module(f"dropout{i}", nn.Dropout(dropout))
+
+
+def feed_forward(layer: nn.Module, x: Tensor) -> Tensor:
+    """linear2(dropout(relu(linear1(x)))) of a layer set up by add_ffn_and_norms; x (..., d)."""
+    return layer.linear2(layer.dropout(F.relu(layer.linear1(x))))

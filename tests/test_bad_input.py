@@ -1,5 +1,4 @@
 """Each bad input ends main.py with one clear line naming the file and the problem."""
-import json
 import shutil
 
 import pytest

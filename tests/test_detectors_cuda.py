@@ -45,18 +45,25 @@ def loss_and_grads(model, criterion, batch, targets):
     return out, grads
 
 
-@pytest.mark.parametrize("folder", list(FOLDERS))
-def test_cuda_kernels_match_torch_backend(folder):
+def torch_and_cuda_models(folder, seed):
+    """(model on the torch backend, its copy on the CUDA kernels, criterion, padded batch of
+    two images), TF32 off."""
     model_torch, criterion = build(folder)
     model_cuda = copy.deepcopy(model_torch)
     use_cuda_kernels(model_cuda)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     batch = pad_images([torch.randn(3, 96, 128, generator=g),
                         torch.randn(3, 128, 96, generator=g)]).to("cuda")
-    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]], device="cuda"),
-                "labels": torch.tensor([3], device="cuda")} for _ in range(2)]
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    return model_torch, model_cuda, criterion, batch
+
+
+@pytest.mark.parametrize("folder", list(FOLDERS))
+def test_cuda_kernels_match_torch_backend(folder):
+    model_torch, model_cuda, criterion, batch = torch_and_cuda_models(folder, 0)
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]], device="cuda"),
+                "labels": torch.tensor([3], device="cuda")} for _ in range(2)]
     out_t, grads_t = loss_and_grads(model_torch, criterion, batch, targets)
     out_c, grads_c = loss_and_grads(model_cuda, criterion, batch, targets)
     assert torch.allclose(out_c["pred_logits"], out_t["pred_logits"], rtol=1e-4, atol=1e-4)
@@ -73,14 +80,7 @@ def test_cuda_kernels_match_torch_backend(folder):
 def test_cuda_eval_forward_matches_torch_backend(folder):
     """model.eval() under no_grad: the CUDA path clusters at N rows without waiting for the GPU
     (ENACT's upper-bound mode); the outputs equal the torch backend's on a padded batch."""
-    model_torch, _ = build(folder)
-    model_cuda = copy.deepcopy(model_torch)
-    use_cuda_kernels(model_cuda)
-    g = torch.Generator().manual_seed(1)
-    batch = pad_images([torch.randn(3, 96, 128, generator=g),
-                        torch.randn(3, 128, 96, generator=g)]).to("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    model_torch, model_cuda, _, batch = torch_and_cuda_models(folder, 1)
     with torch.no_grad():
         out_t = model_torch.eval()(batch)
         out_c = model_cuda.eval()(batch)

@@ -12,12 +12,11 @@ import math
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detr_common.attention import attention
 from detr_common.encoder import TransformerEncoder, build_encoder
-from detr_common.mlp import MLP
+from detr_common.mlp import MLP, add_ffn_and_norms, feed_forward
 from detr_common.position_encoding import sine_2d
 
 
@@ -71,15 +70,7 @@ class ConditionalDecoderLayer(nn.Module):
         self.ca_qpos_sine_proj = lin()
         self.cross_attn = HeadAttention(2 * d_model, nhead, d_model, dropout, attn_impl)
 
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        add_ffn_and_norms(self, d_model, dim_feedforward, dropout, num_norms=3)
 
     def self_attention(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
         """Query self-attention (before residual): tgt, query_pos (B, Q, d) -> (B, Q, d)."""
@@ -113,7 +104,7 @@ class ConditionalDecoderLayer(nn.Module):
         tgt = self.norm1(tgt + self.dropout1(self.self_attention(tgt, query_pos)))
         ca = self.cross_attention(tgt, memory, pos, query_pos, query_sine_embed, memory_mask)
         tgt = self.norm2(tgt + self.dropout2(ca))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
+        ffn = feed_forward(self, tgt)
         return self.norm3(tgt + self.dropout3(ffn))
 
 

@@ -14,11 +14,11 @@ import copy
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detr_common.attention import MultiheadAttention
 from detr_common.encoder import TransformerEncoder, TransformerEncoderLayer
+from detr_common.mlp import add_ffn_and_norms, feed_forward
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -30,15 +30,7 @@ class TransformerDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, impl=attn_impl)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, impl=attn_impl)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        add_ffn_and_norms(self, d_model, dim_feedforward, dropout, num_norms=3)
         self.normalize_before = normalize_before
 
     def _self(self, x, query_pos):
@@ -48,20 +40,17 @@ class TransformerDecoderLayer(nn.Module):
     def _cross(self, x, query_pos, memory, pos, memory_key_padding_mask):
         return self.multihead_attn(x + query_pos, memory + pos, memory, memory_key_padding_mask)
 
-    def _ffn(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
-
     def forward(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Optional[Tensor],
                 pos: Tensor, query_pos: Tensor) -> Tensor:
         if self.normalize_before:
             tgt = tgt + self.dropout1(self._self(self.norm1(tgt), query_pos))
             tgt = tgt + self.dropout2(self._cross(self.norm2(tgt), query_pos, memory, pos,
                                                   memory_key_padding_mask))
-            return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
+            return tgt + self.dropout3(feed_forward(self, self.norm3(tgt)))
         tgt = self.norm1(tgt + self.dropout1(self._self(tgt, query_pos)))
         tgt = self.norm2(tgt + self.dropout2(self._cross(tgt, query_pos, memory, pos,
                                                          memory_key_padding_mask)))
-        return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
+        return self.norm3(tgt + self.dropout3(feed_forward(self, tgt)))
 
 
 class TransformerDecoder(nn.Module):
