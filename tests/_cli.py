@@ -26,6 +26,26 @@ def run_main(folder, *args, check=True, timeout=600, env=None):
     return proc
 
 
+def one_epoch_run(out, detector):
+    """Check the output folder of a one-epoch main.py run -> (its log.txt record, checkpoint):
+    one epoch logged with the 12 COCO box metrics in [0, 1] (or -1) and finite losses, and a
+    checkpoint of epoch 0 of ``detector``."""
+    import math
+
+    import torch
+
+    from detr_common.logs import read_log
+    records = read_log(Path(out) / "log.txt")
+    assert len(records) == 1
+    record = records[0]
+    assert record["epoch"] == 0 and len(record["test_coco_eval_bbox"]) == 12
+    assert all(0 <= v <= 1 or v == -1 for v in record["test_coco_eval_bbox"])
+    assert math.isfinite(record["train_loss_ce"]) and math.isfinite(record["test_loss_giou"])
+    ckpt = torch.load(Path(out) / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert ckpt["detector"] == detector and ckpt["epoch"] == 0
+    return record, ckpt
+
+
 def _load(path, name):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

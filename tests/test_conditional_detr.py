@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from detr_common.box_ops import box_cxcywh_to_xyxy, box_iou
 from detr_common.data.collate import ImageBatch
-from detr_common.logs import read_log
-from _cli import TINY, load_main, run_main
+from _cli import TINY, load_main, one_epoch_run, run_main
 
 import conditional_detr
 from conditional_detr.transformer import ConditionalDecoderLayer
@@ -468,14 +467,7 @@ def test_main_one_epoch_train_and_eval(shapes_coco, tmp_path, enact):
     flags = ["--enact_impl", "torch"] if enact else ["--no_enact"]
     run_main(FOLDER, "--coco_path", shapes_coco, "--output_dir", out, *TINY, *flags,
              "--epochs", "1", env={"OMP_NUM_THREADS": "1"})
-    records = read_log(out / "log.txt")
-    assert len(records) == 1
-    record = records[0]
-    assert record["epoch"] == 0 and len(record["test_coco_eval_bbox"]) == 12
-    assert all(0 <= v <= 1 or v == -1 for v in record["test_coco_eval_bbox"])
-    assert math.isfinite(record["train_loss_ce"]) and math.isfinite(record["test_loss_giou"])
-    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
-    assert ckpt["detector"] == "conditional_detr" and ckpt["epoch"] == 0
+    record, ckpt = one_epoch_run(out, "conditional_detr")
     keys = ckpt["model"]
     assert "transformer.decoder.layers.0.ca_qpos_proj.weight" in keys
     assert keys["query_embed.weight"].shape == (10, 32)
