@@ -42,9 +42,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_reference as ref  # noqa: E402
+from bench_reference import FOLDERS  # noqa: E402
 
-FOLDERS = {"detr": "DETR-ENACT", "conditional_detr": "Conditional-DETR-ENACT",
-           "anchor_detr": "Anchor-DETR-ENACT"}
 VARIANTS = ("plain", "enact")
 COCO_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # (num_train, num_val, min_size, max_size, train_sizes, eval_size, max_img_size, workers)
@@ -100,14 +99,6 @@ def get_parser():
                         "4 train / 2 val images of 64-96 px, batch 2, frozen backbone, one epoch "
                         "per run")
     return p
-
-
-def _choices(text, allowed, flag):
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in items if s not in allowed]
-    if bad or not items:
-        raise ParityError(f"{flag}: unknown {bad or text!r}; choose from {', '.join(allowed)}")
-    return items
 
 
 def resolve_defaults(opts):
@@ -354,8 +345,11 @@ def main(argv=None):
 
 
 def run(opts, argv):
-    detectors = _choices(opts.detectors, FOLDERS, "--detectors")
-    variants = _choices(opts.variants, VARIANTS, "--variants")
+    try:
+        detectors = ref.choices(opts.detectors, FOLDERS, "--detectors")
+        variants = ref.choices(opts.variants, VARIANTS, "--variants")
+    except ValueError as exc:
+        raise ParityError(str(exc)) from None
     resolve_defaults(opts)
     start = time.time()
     deadline = start + 60 * opts.stop_after if opts.stop_after else None

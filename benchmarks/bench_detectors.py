@@ -46,13 +46,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-FOLDERS = {"detr": "DETR-ENACT", "conditional_detr": "Conditional-DETR-ENACT",
-           "anchor_detr": "Anchor-DETR-ENACT"}
-for _p in [ROOT, HERE, *(ROOT / f for f in FOLDERS.values())]:
+sys.path.insert(0, str(HERE))
+import bench_reference as ref  # noqa: E402
+from bench_reference import FOLDERS  # noqa: E402
+
+for _p in [ROOT, *(ROOT / f for f in FOLDERS.values())]:
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
-
-import bench_reference as ref  # noqa: E402
 from detr_common.data.collate import pad_images  # noqa: E402
 from detr_common.engine import autocast, move_targets, to_float  # noqa: E402
 from detr_common.trainer import build_optimizer  # noqa: E402
@@ -165,6 +165,20 @@ class _NoGC:
             gc.enable()
 
 
+def timed_repeats(step, steps, repeats, device):
+    """``repeats`` runs of ``steps`` calls of step(), each run between synchronisations with
+    the GC paused -> (seconds per call of every run, step()'s last result)."""
+    times, result = [], None
+    for _ in range(repeats):
+        with _NoGC():
+            start = time.perf_counter()
+            for _ in range(steps):
+                result = step()
+            sync(device)
+            times.append((time.perf_counter() - start) / steps)
+    return times, result
+
+
 def measure_train(model, criterion, optimizer, batch, targets, amp, clip, device, warmup,
                   steps, repeats=1):
     """-> {train_s_per_img, peak_gib, loss, train_s_per_img_repeats}: ``warmup`` steps, then
@@ -177,14 +191,10 @@ def measure_train(model, criterion, optimizer, batch, targets, amp, clip, device
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        with _NoGC():
-            start = time.perf_counter()
-            for _ in range(steps):
-                loss = train_step(model, criterion, optimizer, batch, targets, amp, clip, device)
-            sync(device)
-            times.append((time.perf_counter() - start) / (steps * batch.images.shape[0]))
+    per_step, loss = timed_repeats(
+        lambda: train_step(model, criterion, optimizer, batch, targets, amp, clip, device),
+        steps, repeats, device)
+    times = [t / batch.images.shape[0] for t in per_step]
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     value = float(loss)
     out = {"train_s_per_img": statistics.median(times), "train_s_per_img_repeats": times,
@@ -199,19 +209,15 @@ def measure_inference(model, image, amp, device, warmup, steps, repeats=1):
     """-> {infer_s_per_img, infer_s_per_img_repeats}: batch-1 forwards in eval mode under
     no_grad, ``warmup`` then ``repeats`` times ``steps`` timed; the median repeat."""
     model.eval()
-    for _ in range(warmup):
+
+    def forward():
         with autocast(device, amp):
-            model(image)
+            return model(image)
+
+    for _ in range(warmup):
+        forward()
     sync(device)
-    times = []
-    for _ in range(repeats):
-        with _NoGC():
-            start = time.perf_counter()
-            for _ in range(steps):
-                with autocast(device, amp):
-                    model(image)
-            sync(device)
-            times.append((time.perf_counter() - start) / steps)
+    times, _ = timed_repeats(forward, steps, repeats, device)
     return {"infer_s_per_img": statistics.median(times), "infer_s_per_img_repeats": times}
 
 
@@ -565,20 +571,14 @@ def get_parser():
     return p
 
 
-def _choices(text, allowed, flag):
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in items if s not in allowed]
-    if bad or not items:
-        raise SystemExit(f"error: {flag}: unknown {bad or text!r}; choose from "
-                         f"{', '.join(allowed)}")
-    return items
-
-
 def main(argv=None):
     opts = get_parser().parse_args(argv)
-    detectors = _choices(opts.detectors, FOLDERS, "--detectors")
-    variants = _choices(opts.variants, VARIANTS, "--variants")
-    modes = _choices(opts.modes, MODES, "--modes")
+    try:
+        detectors = ref.choices(opts.detectors, FOLDERS, "--detectors")
+        variants = ref.choices(opts.variants, VARIANTS, "--variants")
+        modes = ref.choices(opts.modes, MODES, "--modes")
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     defaults = (1, 1, 1, 1, 1) if opts.tiny else (3, 10, 5, 20, 3)
     for key, value in zip(("warmup", "steps", "infer_warmup", "infer_steps", "repeats"),
                           defaults):

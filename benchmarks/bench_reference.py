@@ -1,5 +1,6 @@
-"""Reference figures of issue 6 and the evaluation of its targets (shared by
-bench_detectors.py and accuracy_parity.py; no torch needed, so it is cheap to unit-test).
+"""Reference figures of issue 6 and the evaluation of its targets, plus the detector folders
+and flag parsing the benchmark scripts share (bench_detectors.py, accuracy_parity.py,
+short_runs.py; no torch needed, so it is cheap to unit-test).
 
 All reference figures were measured by the issue's author on an NVIDIA H200 with torch 2.11
 under the protocol in benchmarks/README.md: "upstream" = the plain upstream detectors,
@@ -9,6 +10,19 @@ any key/value reduction can approach), "fused" = plain DETR with a fused encoder
 Relative figures are percentages: (ENACT / plain - 1) x 100, negative = less / faster.
 """
 from __future__ import annotations
+
+FOLDERS = {"detr": "DETR-ENACT", "conditional_detr": "Conditional-DETR-ENACT",
+           "anchor_detr": "Anchor-DETR-ENACT"}
+
+
+def choices(text, allowed, flag):
+    """"a,b" -> ["a", "b"], each in ``allowed``; ValueError naming ``flag`` otherwise."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        raise ValueError(f"{flag}: unknown {bad or text!r}; choose from {', '.join(allowed)}")
+    return items
+
 
 REFERENCE_GPU = "NVIDIA H200"
 REFERENCE_TORCH = "2.11"

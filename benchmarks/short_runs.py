@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"detr": "DETR-ENACT", "conditional_detr": "Conditional-DETR-ENACT",
-           "anchor_detr": "Anchor-DETR-ENACT"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_reference import FOLDERS, choices  # noqa: E402
 
 
 def parse():
@@ -58,6 +58,10 @@ def run_one(name, enact, coco, out, args):
 
 def main():
     args = parse()
+    try:
+        detectors = choices(args.detectors, FOLDERS, "--detectors")
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     out = Path(args.out)
     coco = Path(args.coco_path) if args.coco_path else out / "shapes800"
     if not args.coco_path and not (coco / "annotations").is_dir():
@@ -68,7 +72,7 @@ def main():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"GPU {gpu}, torch {torch.__version__}, images 800-1216 px (shorter side 800)")
     rows = [run_one(name, enact, coco, out, args)
-            for name in args.detectors.split(",") for enact in (False, True)]
+            for name in detectors for enact in (False, True)]
     print(f"{'run':<24}{'peak GiB':>10}{'s/img':>9}{'AP':>7}{'clusters/img':>14}{'ratio':>8}")
     for r in rows:
         if r.get("failed"):
