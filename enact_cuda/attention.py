@@ -62,22 +62,22 @@ def clustered_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.where(has_key[:, None, None, None], out, out.new_zeros(()))
 
 
-def _cuda_supports(q, k, v) -> str:
-    """'' if the fused kernel handles these inputs, else the reason it does not."""
-    if q.dtype not in _CUDA_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"clustered_attention: dtype {q.dtype} not in the CUDA kernel's {_CUDA_DTYPES}"
-    if q.shape[-1] not in _CUDA_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
-        return (f"clustered_attention: head dims ({q.shape[-1]}, {v.shape[-1]}) not supported "
-                f"by the CUDA kernel (needs equal dims in {_CUDA_HEAD_DIMS})")
+def kernel_gap(dtypes, head_dims, impl: str = "cuda") -> str:
+    """'' if clustered_attention(impl) runs the fused CUDA kernel for CUDA inputs q / k / v of
+    these dtypes and head dims, else the reason it does not: the kernel takes one dtype of
+    _CUDA_DTYPES and one head dim of _CUDA_HEAD_DIMS; impl="auto" also keeps to the dtypes the
+    benchmark measured faster with the kernel (AUTO_CUDA_ATTENTION_DTYPES)."""
+    dtype, head_dim = dtypes[0], head_dims[0]
+    if dtype not in _CUDA_DTYPES or any(d != dtype for d in dtypes):
+        return (f"clustered_attention: dtypes {'/'.join(map(str, dtypes))} not one of the CUDA "
+                f"kernel's {_CUDA_DTYPES}")
+    if head_dim not in _CUDA_HEAD_DIMS or any(e != head_dim for e in head_dims):
+        return (f"clustered_attention: head dims {tuple(head_dims)} not supported by the CUDA "
+                f"kernel (needs equal dims in {_CUDA_HEAD_DIMS})")
+    if impl == "auto" and dtype not in AUTO_CUDA_ATTENTION_DTYPES:
+        return (f"clustered_attention in {dtype}: torch's SDPA measured faster than the "
+                f"CUDA-core kernel (impl='cuda' forces the kernel)")
     return ""
-
-
-def _auto_prefers_torch(q: torch.Tensor) -> str:
-    """'' if impl="auto" should use the fused CUDA kernel for this dtype, else the reason."""
-    if q.dtype in AUTO_CUDA_ATTENTION_DTYPES:
-        return ""
-    return (f"clustered_attention in {q.dtype}: torch's SDPA measured faster than the "
-            f"CUDA-core kernel (impl='cuda' forces the kernel)")
 
 
 def uses_cuda_kernel(x: torch.Tensor, head_dim: int, impl: str) -> bool:
@@ -85,13 +85,11 @@ def uses_cuda_kernel(x: torch.Tensor, head_dim: int, impl: str) -> bool:
     from `x` (its dtype, or autocast's on its device) with this q / k / v head dim, assuming the
     extension is usable. The kernel's cost follows each image's cluster count, not the padded
     R, so callers may then allocate clusters at an upper bound (cuda_backend.fused_finish)."""
-    if impl == "torch" or not x.is_cuda or head_dim not in _CUDA_HEAD_DIMS:
+    if impl == "torch" or not x.is_cuda:
         return False
     dtype = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
              else x.dtype)
-    if dtype not in _CUDA_DTYPES:
-        return False
-    return impl == "cuda" or dtype in AUTO_CUDA_ATTENTION_DTYPES
+    return not kernel_gap((dtype,), (head_dim,), impl)
 
 
 def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -108,11 +106,9 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bfloat16 alike.
     """
     backend = resolve_impl(impl, q, k, v)
-    if backend == "cuda":
-        why = _cuda_supports(q, k, v)
-        if not why and impl == "auto":
-            why = _auto_prefers_torch(q)
-        if why and impl == "auto":
+    if backend == "cuda" and impl == "auto":
+        why = kernel_gap((q.dtype, k.dtype, v.dtype), (q.shape[-1], v.shape[-1]), impl)
+        if why:
             _log_fallback(why)
             backend = "torch"
     if backend == "cuda":

@@ -39,6 +39,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import build
+from .attention import kernel_gap
 from .information import check_sigma
 
 __all__ = ["information_regions", "regions", "cluster_tensors", "clustered_attention",
@@ -291,11 +292,7 @@ class _ClusteredAttention(torch.autograd.Function):
 
 
 def _unsupported(q, k, v) -> str:
-    if q.dtype not in (torch.float32, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (kernel: float32 or bfloat16, all equal)"
-    if q.shape[-1] not in (32, 64) or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
-        return f"head dims q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]} (kernel: 32 or 64)"
-    return ""
+    return kernel_gap((q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]))
 
 
 def _draw_seed() -> int:
