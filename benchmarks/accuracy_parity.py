@@ -94,6 +94,8 @@ def get_parser():
                    help="wall-clock minutes for this command: no epoch is started that would "
                         "end later (runs continue on the next call)")
     p.add_argument("--extra", default="", help="more flags for every main.py, one string")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: write the report from the runs already in --out")
     p.add_argument("--tiny", action="store_true",
                    help="smoke mode (CPU): resnet18, hidden 64, 1 encoder / decoder layer, "
                         "4 train / 2 val images of 64-96 px, batch 2, frozen backbone, one epoch "
@@ -119,7 +121,8 @@ def resolve_defaults(opts):
 
 # ------------------------------------------------------------------------------ data
 def ensure_data(opts):
-    """The dataset folder: --coco_path, or shapes data generated under --out if absent."""
+    """The dataset folder: --coco_path, or shapes data generated under --out if absent (with
+    --report_only it must exist)."""
     if opts.coco_path:
         coco = Path(opts.coco_path)
         if not (coco / "annotations" / "instances_train2017.json").is_file():
@@ -128,6 +131,8 @@ def ensure_data(opts):
     coco = Path(opts.out) / (f"shapes_{opts.num_train}x{opts.min_size}-{opts.max_size}"
                              f"_val{opts.num_val}")
     if not (coco / "annotations" / "instances_val2017.json").is_file():
+        if opts.report_only:
+            raise ParityError(f"{coco}: no shapes data there, so no runs to report")
         print(f"generating shapes data in {coco}", flush=True)
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_shapes_coco.py"), "--out",
                         str(coco), "--num_train", str(opts.num_train), "--num_val",
@@ -244,8 +249,21 @@ def train_within_budget(detector, variant, coco, n_train, opts, deadline):
         print(f"  {detector} {variant}: epochs {done}..{done + k - 1} done; {spent:.1f} s of "
               f"{budget_s:.0f} s training budget spent ({side['calls'][-1]['wall_s']:.1f} s wall)",
               flush=True)
+    side["stopped_by"] = stop
+    side_path.write_text(json.dumps(side, indent=1))
     return summarise(detector, variant, run_dir, n_train, budget_s, stop, error,
                      [c["wall_s"] for c in side["calls"]])
+
+
+def report_row(detector, variant, n_train, opts):
+    """The summary of a run as it stands in --out, training nothing (--report_only)."""
+    run_dir = Path(opts.out) / f"{detector}_{variant}"
+    side_path = run_dir / "parity_run.json"
+    side = json.loads(side_path.read_text()) if side_path.is_file() else {}
+    error = None if read_log(run_dir) else f"{run_dir}: no trained epoch (no log.txt)"
+    return summarise(detector, variant, run_dir, n_train, opts.minutes * 60,
+                     side.get("stopped_by") or "interrupted", error,
+                     [c["wall_s"] for c in side.get("calls", [])])
 
 
 def summarise(detector, variant, run_dir, n_train, budget_s, stop, error, walls):
@@ -363,7 +381,8 @@ def run(opts, argv):
     for det in detectors:
         for variant in variants:
             print(f"{det} {variant}:", flush=True)
-            rows.append(train_within_budget(det, variant, coco, n_train, opts, deadline))
+            rows.append(report_row(det, variant, n_train, opts) if opts.report_only else
+                        train_within_budget(det, variant, coco, n_train, opts, deadline))
     aps = {d: {r["variant"]: r.get("AP") for r in rows if r["detector"] == d} for d in detectors}
     targets = ref.evaluate_parity(aps)
     stem = opts.name or ("accuracy_parity_" + re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")

@@ -268,3 +268,16 @@ def test_accuracy_parity_tiny_cpu(tmp_path, capsys):
     capsys.readouterr()
     assert parity.main(common + ["--seed", "1"]) == 2
     assert "trained with other flags" in capsys.readouterr().err
+
+    # --report_only: trains nothing, reports each run as it stands (its last stop reason)
+    logs_before = (runs / "detr_enact" / "log.txt").read_text()
+    assert parity.main(common + ["--report_only", "--name", "report"]) == 0
+    assert (runs / "detr_enact" / "log.txt").read_text() == logs_before
+    rows = json.loads((results / "report.json").read_text())["rows"]
+    assert [(r["variant"], r["epochs"], r["stopped_by"]) for r in rows] == [
+        ("plain", 1, "budget"), ("enact", 2, "max_epochs")]
+    # ... and refuses a folder without runs instead of training there
+    assert parity.main(["--tiny", "--device", "cpu", "--detectors", "detr", "--out",
+                        str(tmp_path / "empty"), "--results", str(results), "--report_only"]) == 2
+    assert "no runs to report" in capsys.readouterr().err
+    assert not (tmp_path / "empty" / "detr_plain").exists()

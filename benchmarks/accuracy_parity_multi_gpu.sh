@@ -1,0 +1,49 @@
+#!/bin/bash
+# Accuracy parity of the three detectors on one multi-GPU machine, all six runs at once, then
+# one report over the six runs (benchmarks/results/accuracy_parity_<gpu>.*).
+#   6 or more GPUs: one run per GPU.
+#   4 or 5 GPUs: Anchor DETR plain / ENACT alone on GPUs 2 / 3; DETR and Conditional DETR share
+#   GPUs 0 and 1 in crossed pairs (each of these GPUs holds one plain and one ENACT run, so both
+#   variants of a detector have the same kind of neighbour).
+# Each run gets MINUTES of its own training loop (start-up and evaluation excluded).
+#
+#   MINUTES=6 STOP=7.8 bash benchmarks/accuracy_parity_multi_gpu.sh   # fits a 10-minute limit
+#
+# STOP: wall-clock minutes from this script's start after which no run starts another epoch
+# (the build and the data generation count; allow about two minutes more for the epochs in
+# flight and the report, e.g. STOP=7.8 in a 10-minute limit). OUT: folder of the runs.
+# EXTRA: main.py flags of every run. GPUS: how many GPUs to use (default: all torch sees).
+set -u
+START=$(date +%s)
+cd "$(dirname "$0")/.."
+MINUTES=${MINUTES:-6}
+STOP=${STOP:-60}
+OUT=${OUT:-outputs/accuracy_parity_multi_gpu}
+EXTRA=${EXTRA:---backbone resnet18 --batch_size 16 --lr 1e-4 --lr_backbone 1e-4}
+GPUS=${GPUS:-$(python -c 'import torch; print(torch.cuda.device_count())')}
+if [ "$GPUS" -lt 4 ]; then
+  echo "accuracy_parity_multi_gpu.sh: needs 4 or more GPUs, found $GPUS" \
+       "(one GPU: python benchmarks/accuracy_parity.py --minutes N)" >&2
+  exit 2
+fi
+mkdir -p "$OUT"
+python -m enact_cuda.build | tail -n 1  # compile once, not in six processes at once
+COMMON=(--minutes "$MINUTES" --out "$OUT" --num_workers 8 --extra "$EXTRA")
+# the shapes data once (accuracy_parity.py's default sizes and folder name)
+python tools/make_shapes_coco.py --out "$OUT/shapes_1200x256-384_val200" --num_train 1200 \
+    --num_val 200 --min_size 256 --max_size 384 --seed 0 > /dev/null 2>&1
+# what is left of STOP once the build and the data are done
+STOP_RUNS=$(python -c "import time; print(max(0.05, $STOP - (time.time() - $START) / 60))")
+run() {  # gpu detector variant
+  CUDA_VISIBLE_DEVICES=$1 python benchmarks/accuracy_parity.py "${COMMON[@]}" --detectors "$2" \
+      --variants "$3" --stop_after "$STOP_RUNS" --results "$OUT/parts" --name "part_$2_$3" \
+      > "$OUT/$2_$3.out" 2>&1
+}
+if [ "$GPUS" -ge 6 ]; then
+  run 0 detr plain & run 1 detr enact & run 2 conditional_detr plain &
+  run 3 conditional_detr enact & run 4 anchor_detr plain & run 5 anchor_detr enact & wait
+else
+  run 0 detr plain & run 1 detr enact & run 1 conditional_detr plain &
+  run 0 conditional_detr enact & run 2 anchor_detr plain & run 3 anchor_detr enact & wait
+fi
+python benchmarks/accuracy_parity.py "${COMMON[@]}" --report_only
