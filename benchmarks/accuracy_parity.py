@@ -96,6 +96,8 @@ def get_parser():
     p.add_argument("--extra", default="", help="more flags for every main.py, one string")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: write the report from the runs already in --out")
+    p.add_argument("--prepare_only", action="store_true",
+                   help="only generate the shapes data under --out (if absent) and exit")
     p.add_argument("--tiny", action="store_true",
                    help="smoke mode (CPU): resnet18, hidden 64, 1 encoder / decoder layer, "
                         "4 train / 2 val images of 64-96 px, batch 2, frozen backbone, one epoch "
@@ -374,6 +376,9 @@ def run(opts, argv):
     import torch  # only for the device's name
     gpu = torch.cuda.get_device_name() if opts.device.startswith("cuda") else "cpu"
     coco = ensure_data(opts)
+    if opts.prepare_only:
+        print(f"data ready: {coco}")
+        return 0
     n_train = count_train_images(coco)
     print(f"GPU: {gpu}  torch {torch.__version__}  data {coco} ({n_train} train images)  "
           f"budget {opts.minutes:g} min of training per run", flush=True)

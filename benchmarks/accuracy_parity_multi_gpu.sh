@@ -12,14 +12,18 @@
 # STOP: wall-clock minutes from this script's start after which no run starts another epoch
 # (the build and the data generation count; allow about two minutes more for the epochs in
 # flight and the report, e.g. STOP=7.8 in a 10-minute limit). OUT: folder of the runs.
-# EXTRA: main.py flags of every run. GPUS: how many GPUs to use (default: all torch sees).
+# RESULTS: folder of the report (default benchmarks/results). EXTRA: main.py flags of every
+# run (set but empty: none). PARITY_FLAGS: more accuracy_parity.py flags (e.g. "--tiny --device cpu" for a smoke
+# run). GPUS: how many GPUs to use (default: all that torch sees).
 set -u
 START=$(date +%s)
 cd "$(dirname "$0")/.."
 MINUTES=${MINUTES:-6}
 STOP=${STOP:-60}
 OUT=${OUT:-outputs/accuracy_parity_multi_gpu}
-EXTRA=${EXTRA:---backbone resnet18 --batch_size 16 --lr 1e-4 --lr_backbone 1e-4}
+RESULTS=${RESULTS:-benchmarks/results}
+EXTRA=${EXTRA---backbone resnet18 --batch_size 16 --lr 1e-4 --lr_backbone 1e-4}
+read -r -a PARITY <<< "${PARITY_FLAGS:-}"
 GPUS=${GPUS:-$(python -c 'import torch; print(torch.cuda.device_count())')}
 if [ "$GPUS" -lt 4 ]; then
   echo "accuracy_parity_multi_gpu.sh: needs 4 or more GPUs, found $GPUS" \
@@ -27,11 +31,11 @@ if [ "$GPUS" -lt 4 ]; then
   exit 2
 fi
 mkdir -p "$OUT"
-python -m enact_cuda.build | tail -n 1  # compile once, not in six processes at once
-COMMON=(--minutes "$MINUTES" --out "$OUT" --num_workers 8 --extra "$EXTRA")
-# the shapes data once (accuracy_parity.py's default sizes and folder name)
-python tools/make_shapes_coco.py --out "$OUT/shapes_1200x256-384_val200" --num_train 1200 \
-    --num_val 200 --min_size 256 --max_size 384 --seed 0 > /dev/null 2>&1
+if python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+  python -m enact_cuda.build | tail -n 1  # compile once, not in six processes at once
+fi
+COMMON=(--minutes "$MINUTES" --out "$OUT" --num_workers 8 --extra "$EXTRA" "${PARITY[@]}")
+python benchmarks/accuracy_parity.py "${COMMON[@]}" --prepare_only  # the shapes data, once
 # what is left of STOP once the build and the data are done
 STOP_RUNS=$(python -c "import time; print(max(0.05, $STOP - (time.time() - $START) / 60))")
 run() {  # gpu detector variant
@@ -46,4 +50,4 @@ else
   run 0 detr plain & run 1 detr enact & run 1 conditional_detr plain &
   run 0 conditional_detr enact & run 2 anchor_detr plain & run 3 anchor_detr enact & wait
 fi
-python benchmarks/accuracy_parity.py "${COMMON[@]}" --report_only
+python benchmarks/accuracy_parity.py "${COMMON[@]}" --report_only --results "$RESULTS"

@@ -281,3 +281,31 @@ def test_accuracy_parity_tiny_cpu(tmp_path, capsys):
                         str(tmp_path / "empty"), "--results", str(results), "--report_only"]) == 2
     assert "no runs to report" in capsys.readouterr().err
     assert not (tmp_path / "empty" / "detr_plain").exists()
+
+
+@pytest.mark.slow
+def test_accuracy_parity_multi_gpu_script_tiny_cpu(tmp_path):
+    """benchmarks/accuracy_parity_multi_gpu.sh end to end in smoke mode: the data once
+    (--prepare_only), six runs at once, then one report (--report_only) of all six."""
+    import os
+    import subprocess
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    env = {**os.environ, "GPUS": "4", "MINUTES": "0.001", "STOP": "30", "OUT": str(runs),
+           "RESULTS": str(results), "EXTRA": "",
+           "PARITY_FLAGS": "--tiny --device cpu --num_workers 0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "accuracy_parity_multi_gpu.sh")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "data ready" in proc.stdout
+    rows = json.loads((results / "accuracy_parity_cpu_tiny.json").read_text())["rows"]
+    assert sorted((r["detector"], r["variant"]) for r in rows) == sorted(
+        (d, v) for d in ("detr", "conditional_detr", "anchor_detr") for v in ("plain", "enact"))
+    for r in rows:
+        assert r["error"] is None and r["epochs"] == 1 and r["stopped_by"] == "budget", r
+    assert len(list(runs.glob("shapes_*"))) == 1  # generated once, shared by the six runs
+
+    # fewer than 4 GPUs: refused with one line
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "accuracy_parity_multi_gpu.sh")],
+                          env={**env, "GPUS": "2"}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "needs 4 or more GPUs" in proc.stderr
