@@ -329,7 +329,8 @@ def markdown(meta, rows, targets, chart):
              f"{meta['plain_attn']}; backbone weights {meta['backbone_weights']}", "",
              "Columns: epochs trained within the budget; train min = training-loop time "
              "(log.txt s/img x images); AP.. = COCO box metrics x 100 of the LAST epoch "
-             "(— = undefined: COCO gives -1 when there is no object or no detection of that size); AP (ENACT - plain) = the parity figure.", "",
+             "(— = undefined: COCO gives -1 when there is no object or no detection of that "
+             "size); AP (ENACT - plain) = the parity figure.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(row_cells(r, rows)) + " |" for r in rows]
     lines += ["", "## Target", "", ref.targets_markdown(targets), ""]

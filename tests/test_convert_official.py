@@ -1,0 +1,165 @@
+"""tools/convert_official_checkpoint.py: the official ClustAttn numerics folded into our weights
+(checked against an independent implementation of spec §2.1), key handling, Anchor's in_proj
+slots, and clear errors."""
+import argparse
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from _cli import TINY, load_main, without
+from detr_common.checkpoint import load_weights, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location(
+    "convert_official_checkpoint", ROOT / "tools" / "convert_official_checkpoint.py")
+conv = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(conv)
+
+FOLDERS = {"detr": "DETR-ENACT", "conditional_detr": "Conditional-DETR-ENACT",
+           "anchor_detr": "Anchor-DETR-ENACT"}
+
+
+def official_clustattn(q_in, ck, cv, w, nhead):
+    """The official attention on given clusters (spec §2.1 steps 7-8), float64, by heads:
+    Q'' = W_q q, K'' = W_k K', V'' = W_v V'; A = softmax(Q'' K''^T) / d_h (no temperature);
+    out = W_o(concat_h A_h V''_h)."""
+    B, N, d = q_in.shape
+    e = d // nhead
+    lin = {n: (lambda x, n=n: x @ w[n + ".weight"].T + w[n + ".bias"])
+           for n in ("W_q", "W_k", "W_v", "W_o")}
+    Q, K, V = lin["W_q"](q_in), lin["W_k"](ck), lin["W_v"](cv)
+    out = torch.zeros(B, N, d, dtype=torch.float64)
+    for h in range(nhead):
+        s = slice(h * e, (h + 1) * e)
+        A = torch.softmax(Q[..., s] @ K[..., s].transpose(1, 2), dim=-1) / e
+        out[..., s] = A @ V[..., s]
+    return lin["W_o"](out)
+
+
+def test_folded_numerics_equal_the_official_attention():
+    import enact_cuda
+    torch.manual_seed(0)
+    d, nhead, B, N, R = 64, 4, 2, 30, 7
+    prefix = "transformer.encoder.layers.0.self_attn."
+    official = {}
+    for name in ("W_q", "W_k", "W_v", "W_o"):
+        official[prefix + name + ".weight"] = torch.randn(d, d, dtype=torch.float64) / 8
+        official[prefix + name + ".bias"] = torch.randn(d, dtype=torch.float64) / 4
+    official[prefix + "W_prob.weight"] = torch.randn(1, d, dtype=torch.float64)
+    official[prefix + "W_prob.bias"] = torch.zeros(1, dtype=torch.float64)
+    ours = conv.convert_state(official, "detr", nhead)
+
+    m = enact_cuda.ENACTAttention(d, nhead, sigma=1, impl="torch").double()
+    m.load_state_dict({k[len(prefix):]: v for k, v in ours.items()})
+    q_in = torch.randn(B, N, d, dtype=torch.float64)
+    ck, cv = torch.randn(B, R, d, dtype=torch.float64), torch.randn(B, R, d, dtype=torch.float64)
+    got = m.attend(m.W_q(q_in), ck, cv, torch.zeros(B, R, dtype=torch.bool), impl="torch")
+    ref = official_clustattn(q_in, ck, cv, {k[len(prefix):]: v for k, v in official.items()},
+                             nhead)
+    assert torch.allclose(got, ref, atol=1e-10, rtol=1e-9)
+    # and without the conversion the two differ (the test can fail)
+    m.load_state_dict({k[len(prefix):]: v for k, v in official.items()})
+    raw = m.attend(m.W_q(q_in), ck, cv, torch.zeros(B, R, dtype=torch.bool), impl="torch")
+    assert not torch.allclose(raw, ref, atol=1e-3)
+
+
+def build_model(detector):
+    main = load_main(FOLDERS[detector])
+    flags, extra = TINY, []
+    if detector == "anchor_detr":
+        flags = without(flags, "--num_queries")
+        extra = ["--num_query_position", "6", "--num_query_pattern", "2"]
+    args = main.get_parser().parse_args(["--coco_path", "unused", "--enact_impl", "torch",
+                                         *flags, *extra])
+    args.num_classes = 7
+    torch.manual_seed(1)
+    model, _, _ = main.DETECTOR.build(args)
+    return model, args
+
+
+def to_official(state, detector, nheads):
+    """Our state -> what the official code would have saved (the inverse of the conversion),
+    with DDP's `module.` prefix."""
+    off = {}
+    for k, v in state.items():
+        m = conv._DETR_ENACT.match(k)
+        if m and detector != "anchor_detr":
+            d_h = v.shape[0] // nheads  # W_q / W_o: (d, d) weights, (d,) biases
+            if m.group(2) == "q":
+                v = v / math.sqrt(d_h)
+            elif m.group(2) == "o" and m.group(3) == "weight":
+                v = v * d_h
+        if detector == "anchor_detr" and ".self_attn.in_proj_" in k and k.startswith(
+                "transformer.encoder_layers."):
+            s = list(v.split(v.shape[0] // 5))
+            v = torch.cat((s[2], s[3], s[0], s[1], s[4]))
+        off["module." + k] = v.clone()
+    return off
+
+
+@pytest.mark.parametrize("detector", list(FOLDERS))
+def test_converted_official_checkpoint_loads_into_our_model(detector, tmp_path, capsys):
+    model, args = build_model(detector)
+    state = model.state_dict()
+    official = {"model": to_official(state, detector, args.nheads),
+                "optimizer": {"state": {}, "param_groups": []}, "epoch": 49,
+                "args": argparse.Namespace(nheads=args.nheads, hidden_dim=args.hidden_dim)}
+    src, dst = tmp_path / "official.pth", tmp_path / "ours.pth"
+    save_checkpoint(official, src)
+    assert conv.main([str(src), str(dst)]) == 0  # detector recognised from the keys
+    out = capsys.readouterr().out
+    assert out.startswith(f"{detector}: ") and f"{FOLDERS[detector]}/main.py" in out
+
+    fresh, _ = build_model(detector)
+    torch.nn.init.constant_(next(fresh.parameters()), 0.0)
+    ckpt = load_weights(fresh, dst, detector, args)  # strict: every key and shape
+    assert ckpt["epoch"] == 49 and "optimizer" not in ckpt
+    for k, v in fresh.state_dict().items():
+        assert torch.allclose(v.float(), state[k].float(), atol=1e-6), k
+
+
+def test_anchor_slots_swap_back():
+    d = 4
+    w = torch.arange(5 * d, dtype=torch.float32)[:, None].repeat(1, d)  # row i holds i
+    state = {"transformer.encoder_layers.0.self_attn.in_proj_weight": w,
+             "transformer.encoder_layers.0.self_attn.in_proj_bias": w[:, 0].clone(),
+             "transformer.encoder_layers.0.ENACT.W_prob.weight": torch.ones(1, d),
+             "transformer.encoder_layers.1.self_attn.in_proj_weight": w.clone()}  # no ENACT
+    out = conv.convert_state(state, "anchor_detr", 8)
+    rows = out["transformer.encoder_layers.0.self_attn.in_proj_weight"][:, 0]
+    s0, s1, s2, s3, s4 = (list(range(i * d, (i + 1) * d)) for i in range(5))
+    assert rows.tolist() == s2 + s3 + s0 + s1 + s4
+    bias = out["transformer.encoder_layers.0.self_attn.in_proj_bias"]
+    assert bias.tolist() == s2 + s3 + s0 + s1 + s4
+    assert torch.equal(out["transformer.encoder_layers.1.self_attn.in_proj_weight"], w)
+
+
+def test_swap_qk_exchanges_before_folding():
+    d, prefix = 8, "transformer.encoder.layers.0.self_attn."
+    state = {prefix + f"W_{n}.{t}": torch.full((d, d) if t == "weight" else (d,), float(i + 1))
+             for i, n in enumerate(("q", "k", "v", "o")) for t in ("weight", "bias")}
+    state[prefix + "W_prob.weight"] = torch.ones(1, d)
+    state["transformer.decoder.layers.0.multihead_attn.in_proj_weight"] = torch.ones(3 * d, d)
+    out = conv.convert_state(state, "detr", nheads=2, swap_qk=True)  # d_h = 4
+    assert torch.all(out[prefix + "W_q.weight"] == 2.0 * 2)  # W_k's values x sqrt(4)
+    assert torch.all(out[prefix + "W_k.bias"] == 1.0)          # W_q's, unscaled
+    assert torch.all(out[prefix + "W_o.weight"] == 4.0 / 4)
+    assert torch.all(out[prefix + "W_o.bias"] == 4.0)
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert conv.main([str(tmp_path / "missing.pth"), str(tmp_path / "out.pth")]) == 2
+    assert "not found" in capsys.readouterr().err
+    plain = {"model": {"transformer.decoder.layers.0.multihead_attn.in_proj_weight":
+                       torch.zeros(3, 1)}}
+    save_checkpoint(plain, tmp_path / "plain.pth")
+    assert conv.main([str(tmp_path / "plain.pth"), str(tmp_path / "out.pth")]) == 2
+    assert "no ENACT parameters" in capsys.readouterr().err and not (tmp_path / "out.pth").exists()
+    assert conv.main([str(tmp_path / "plain.pth"), str(tmp_path / "plain.pth")]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    save_checkpoint({"model": {"foo.weight": torch.zeros(1)}}, tmp_path / "odd.pth")
+    assert conv.main([str(tmp_path / "odd.pth"), str(tmp_path / "out.pth")]) == 2
+    assert "match none of" in capsys.readouterr().err
