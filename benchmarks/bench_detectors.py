@@ -234,17 +234,17 @@ def cluster_counts(model):
     return layers
 
 
-def profile_train(model, criterion, optimizer, batch, targets, amp, clip, device, rows=15):
-    """Two profiled training steps (torch.profiler) -> (text tables: top kernels by GPU time
-    and top host ops by self CPU time; GPU kernel milliseconds per step, None on the CPU).
-    The kernel time next to the wall time shows how host-bound a step is."""
+def profile_calls(fn, calls, device, rows=15):
+    """``calls`` calls of fn under torch.profiler -> (text tables: top kernels by GPU time and
+    top host ops by self CPU time; GPU kernel milliseconds per call, None on the CPU). The
+    kernel time next to the wall time shows how host-bound the work is; the host table shows
+    where it waits (cudaStreamSynchronize / cudaEventSynchronize) and which ops cost host time."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
-    model.train()
     with profile(activities=activities) as prof:
-        for _ in range(2):
-            train_step(model, criterion, optimizer, batch, targets, amp, clip, device)
+        for _ in range(calls):
+            fn()
         sync(device)
     averages = prof.key_averages()
     tables, gpu_ms = [], None
@@ -252,11 +252,28 @@ def profile_train(model, criterion, optimizer, batch, targets, amp, clip, device
         tables.append(averages.table(sort_by="self_device_time_total", row_limit=rows))
         gpu_us = sum(e.self_device_time_total for e in averages
                      if str(e.device_type).endswith("CUDA"))
-        gpu_ms = gpu_us / 1e3 / 2
-    # the host side: where the step waits (cudaStreamSynchronize / cudaEventSynchronize) and
-    # which ops cost host time
+        gpu_ms = gpu_us / 1e3 / calls
     tables.append(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
     return "\n".join(tables), gpu_ms
+
+
+def profile_train(model, criterion, optimizer, batch, targets, amp, clip, device):
+    """Two profiled training steps -> (tables, GPU kernel ms per step); see profile_calls."""
+    model.train()
+    return profile_calls(lambda: train_step(model, criterion, optimizer, batch, targets, amp,
+                                            clip, device), 2, device)
+
+
+@torch.no_grad()
+def profile_infer(model, image, amp, device, calls=10):
+    """Profiled batch-1 eval forwards -> (tables, GPU kernel ms per forward)."""
+    model.eval()
+
+    def forward():
+        with autocast(device, amp):
+            return model(image)
+
+    return profile_calls(forward, calls, device)
 
 
 def free_memory(device):
@@ -308,6 +325,7 @@ def measure_row(name, variant, mode, opts, device):
             phase = "profile"
             row["profile"], row["train_gpu_ms_per_step"] = profile_train(
                 model, criterion, optimizer, batch, targets, amp, args.clip_max_norm, device)
+            row["profile_infer"], row["infer_gpu_ms"] = profile_infer(model, image, amp, device)
     except torch.cuda.OutOfMemoryError:
         row["error"] = "OOM" if phase in ("build", "training") else f"OOM ({phase})"
     except Exception as exc:  # keep going with the other rows
@@ -328,7 +346,7 @@ def add_ratios(rows):
             plain = next((r for r in rows if r["detector"] == row["detector"]
                           and r["mode"] == row["mode"] and r["variant"] == base), None)
             for metric in ("train_s_per_img", "peak_gib", "infer_s_per_img",
-                           "train_gpu_ms_per_step"):
+                           "train_gpu_ms_per_step", "infer_gpu_ms"):
                 row[f"{metric}_vs_{base}_pct"] = ref.pct(
                     row.get(metric), None if plain is None else plain.get(metric))
     return rows
@@ -357,22 +375,24 @@ def _clusters(row):
 
 
 TABLE_COLUMNS = ["detector", "mode", "variant", "train s/img", "peak GiB", "infer s/img",
-                 "train GPU ms/step (vs eager)", "train vs eager", "mem vs eager", "infer vs eager", "train vs sdpa",
-                 "mem vs sdpa", "infer vs sdpa", "clusters/img per layer (train)"]
+                 "train GPU ms/step (vs eager)", "infer GPU ms (vs eager)", "train vs eager",
+                 "mem vs eager", "infer vs eager", "train vs sdpa", "mem vs sdpa", "infer vs sdpa",
+                 "clusters/img per layer (train)"]
 
 
-def _gpu_cell(row):
-    gpu = row.get("train_gpu_ms_per_step")
+def _gpu_cell(row, metric):
+    gpu = row.get(metric)
     if gpu is None:
         return "—"
-    return f"{gpu:.1f} ({_pct(row.get('train_gpu_ms_per_step_vs_plain_eager_pct'))})"
+    return f"{gpu:.1f} ({_pct(row.get(f'{metric}_vs_plain_eager_pct'))})"
 
 
 def table_cells(row):
     if row.get("error") and row.get("train_s_per_img") is None:
         return [row_label(row), row["mode"], row["variant"], row["error"]] + [""] * (len(TABLE_COLUMNS) - 4)
     return [row_label(row), row["mode"], row["variant"], _num(row["train_s_per_img"], ".4f"), _num(row["peak_gib"], ".2f"),
-            _num(row["infer_s_per_img"], ".4f"), _gpu_cell(row),
+            _num(row["infer_s_per_img"], ".4f"), _gpu_cell(row, "train_gpu_ms_per_step"),
+            _gpu_cell(row, "infer_gpu_ms"),
             *(_pct(row.get(f"{m}_vs_{b}_pct")) for b in ("plain_eager", "plain_sdpa")
               for m in ("train_s_per_img", "peak_gib", "infer_s_per_img")),
             _clusters(row) + (f" [{row['error']}]" if row.get("error") else "")]
@@ -450,7 +470,8 @@ def write_markdown(path, meta, rows, targets):
         "max_memory_allocated over the timed steps; infer s/img = batch-1 eval forward; "
         "train GPU ms/step = kernel time of one training step from two profiled steps "
         "(--profile; when it is well below the wall time of a step, train s/img x batch, the "
-        "step is host-bound and GPU savings do not show in wall time); "
+        "step is host-bound and GPU savings do not show in wall time); infer GPU ms = the same "
+        "for one batch-1 eval forward (from ten profiled forwards); "
         "\"vs eager\" / \"vs sdpa\" = (row / plain row of the same detector and mode - 1) x 100 "
         "(negative = less memory / faster); clusters/img per layer = ENACT clusters per image "
         "of each encoder layer in the last training step, \"of N\" = valid pixels per image.",
@@ -646,7 +667,8 @@ def main(argv=None):
         add_ratios(rows)
         targets = ref.evaluate_targets(rows, gpu, detectors)
         json_path.write_text(json.dumps({**meta, "rows": [{k: v for k, v in r.items()
-                                                           if k != "profile"} for r in rows],
+                                                           if not k.startswith("profile")}
+                                                  for r in rows],
                                          "targets": targets,
                                          "reference": {"gpu": ref.REFERENCE_GPU,
                                                        "torch": ref.REFERENCE_TORCH,
@@ -680,9 +702,15 @@ def main(argv=None):
     targets = write()
     chart = write_chart(png_path, rows, meta)
     if opts.profile:
-        prof = [f"# Top kernels and host ops per row, 2 training steps ({gpu})", ""]
-        prof += [f"## {r['detector']} {r['mode']} {r['variant']}\n\n```\n{r['profile']}\n```\n"
-                 for r in rows if r.get("profile")]
+        prof = [f"# Top kernels and host ops per row: 2 training steps, then 10 batch-1 eval "
+                f"forwards ({gpu})", ""]
+        for r in rows:
+            if r.get("profile"):
+                prof.append(f"## {r['detector']} {r['mode']} {r['variant']}: training\n\n"
+                            f"```\n{r['profile']}\n```\n")
+            if r.get("profile_infer"):
+                prof.append(f"## {r['detector']} {r['mode']} {r['variant']}: batch-1 inference"
+                            f"\n\n```\n{r['profile_infer']}\n```\n")
         (out / f"{stem}_profile.md").write_text("\n".join(prof))
     print()
     print(text_table(rows))

@@ -196,6 +196,24 @@ def test_bench_detectors_tiny_cpu(bench, tmp_path, capsys):
     assert "clusters/img per layer" in out
 
 
+def test_bench_detectors_profile_tiny_cpu(bench, tmp_path):
+    """--profile: per row, a training and a batch-1 inference profile in <name>_profile.md
+    (host-op tables on the CPU, where there is no GPU time: those columns stay empty)."""
+    assert bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--name", "prof",
+                       "--detectors", "detr", "--variants", "plain_eager,enact",
+                       "--modes", "fp32", "--profile"]) == 0
+    prof = (tmp_path / "prof_profile.md").read_text()
+    for variant in ("plain_eager", "enact"):
+        assert f"## detr fp32 {variant}: training" in prof
+        assert f"## detr fp32 {variant}: batch-1 inference" in prof
+    assert prof.count("Self CPU time total") == 4
+    rows = json.loads((tmp_path / "prof.json").read_text())["rows"]
+    assert all(r["infer_gpu_ms"] is None and "profile" not in r and "profile_infer" not in r
+               for r in rows)
+    md = (tmp_path / "prof.md").read_text()
+    assert "infer GPU ms (vs eager)" in md and "| DETR R18 | fp32 | enact |" in md
+
+
 def test_bench_detectors_tiny_bf16_and_mixed(bench, tmp_path):
     assert bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--name", "more",
                        "--detectors", "detr", "--variants", "plain_eager,enact",
