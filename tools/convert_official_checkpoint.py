@@ -67,10 +67,15 @@ def _enact_layers(state, detector):
     return sorted({int(m.group(1)) for k in state if (m := _DETR_ENACT.match(k))})
 
 
+def strip_ddp_prefix(state):
+    """state_dict keys without DistributedDataParallel's ``module.`` prefix."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
 def convert_state(state, detector: str, nheads: int, swap_qk: bool = False):
-    """Official ENACT model state -> ours (a new dict; tensors of untouched keys shared).
-    nheads: attention heads of the encoder (d_h = d_model / nheads)."""
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    """Official ENACT model state (keys without a ``module.`` prefix) -> ours (a new dict;
+    tensors of untouched keys shared). nheads: attention heads of the encoder
+    (d_h = d_model / nheads)."""
     layers = _enact_layers(state, detector)
     if not layers:
         raise CheckpointError(f"no ENACT parameters (W_prob) in this {detector} checkpoint: a "
@@ -136,9 +141,8 @@ def main(argv=None) -> int:
         if dst.resolve() == src.resolve():
             raise CheckpointError(f"{dst}: the output would overwrite the official checkpoint")
         ckpt = load_checkpoint(src)
-        state = ckpt["model"]
-        detector = opts.detector or detect_detector(
-            {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()})
+        state = strip_ddp_prefix(ckpt["model"])
+        detector = opts.detector or detect_detector(state)
         if opts.swap_qk and detector == "anchor_detr":
             raise CheckpointError("--swap_qk applies to DETR / Conditional DETR checkpoints")
         nheads = nheads_of(ckpt, opts.nheads)
