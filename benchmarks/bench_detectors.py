@@ -204,16 +204,22 @@ def measure_train(model, criterion, optimizer, batch, targets, amp, clip, device
     return out
 
 
-@torch.no_grad()
-def measure_inference(model, image, amp, device, warmup, steps, repeats=1):
-    """-> {infer_s_per_img, infer_s_per_img_repeats}: batch-1 forwards in eval mode under
-    no_grad, ``warmup`` then ``repeats`` times ``steps`` timed; the median repeat."""
+def eval_forward(model, image, amp, device):
+    """model.eval() -> a no-argument batch-1 forward under autocast (call it under no_grad)."""
     model.eval()
 
     def forward():
         with autocast(device, amp):
             return model(image)
 
+    return forward
+
+
+@torch.no_grad()
+def measure_inference(model, image, amp, device, warmup, steps, repeats=1):
+    """-> {infer_s_per_img, infer_s_per_img_repeats}: batch-1 forwards in eval mode under
+    no_grad, ``warmup`` then ``repeats`` times ``steps`` timed; the median repeat."""
+    forward = eval_forward(model, image, amp, device)
     for _ in range(warmup):
         forward()
     sync(device)
@@ -267,13 +273,7 @@ def profile_train(model, criterion, optimizer, batch, targets, amp, clip, device
 @torch.no_grad()
 def profile_infer(model, image, amp, device, calls=10):
     """Profiled batch-1 eval forwards -> (tables, GPU kernel ms per forward)."""
-    model.eval()
-
-    def forward():
-        with autocast(device, amp):
-            return model(image)
-
-    return profile_calls(forward, calls, device)
+    return profile_calls(eval_forward(model, image, amp, device), calls, device)
 
 
 def free_memory(device):
