@@ -13,8 +13,8 @@
 # (the build and the data generation count; allow about two minutes more for the epochs in
 # flight and the report, e.g. STOP=7.8 in a 10-minute limit). OUT: folder of the runs.
 # RESULTS: folder of the report (default benchmarks/results). EXTRA: main.py flags of every
-# run (set but empty: none). PARITY_FLAGS: more accuracy_parity.py flags (e.g. "--tiny --device cpu" for a smoke
-# run). GPUS: how many GPUs to use (default: all that torch sees).
+# run (set but empty: none). PARITY_FLAGS: more accuracy_parity.py flags (e.g. "--tiny
+# --device cpu" for a smoke run). GPUS: how many GPUs to use (default: all that torch sees).
 set -u
 START=$(date +%s)
 cd "$(dirname "$0")/.."
