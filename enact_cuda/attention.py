@@ -18,7 +18,8 @@ __all__ = ["clustered_attention", "clustered_attention_torch", "uses_cuda_kernel
 
 # What the fused CUDA kernel handles (issue 3): other inputs use torch under impl="auto".
 _CUDA_DTYPES = (torch.float32, torch.bfloat16)
-_CUDA_HEAD_DIMS = (32, 64)
+# (q / k head dim, value head dim); (64, 32) is Anchor DETR's joint row-column attention
+_CUDA_HEAD_DIMS = ((32, 32), (64, 64), (64, 32))
 
 # Which dtypes impl="auto" sends to the fused CUDA kernel; the benchmark decides (DESIGN §4).
 # benchmarks/results/enact_kernels_nvidia_h200.json (H200, torch 2.11, B=8, 8 heads x 32,
@@ -64,32 +65,40 @@ def clustered_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def kernel_gap(dtypes, head_dims, impl: str = "cuda") -> str:
     """'' if clustered_attention(impl) runs the fused CUDA kernel for CUDA inputs q / k / v of
-    these dtypes and head dims, else the reason it does not: the kernel takes one dtype of
-    _CUDA_DTYPES and one head dim of _CUDA_HEAD_DIMS; impl="auto" also keeps to the dtypes the
-    benchmark measured faster with the kernel (AUTO_CUDA_ATTENTION_DTYPES)."""
-    dtype, head_dim = dtypes[0], head_dims[0]
+    these dtypes and head dims, else the reason it does not. head_dims: the q and k head dims
+    then the value head dim last, e.g. (e_q, e_k, e_v) or (e_qk, e_v), or one dim for all. The
+    kernel takes one dtype of _CUDA_DTYPES, equal q / k head dims and a (q / k, value) pair of
+    _CUDA_HEAD_DIMS; impl="auto" also keeps to the dtypes the benchmark measured faster with the kernel
+    (AUTO_CUDA_ATTENTION_DTYPES)."""
+    dtype = dtypes[0]
     if dtype not in _CUDA_DTYPES or any(d != dtype for d in dtypes):
         return (f"clustered_attention: dtypes {'/'.join(map(str, dtypes))} not one of the CUDA "
                 f"kernel's {_CUDA_DTYPES}")
-    if head_dim not in _CUDA_HEAD_DIMS or any(e != head_dim for e in head_dims):
-        return (f"clustered_attention: head dims {tuple(head_dims)} not supported by the CUDA "
-                f"kernel (needs equal dims in {_CUDA_HEAD_DIMS})")
+    *qk, e_v = head_dims
+    qk = qk or [e_v]  # one head dim: q, k and values alike
+    if len(set(qk)) != 1 or (qk[0], e_v) not in _CUDA_HEAD_DIMS:
+        return (f"clustered_attention: head dims {tuple(head_dims)} (q / k ..., value) not "
+                f"supported by the CUDA kernel (equal q / k dims; (q / k, value) one of "
+                f"{_CUDA_HEAD_DIMS})")
     if impl == "auto" and dtype not in AUTO_CUDA_ATTENTION_DTYPES:
         return (f"clustered_attention in {dtype}: torch's SDPA measured faster than the "
                 f"CUDA-core kernel (impl='cuda' forces the kernel)")
     return ""
 
 
-def uses_cuda_kernel(x: torch.Tensor, head_dim: int, impl: str) -> bool:
+def uses_cuda_kernel(x: torch.Tensor, head_dim: int, impl: str,
+                     value_head_dim: int | None = None) -> bool:
     """Whether clustered_attention(impl) runs the fused CUDA kernel on attention inputs computed
-    from `x` (its dtype, or autocast's on its device) with this q / k / v head dim, assuming the
-    extension is usable. The kernel's cost follows each image's cluster count, not the padded
-    R, so callers may then allocate clusters at an upper bound (cuda_backend.fused_finish)."""
+    from `x` (its dtype, or autocast's on its device) with this q / k head dim and value head
+    dim (default: the same), assuming the extension is usable. The kernel's cost follows each
+    image's cluster count, not the padded R, so callers may then allocate clusters at an upper
+    bound (cuda_backend.fused_finish)."""
     if impl == "torch" or not x.is_cuda:
         return False
     dtype = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
              else x.dtype)
-    return not kernel_gap((dtype,), (head_dim,), impl)
+    e_v = head_dim if value_head_dim is None else value_head_dim
+    return not kernel_gap((dtype,), (head_dim, e_v), impl)
 
 
 def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -107,7 +116,8 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     backend = resolve_impl(impl, q, k, v)
     if backend == "cuda" and impl == "auto":
-        why = kernel_gap((q.dtype, k.dtype, v.dtype), (q.shape[-1], v.shape[-1]), impl)
+        why = kernel_gap((q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]),
+                         impl)
         if why:
             _log_fallback(why)
             backend = "torch"

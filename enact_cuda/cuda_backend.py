@@ -28,8 +28,8 @@ attention.py); all tensors batch-first, masks bool with True = padding.
     (so torch.manual_seed makes runs repeatable; no device sync) unless `seed=` is given.
 
 Inputs the kernels do not cover fall back to the torch backend, documented per function:
-float64 inputs (gradcheck), attention dtypes other than fp32/bf16 or head dims other than
-32/64 (equal for k and v).
+float64 inputs (gradcheck), attention dtypes other than fp32/bf16, or (q / k, value) head
+dims other than (32, 32), (64, 64) and (64, 32) (attention.kernel_gap).
 """
 from __future__ import annotations
 
@@ -304,11 +304,12 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         key_padding_mask: torch.Tensor | None, dropout_p: float = 0.0,
                         scale: float | None = None, *, seed: int | None = None,
                         return_lse: bool = False):
-    """q (B, h, N, e), k (B, h, R, e), v (B, h, R, e), key_padding_mask (B, R) bool (True = no
-    cluster, a suffix per image; None = all present) -> (B, h, N, e) (and the (B, h, N)
+    """q (B, h, N, e), k (B, h, R, e), v (B, h, R, e_v), key_padding_mask (B, R) bool (True =
+    no cluster, a suffix per image; None = all present) -> (B, h, N, e_v) (and the (B, h, N)
     natural-log LSE of the scaled scores with return_lse=True). Output storage is
-    (B, N, h, e), so out.transpose(1, 2).reshape(B, N, h*e) is free. Images without clusters
-    give zeros. Unsupported dtypes / head dims use the torch backend.
+    (B, N, h, e_v), so out.transpose(1, 2).reshape(B, N, h*e_v) is free. Images without
+    clusters give zeros. Unsupported dtypes / head dims (attention.kernel_gap) use the torch
+    backend.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("clustered_attention: q, k, v must be (B, heads, L, e)")

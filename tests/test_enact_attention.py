@@ -206,7 +206,8 @@ def test_auto_attention_backend_is_chosen_per_dtype(monkeypatch, caplog):
 
 def test_kernel_gap_says_when_the_cuda_kernel_runs():
     """One rule for clustered_attention's backend choice and uses_cuda_kernel: the kernel
-    takes one dtype (fp32 / bf16) and one head dim (32 / 64); auto keeps bf16 on torch's SDPA."""
+    takes one dtype (fp32 / bf16) and (q / k, value) head dims (32, 32), (64, 64) or (64, 32);
+    auto keeps bf16 on torch's SDPA."""
     from enact_cuda.attention import kernel_gap, uses_cuda_kernel
     f32, bf16 = torch.float32, torch.bfloat16
     assert kernel_gap((f32, f32, f32), (32, 32), "auto") == ""
@@ -214,6 +215,10 @@ def test_kernel_gap_says_when_the_cuda_kernel_runs():
     assert "SDPA" in kernel_gap((bf16,), (64,), "auto")
     assert "dtypes" in kernel_gap((torch.float16,), (32,), "cuda")
     assert "dtypes" in kernel_gap((f32, bf16, f32), (32,), "cuda")
-    assert "head dims" in kernel_gap((f32,), (64, 32), "cuda")
+    assert kernel_gap((f32,), (64, 32), "cuda") == ""          # Anchor DETR's (q / k, value)
+    assert kernel_gap((f32,), (64, 64, 32), "auto") == ""
+    assert "head dims" in kernel_gap((f32,), (32, 64), "cuda")
+    assert "head dims" in kernel_gap((f32,), (64, 32, 32), "cuda")  # q and k differ
+    assert uses_cuda_kernel(torch.zeros(1), 64, "cuda", 32) is False
     assert "head dims" in kernel_gap((f32,), (16,), "auto")
     assert not uses_cuda_kernel(torch.zeros(1), 32, "cuda")  # CPU inputs never use it

@@ -344,20 +344,23 @@ def test_cluster_tensors_strided_mixed_dtypes_extra_clusters(cb, dev):
 
 
 # ------------------------------------------------------------------- clustered attention
-def _attn_inputs(B, h, N, R, e, dtype, dev, seed, empty_image=False, transposed=False):
+def _attn_inputs(B, h, N, R, e, dtype, dev, seed, empty_image=False, transposed=False, ev=None):
+    """q (B,h,N,e), k (B,h,R,e), v (B,h,R,ev) (ev defaults to e), suffix key mask, and an
+    incoming gradient (B,h,N,ev)."""
+    ev = e if ev is None else ev
     gen = torch.Generator().manual_seed(seed)
     if transposed:  # q as the usual view of a (B, N, h*e) projection
         q = torch.randn(B, N, h, e, generator=gen).to(dev, dtype).transpose(1, 2)
     else:
         q = torch.randn(B, h, N, e, generator=gen).to(dev, dtype)
     k = torch.randn(B, h, R, e, generator=gen).to(dev, dtype)
-    v = torch.randn(B, h, R, e, generator=gen).to(dev, dtype)
+    v = torch.randn(B, h, R, ev, generator=gen).to(dev, dtype)
     lengths = torch.randint(1, R + 1, (B,), generator=gen)
     lengths[0] = R
     if empty_image and B > 1:
         lengths[-1] = 0
     kpm = (torch.arange(R)[None, :] >= lengths[:, None]).to(dev)
-    go = torch.randn(B, h, N, e, generator=gen).to(dev, dtype)
+    go = torch.randn(B, h, N, ev, generator=gen).to(dev, dtype)
     return q, k, v, kpm, go
 
 
@@ -369,22 +372,25 @@ def _run_attn(fn, q, k, v, kpm, go, **kw):
 
 
 ATTN_CASES = [
-    # B, h, N, R, e
-    (2, 8, 950, 160, 32),     # C5-like
-    (1, 8, 300, 64, 32),
-    (16, 2, 143, 37, 64),
-    (3, 4, 1000, 200, 64),
-    (2, 8, 3800, 630, 32),    # DC5-like
-    (4, 2, 77, 1, 32),        # a single cluster
-    (2, 2, 65, 65, 64),       # as many clusters as pixels
+    # B, h, N, R, e (q / k head dim), ev (value head dim)
+    (2, 8, 950, 160, 32, 32),     # C5-like
+    (1, 8, 300, 64, 32, 32),
+    (16, 2, 143, 37, 64, 64),
+    (3, 4, 1000, 200, 64, 64),
+    (2, 8, 3800, 630, 32, 32),    # DC5-like
+    (4, 2, 77, 1, 32, 32),        # a single cluster
+    (2, 2, 65, 65, 64, 64),       # as many clusters as pixels
+    (2, 8, 3800, 500, 64, 32),    # Anchor DETR's joint row-column attention at DC5
+    (3, 4, 257, 50, 64, 32),
+    (4, 2, 77, 1, 64, 32),
 ]
 
 
-@pytest.mark.parametrize("B,h,N,R,e", ATTN_CASES)
+@pytest.mark.parametrize("B,h,N,R,e,ev", ATTN_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_clustered_attention_matches_torch(cb, dev, B, h, N, R, e, dtype):
+def test_clustered_attention_matches_torch(cb, dev, B, h, N, R, e, ev, dtype):
     q, k, v, kpm, go = _attn_inputs(B, h, N, R, e, dtype, dev, seed=B + N + R + e,
-                                    empty_image=B >= 3, transposed=(N % 2 == 0))
+                                    empty_image=B >= 3, transposed=(N % 2 == 0), ev=ev)
     out_c, dq_c, dk_c, dv_c = _run_attn(cb.clustered_attention, q, k, v, kpm, go)
     out_t, dq_t, dk_t, dv_t = _run_attn(
         lambda *a: clustered_attention_torch(*a, dropout_p=0.0, scale=None), q, k, v, kpm, go)
@@ -392,7 +398,7 @@ def test_clustered_attention_matches_torch(cb, dev, B, h, N, R, e, dtype):
     # With a single key the softmax is constant: dq and dk are exactly 0 and both backends
     # return rounding noise; compare that noise against the scale of the incoming gradient.
     floor = go.float().norm().item() if R == 1 else 0.0
-    assert out_c.dtype == dtype and out_c.shape == (B, h, N, e)
+    assert out_c.dtype == dtype and out_c.shape == (B, h, N, ev)
     assert rel(out_c, out_t) <= tol
     assert rel(dq_c, dq_t, floor) <= tol
     assert rel(dk_c, dk_t, floor) <= tol
@@ -404,11 +410,11 @@ def test_clustered_attention_matches_torch(cb, dev, B, h, N, R, e, dtype):
         assert torch.all(dk_c[b, :, lengths[b]:] == 0) and torch.all(dv_c[b, :, lengths[b]:] == 0)
 
 
-@pytest.mark.parametrize("e", [32, 64])
-def test_clustered_attention_unsplit_backward_and_scale(cb, dev, monkeypatch, e):
+@pytest.mark.parametrize("e,ev", [(32, 32), (64, 64), (64, 32)])
+def test_clustered_attention_unsplit_backward_and_scale(cb, dev, monkeypatch, e, ev):
     """The dk/dv kernel without query splits (direct stores), and a custom scale."""
     monkeypatch.setattr(cb, "DKDV_NSPLIT", 1)
-    q, k, v, kpm, go = _attn_inputs(3, 4, 257, 50, e, torch.float32, dev, seed=7)
+    q, k, v, kpm, go = _attn_inputs(3, 4, 257, 50, e, torch.float32, dev, seed=7, ev=ev)
     out_c, dq_c, dk_c, dv_c = _run_attn(cb.clustered_attention, q, k, v, kpm, go, scale=0.3)
     out_t, dq_t, dk_t, dv_t = _run_attn(
         lambda *a: clustered_attention_torch(*a, dropout_p=0.0, scale=0.3), q, k, v, kpm, go)
@@ -457,11 +463,12 @@ def test_dropout_mask_matches_reference_hash(cb, dev):
     assert abs(frac - 0.75) < 0.03
 
 
-@pytest.mark.parametrize("dtype,e", [(torch.float32, 32), (torch.float32, 64),
-                                     (torch.bfloat16, 64)])
-def test_clustered_attention_dropout_matches_masked_reference(cb, dev, dtype, e):
+@pytest.mark.parametrize("dtype,e,ev", [(torch.float32, 32, 32), (torch.float32, 64, 64),
+                                        (torch.bfloat16, 64, 64), (torch.float32, 64, 32),
+                                        (torch.bfloat16, 64, 32)])
+def test_clustered_attention_dropout_matches_masked_reference(cb, dev, dtype, e, ev):
     B, h, N, R, p, seed = 3, 4, 200, 40, 0.3, 987654321
-    q, k, v, kpm, go = _attn_inputs(B, h, N, R, e, dtype, dev, seed=13)
+    q, k, v, kpm, go = _attn_inputs(B, h, N, R, e, dtype, dev, seed=13, ev=ev)
     keep = cb.dropout_keep_mask(B, h, N, R, p, seed, dev)
 
     def reference(q, k, v, kpm):

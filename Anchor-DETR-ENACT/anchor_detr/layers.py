@@ -65,10 +65,12 @@ class EncoderLayerSpatial(nn.Module):
         else:
             from enact_cuda import uses_cuda_kernel
             flat_mask = mask.reshape(b, h * w)
-            # eval: clusters at N rows, no wait for R_max, when the CUDA kernel attends (its
-            # q / k head dim is 2 d_h, values padded to it)
-            upper_bound = not torch.is_grad_enabled() and uses_cuda_kernel(
-                src, 2 * self.self_attn.head_dim, self.enact_impl)
+            # eval: clusters at N rows, no wait for R_max, when the CUDA kernel attends (q / k
+            # head dim 2 d_h; values d_h, or padded to 2 d_h where the kernel lacks that pair)
+            d_h = self.self_attn.head_dim
+            upper_bound = not torch.is_grad_enabled() and (
+                uses_cuda_kernel(src, 2 * d_h, self.enact_impl, d_h)
+                or uses_cuda_kernel(src, 2 * d_h, self.enact_impl))
             clusters = self.ENACT(q_row, (q_row, q_col, src.reshape(b, h * w, e)), flat_mask,
                                   (h, w), upper_bound=upper_bound)
             c_row, c_col, c_val = clusters.values

@@ -20,9 +20,11 @@ own row and column queries; row keys, column keys and values are the image's clu
 softmax over the clusters of the summed row and column logits:
     w[i, r] = softmax_r((q_row_i . k_row_r + q_col_i . k_col_r) / sqrt(d_h))
 which is SDPA of [q_row, q_col] against [k_row, k_col] at head dim 2*d_h with scale 1/sqrt(d_h).
-The value head dim stays d_h. enact_cuda's fused kernel needs equal q and v head dims, so on
-CUDA (impl != "torch") the values are zero-padded to 2*d_h and the output sliced back (exact);
-``pad_values`` = True/False forces this on/off (None = that automatic choice).
+The value head dim stays d_h. enact_cuda's fused kernel takes (q / k, value) head dims (64, 32)
+as they are (d_h = 32, the paper's setting); for other d_h on CUDA (impl != "torch") the values
+are zero-padded to 2*d_h and the output sliced back (exact), which the kernel (equal dims) or
+torch's SDPA takes; ``pad_values`` = True/False forces this on/off (None = that automatic
+choice).
 """
 import math
 from typing import Optional
@@ -134,7 +136,8 @@ class RCDA(nn.Module):
         v = self._heads(self.project(value, V))                                   # (B,h,R,d)
         pad = self.pad_values
         if pad is None:
-            pad = q.is_cuda and impl != "torch"
+            pad = q.is_cuda and impl != "torch" and bool(enact_cuda.attention.kernel_gap(
+                (q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]), impl))
         if pad:
             v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
         out = enact_cuda.clustered_attention(

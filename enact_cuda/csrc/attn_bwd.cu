@@ -17,12 +17,14 @@ constexpr int kThreads = 128;
 constexpr int kBN = 64;  // keys per shared tile (dq kernel)
 constexpr int kBQ = 64;  // queries per shared tile (dk/dv kernel)
 
-template <typename T, int E, bool DROP>
+template <typename T, int E, int EV, bool DROP>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttnArgs a, DropoutParams dp) {
-  using Lay = AttnLayout<E>;
-  constexpr int TP = Lay::TP, BM = kThreads / TP;
-  __shared__ __align__(16) float Ks[kBN * Lay::RS];
-  __shared__ __align__(16) float Vs[kBN * Lay::RS];
+  constexpr int TP = RowThreads<E>::value, BM = kThreads / TP;
+  using LayK = AttnLayout<E, TP>;
+  using LayV = AttnLayout<EV, TP>;
+  constexpr int WK = LayK::W, WV = LayV::W;
+  __shared__ __align__(16) float Ks[kBN * LayK::RS];
+  __shared__ __align__(16) float Vs[kBN * LayV::RS];
 
   const int bh = blockIdx.y, b = bh / a.H, h = bh % a.H;
   const int tid = threadIdx.x, part = tid % TP, qi = blockIdx.x * BM + tid / TP;
@@ -32,26 +34,29 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttnArgs a, Dropo
   const T* vb = static_cast<const T*>(a.v) + b * a.sv[0] + h * a.sv[1];
 
   const float c = a.scale * kLog2e;
-  float q[32], g[32], acc[32];
+  float q[WK], g[WV], acc[WK];
   float D = 0.f, lse2 = 0.f;
   if (active) {
-    load_part<T>(static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1] + qi * a.sq[2] + part * 32, q);
-    load_part<T>(static_cast<const T*>(a.dout) + b * a.sdo[0] + h * a.sdo[1] + qi * a.sdo[2] +
-                     part * 32, g);
-    // D = <dO, O>, with O re-read into acc (acc is zeroed below)
-    load_part<T>(static_cast<const T*>(a.o) + b * a.so[0] + h * a.so[1] + qi * a.so[2] + part * 32,
-                 acc);
+    load_part<T, WK>(static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1] + qi * a.sq[2] +
+                         part * WK, q);
+    load_part<T, WV>(static_cast<const T*>(a.dout) + b * a.sdo[0] + h * a.sdo[1] +
+                         qi * a.sdo[2] + part * WV, g);
+    float o[WV];  // D = <dO, O>
+    load_part<T, WV>(static_cast<const T*>(a.o) + b * a.so[0] + h * a.so[1] + qi * a.so[2] +
+                         part * WV, o);
 #pragma unroll
-    for (int e = 0; e < 32; ++e) D = fmaf(g[e], acc[e], D);
+    for (int e = 0; e < WV; ++e) D = fmaf(g[e], o[e], D);
     lse2 = a.lse[static_cast<int64_t>(bh) * a.N + qi] * kLog2e;
   } else {
 #pragma unroll
-    for (int e = 0; e < 32; ++e) q[e] = g[e] = 0.f;
+    for (int e = 0; e < WK; ++e) q[e] = 0.f;
+#pragma unroll
+    for (int e = 0; e < WV; ++e) g[e] = 0.f;
   }
   D = finish_dot<TP>(D);
   if (active && part == 0) a.delta[static_cast<int64_t>(bh) * a.N + qi] = D;
 #pragma unroll
-  for (int e = 0; e < 32; ++e) {
+  for (int e = 0; e < WK; ++e) {
     q[e] *= c;
     acc[e] = 0.f;
   }
@@ -60,32 +65,34 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttnArgs a, Dropo
 
   for (int kt = 0; kt < Lk; kt += kBN) {
     const int nk = min(kBN, Lk - kt);
-    load_tile<T, E, kBN>(Ks, kb, a.sk[2], kt, nk);
-    load_tile<T, E, kBN>(Vs, vb, a.sv[2], kt, nk);
+    load_tile<T, LayK, kBN>(Ks, kb, a.sk[2], kt, nk);
+    load_tile<T, LayV, kBN>(Vs, vb, a.sv[2], kt, nk);
     __syncthreads();
 #pragma unroll 2
     for (int j = 0; j < nk; ++j) {
-      const float* krow = Ks + j * Lay::RS + part * Lay::PW;
-      const float sj = finish_dot<TP>(dot_part(q, krow));
-      const float dpv = finish_dot<TP>(dot_part(g, Vs + j * Lay::RS + part * Lay::PW));
+      const float* krow = Ks + j * LayK::RS + part * LayK::PW;
+      const float sj = finish_dot<TP>(dot_part<WK>(q, krow));
+      const float dpv = finish_dot<TP>(dot_part<WV>(g, Vs + j * LayV::RS + part * LayV::PW));
       const float p = exp2f(sj - lse2);
       float dpj = dpv;
       if (DROP) dpj = dropout_keep(rk, kt + j, dp.threshold) ? dpj * dp.inv_keep : 0.f;
-      axpy_part(acc, p * (dpj - D), krow);
+      axpy_part<WK>(acc, p * (dpj - D), krow);
     }
     __syncthreads();
   }
   if (!active) return;
-  store_part<T>(static_cast<T*>(a.dq) + b * a.sdq[0] + h * a.sdq[1] + qi * a.sdq[2] + part * 32, acc,
-                a.scale);
+  store_part<T, WK>(static_cast<T*>(a.dq) + b * a.sdq[0] + h * a.sdq[1] + qi * a.sdq[2] +
+                        part * WK, acc, a.scale);
 }
 
-template <typename T, int E, bool DROP>
+template <typename T, int E, int EV, bool DROP>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttnArgs a, DropoutParams dp) {
-  using Lay = AttnLayout<E>;
-  constexpr int TP = Lay::TP, BK = kThreads / TP;
-  __shared__ __align__(16) float Qs[kBQ * Lay::RS];
-  __shared__ __align__(16) float Gs[kBQ * Lay::RS];
+  constexpr int TP = RowThreads<E>::value, BK = kThreads / TP;
+  using LayK = AttnLayout<E, TP>;
+  using LayV = AttnLayout<EV, TP>;
+  constexpr int WK = LayK::W, WV = LayV::W;
+  __shared__ __align__(16) float Qs[kBQ * LayK::RS];
+  __shared__ __align__(16) float Gs[kBQ * LayV::RS];
   __shared__ float Ls[kBQ];
   __shared__ float Ds[kBQ];
 
@@ -96,20 +103,26 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttnArgs a, Dro
   const int tid = threadIdx.x, part = tid % TP, kj = k0 + tid / TP;
   const bool active = kj < Lk;
 
-  float kr[32], vr[32], dk[32], dv[32];
+  float kr[WK], vr[WV], dk[WK], dv[WV];
   if (active) {
-    load_part<T>(static_cast<const T*>(a.k) + b * a.sk[0] + h * a.sk[1] + kj * a.sk[2] + part * 32, kr);
-    load_part<T>(static_cast<const T*>(a.v) + b * a.sv[0] + h * a.sv[1] + kj * a.sv[2] + part * 32, vr);
+    load_part<T, WK>(static_cast<const T*>(a.k) + b * a.sk[0] + h * a.sk[1] + kj * a.sk[2] +
+                         part * WK, kr);
+    load_part<T, WV>(static_cast<const T*>(a.v) + b * a.sv[0] + h * a.sv[1] + kj * a.sv[2] +
+                         part * WV, vr);
   } else {
 #pragma unroll
-    for (int e = 0; e < 32; ++e) kr[e] = vr[e] = 0.f;
+    for (int e = 0; e < WK; ++e) kr[e] = 0.f;
+#pragma unroll
+    for (int e = 0; e < WV; ++e) vr[e] = 0.f;
   }
   const float c = a.scale * kLog2e;
 #pragma unroll
-  for (int e = 0; e < 32; ++e) {
+  for (int e = 0; e < WK; ++e) {
     kr[e] *= c;
-    dk[e] = dv[e] = 0.f;
+    dk[e] = 0.f;
   }
+#pragma unroll
+  for (int e = 0; e < WV; ++e) dv[e] = 0.f;
 
   const int per = ((a.N + a.nsplit - 1) / a.nsplit + kBQ - 1) / kBQ * kBQ;
   const int qs = blockIdx.z * per, qe = min(a.N, qs + per);
@@ -120,8 +133,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttnArgs a, Dro
 
   for (int qt = qs; qt < qe; qt += kBQ) {
     const int nq = min(kBQ, qe - qt);
-    load_tile<T, E, kBQ>(Qs, qb, a.sq[2], qt, nq);
-    load_tile<T, E, kBQ>(Gs, gb, a.sdo[2], qt, nq);
+    load_tile<T, LayK, kBQ>(Qs, qb, a.sq[2], qt, nq);
+    load_tile<T, LayV, kBQ>(Gs, gb, a.sdo[2], qt, nq);
     for (int i = tid; i < kBQ; i += blockDim.x) {
       Ls[i] = i < nq ? lse_b[qt + i] * kLog2e : 0.f;
       Ds[i] = i < nq ? del_b[qt + i] : 0.f;
@@ -129,10 +142,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttnArgs a, Dro
     __syncthreads();
 #pragma unroll 2
     for (int i = 0; i < nq; ++i) {
-      const float* qrow = Qs + i * Lay::RS + part * Lay::PW;
-      const float* grow = Gs + i * Lay::RS + part * Lay::PW;
-      const float s = finish_dot<TP>(dot_part(kr, qrow));
-      const float dpr = finish_dot<TP>(dot_part(vr, grow));
+      const float* qrow = Qs + i * LayK::RS + part * LayK::PW;
+      const float* grow = Gs + i * LayV::RS + part * LayV::PW;
+      const float s = finish_dot<TP>(dot_part<WK>(kr, qrow));
+      const float dpr = finish_dot<TP>(dot_part<WV>(vr, grow));
       const float p = exp2f(s - Ls[i]);
       float pd = p, dpj = dpr;
       if (DROP) {
@@ -142,43 +155,28 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttnArgs a, Dro
         dpj = keep ? dpr * dp.inv_keep : 0.f;
       }
       const float ds = p * (dpj - Ds[i]);
-      axpy_part(dv, pd, grow);
-      axpy_part(dk, ds, qrow);
+      axpy_part<WV>(dv, pd, grow);
+      axpy_part<WK>(dk, ds, qrow);
     }
     __syncthreads();
   }
   if (!active) return;
-  float* dkp = a.dk_acc + (static_cast<int64_t>(bh) * a.R + kj) * E + part * 32;
-  float* dvp = a.dv_acc + (static_cast<int64_t>(bh) * a.R + kj) * E + part * 32;
+  float* dkp = a.dk_acc + (static_cast<int64_t>(bh) * a.R + kj) * E + part * WK;
+  float* dvp = a.dv_acc + (static_cast<int64_t>(bh) * a.R + kj) * EV + part * WV;
   if (a.nsplit == 1) {
 #pragma unroll
-    for (int e = 0; e < 32; e += 4) {
+    for (int e = 0; e < WK; e += 4)
       *reinterpret_cast<float4*>(dkp + e) =
           make_float4(dk[e] * a.scale, dk[e + 1] * a.scale, dk[e + 2] * a.scale, dk[e + 3] * a.scale);
+#pragma unroll
+    for (int e = 0; e < WV; e += 4)
       *reinterpret_cast<float4*>(dvp + e) = make_float4(dv[e], dv[e + 1], dv[e + 2], dv[e + 3]);
-    }
   } else {
 #pragma unroll
-    for (int e = 0; e < 32; ++e) {
-      atomicAdd(dkp + e, dk[e] * a.scale);
-      atomicAdd(dvp + e, dv[e]);
-    }
+    for (int e = 0; e < WK; ++e) atomicAdd(dkp + e, dk[e] * a.scale);
+#pragma unroll
+    for (int e = 0; e < WV; ++e) atomicAdd(dvp + e, dv[e]);
   }
-}
-
-template <typename T, int E>
-cudaError_t launch(const AttnArgs& a, DropoutParams dp, cudaStream_t stream) {
-  constexpr int TP = AttnLayout<E>::TP, BM = kThreads / TP, BK = kThreads / TP;
-  dim3 grid_q((a.N + BM - 1) / BM, a.B * a.H);
-  dim3 grid_k((a.R + BK - 1) / BK, a.B * a.H, a.nsplit);
-  if (a.dropout_p > 0.f) {
-    attn_bwd_dq_kernel<T, E, true><<<grid_q, kThreads, 0, stream>>>(a, dp);
-    if (a.R > 0) attn_bwd_dkdv_kernel<T, E, true><<<grid_k, kThreads, 0, stream>>>(a, dp);
-  } else {
-    attn_bwd_dq_kernel<T, E, false><<<grid_q, kThreads, 0, stream>>>(a, dp);
-    if (a.R > 0) attn_bwd_dkdv_kernel<T, E, false><<<grid_k, kThreads, 0, stream>>>(a, dp);
-  }
-  return cudaGetLastError();
 }
 
 }  // namespace
@@ -199,14 +197,21 @@ cudaError_t attn_backward(const AttnArgs& a_in, DType dtype, int num_sms, cudaSt
   AttnArgs a = a_in;
   a.nsplit = a.nsplit > 0 ? a.nsplit : choose_nsplit(a, num_sms);
   const DropoutParams dp = make_dropout_params(a.dropout_p);
-  if (dtype == DType::kFloat) {
-    return a.E == 32 ? launch<float, 32>(a, dp, stream) : launch<float, 64>(a, dp, stream);
-  }
-  if (dtype == DType::kBFloat16) {
-    return a.E == 32 ? launch<__nv_bfloat16, 32>(a, dp, stream)
-                     : launch<__nv_bfloat16, 64>(a, dp, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_attn(dtype, a.E, a.EV, [&](auto tag, auto e, auto ev) {
+    using T = typename decltype(tag)::type;
+    constexpr int E = decltype(e)::value, EV = decltype(ev)::value;
+    constexpr int BM = kThreads / RowThreads<E>::value, BK = BM;
+    const dim3 grid_q((a.N + BM - 1) / BM, a.B * a.H);
+    const dim3 grid_k((a.R + BK - 1) / BK, a.B * a.H, a.nsplit);
+    if (a.dropout_p > 0.f) {
+      attn_bwd_dq_kernel<T, E, EV, true><<<grid_q, kThreads, 0, stream>>>(a, dp);
+      if (a.R > 0) attn_bwd_dkdv_kernel<T, E, EV, true><<<grid_k, kThreads, 0, stream>>>(a, dp);
+    } else {
+      attn_bwd_dq_kernel<T, E, EV, false><<<grid_q, kThreads, 0, stream>>>(a, dp);
+      if (a.R > 0) attn_bwd_dkdv_kernel<T, E, EV, false><<<grid_k, kThreads, 0, stream>>>(a, dp);
+    }
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace enact

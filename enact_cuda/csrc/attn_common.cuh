@@ -1,24 +1,37 @@
 // Shared pieces of the clustered-attention kernels (attn_fwd.cu, attn_bwd.cu).
 //
-// Thread layout: a query (or key) row of head dim E is owned by TP = E / 32 adjacent threads,
-// each holding 32 of its elements in registers ("part"); dot products are finished with one
-// __shfl_xor per extra part. Tiles of rows are staged in shared memory as float; a row's parts
-// are stored 32 + PAD floats apart (PAD = 4 when TP > 1) so that the parts' 16-byte reads of
-// one row fall in different banks.
+// Thread layout: a query (or key) row of q / k head dim E is owned by TP = E / 32 adjacent
+// threads, each holding 32 of its elements in registers ("part"); the same TP threads hold a
+// value-dim row (head dim EV <= E) as parts of EV / TP elements. Dot products are finished with
+// one __shfl_xor per extra part. Tiles of rows are staged in shared memory as float; a row's
+// parts are stored W + PAD floats apart (PAD = 4 when TP > 1) so that the parts' 16-byte reads
+// of one row fall in different banks.
 #pragma once
+
+#include <type_traits>
 
 #include "common.cuh"
 #include "enact.h"
 
 namespace enact {
 
-template <int E>
+// Rows of head dim E split over TP threads: W floats per thread ("part").
+template <int E, int TP>
 struct AttnLayout {
-  static_assert(E == 32 || E == 64, "head dim must be 32 or 64");
-  static constexpr int TP = E / 32;                 // threads per row
+  static_assert(TP == 1 || TP == 2, "one or two threads per row");
+  static_assert(E % (16 * TP) == 0, "parts must be whole 16-float chunks");
+  static constexpr int DIM = E;                     // head dim of a row
+  static constexpr int W = E / TP;                  // floats per part
   static constexpr int PAD = TP > 1 ? 4 : 0;
-  static constexpr int PW = 32 + PAD;               // floats per part in shared memory
+  static constexpr int PW = W + PAD;                // floats per part in shared memory
   static constexpr int RS = TP * PW;                // floats per row in shared memory
+};
+
+// Threads per row for q / k head dim E (32 or 64).
+template <int E>
+struct RowThreads {
+  static_assert(E == 32 || E == 64, "q / k head dim must be 32 or 64");
+  static constexpr int value = E / 32;
 };
 
 // Number of keys of image b: the index of the first True of its key padding mask row (the
@@ -33,12 +46,13 @@ __device__ __forceinline__ int block_key_count(const bool* __restrict__ kpm_row,
   return lo;
 }
 
-// 32 consecutive elements (one part of a row) -> registers as float. p 16-byte aligned.
-template <typename T>
-__device__ __forceinline__ void load_part(const T* __restrict__ p, float (&x)[32]) {
+// W consecutive elements (one part of a row) -> registers as float. p 16-byte aligned.
+template <typename T, int W>
+__device__ __forceinline__ void load_part(const T* __restrict__ p, float (&x)[W]) {
   constexpr int V = 16 / sizeof(T);
+  static_assert(W % V == 0, "a part is whole 16-byte vectors");
 #pragma unroll
-  for (int c = 0; c < 32 / V; ++c) {
+  for (int c = 0; c < W / V; ++c) {
     float tmp[V];
     load_vec<T, V>(p + c * V, tmp);
 #pragma unroll
@@ -46,11 +60,12 @@ __device__ __forceinline__ void load_part(const T* __restrict__ p, float (&x)[32
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void store_part(T* __restrict__ p, const float (&x)[32], float mul) {
+template <typename T, int W>
+__device__ __forceinline__ void store_part(T* __restrict__ p, const float (&x)[W], float mul) {
   constexpr int V = 16 / sizeof(T);
+  static_assert(W % V == 0, "a part is whole 16-byte vectors");
 #pragma unroll
-  for (int c = 0; c < 32 / V; ++c) {
+  for (int c = 0; c < W / V; ++c) {
     float tmp[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) tmp[v] = x[c * V + v] * mul;
@@ -59,13 +74,13 @@ __device__ __forceinline__ void store_part(T* __restrict__ p, const float (&x)[3
 }
 
 // Rows [row0, row0 + nrows) of a (L, E) slice with row stride `stride` -> shared tile of
-// ROWS rows (rows >= nrows are zero-filled). Cooperative over the whole block.
-template <typename T, int E, int ROWS>
+// ROWS rows in layout Lay (rows >= nrows are zero-filled). Cooperative over the whole block.
+template <typename T, typename Lay, int ROWS>
 __device__ __forceinline__ void load_tile(float* __restrict__ tile, const T* __restrict__ base,
                                           int64_t stride, int row0, int nrows) {
-  using Lay = AttnLayout<E>;
   constexpr int V = 16 / sizeof(T);
-  constexpr int CPR = E / V;  // 16-byte chunks per row
+  constexpr int CPR = Lay::DIM / V;  // 16-byte chunks per row
+  static_assert(Lay::W % V == 0, "a chunk never straddles two parts");
   for (int idx = threadIdx.x; idx < ROWS * CPR; idx += blockDim.x) {
     const int row = idx / CPR, c = idx % CPR, e0 = c * V;
     float tmp[V];
@@ -75,7 +90,7 @@ __device__ __forceinline__ void load_tile(float* __restrict__ tile, const T* __r
 #pragma unroll
       for (int v = 0; v < V; ++v) tmp[v] = 0.f;
     }
-    float* dst = tile + row * Lay::RS + (e0 / 32) * Lay::PW + (e0 % 32);
+    float* dst = tile + row * Lay::RS + (e0 / Lay::W) * Lay::PW + (e0 % Lay::W);
 #pragma unroll
     for (int v = 0; v < V; v += 4)
       *reinterpret_cast<float4*>(dst + v) = make_float4(tmp[v], tmp[v + 1], tmp[v + 2], tmp[v + 3]);
@@ -83,11 +98,12 @@ __device__ __forceinline__ void load_tile(float* __restrict__ tile, const T* __r
 }
 
 // Partial dot product of a register part with a shared-memory part (4 accumulators).
-__device__ __forceinline__ float dot_part(const float (&x)[32], const float* __restrict__ row) {
+template <int W>
+__device__ __forceinline__ float dot_part(const float (&x)[W], const float* __restrict__ row) {
   const float4* r4 = reinterpret_cast<const float4*>(row);
   float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
 #pragma unroll
-  for (int d4 = 0; d4 < 8; ++d4) {
+  for (int d4 = 0; d4 < W / 4; ++d4) {
     const float4 y = r4[d4];
     a0 = fmaf(x[4 * d4 + 0], y.x, a0);
     a1 = fmaf(x[4 * d4 + 1], y.y, a1);
@@ -98,10 +114,11 @@ __device__ __forceinline__ float dot_part(const float (&x)[32], const float* __r
 }
 
 // acc += c * row (shared-memory part)
-__device__ __forceinline__ void axpy_part(float (&acc)[32], float c, const float* __restrict__ row) {
+template <int W>
+__device__ __forceinline__ void axpy_part(float (&acc)[W], float c, const float* __restrict__ row) {
   const float4* r4 = reinterpret_cast<const float4*>(row);
 #pragma unroll
-  for (int d4 = 0; d4 < 8; ++d4) {
+  for (int d4 = 0; d4 < W / 4; ++d4) {
     const float4 y = r4[d4];
     acc[4 * d4 + 0] = fmaf(c, y.x, acc[4 * d4 + 0]);
     acc[4 * d4 + 1] = fmaf(c, y.y, acc[4 * d4 + 1]);
@@ -122,5 +139,27 @@ struct DropoutParams {
   float inv_keep;      // 1 / (1 - p)  (0 for p >= 1)
 };
 DropoutParams make_dropout_params(float p);  // attn_fwd.cu
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+template <int X>
+using Int = std::integral_constant<int, X>;
+
+// f(TypeTag<T>{}, Int<E>{}, Int<EV>{}) for the supported element type and (q / k, v) head dims
+// (32, 32), (64, 64), (64, 32); cudaErrorInvalidValue for anything else.
+template <typename F>
+cudaError_t dispatch_attn(DType dtype, int E, int EV, F&& f) {
+  auto dims = [&](auto tag) -> cudaError_t {
+    if (E == 32 && EV == 32) return f(tag, Int<32>{}, Int<32>{});
+    if (E == 64 && EV == 64) return f(tag, Int<64>{}, Int<64>{});
+    if (E == 64 && EV == 32) return f(tag, Int<64>{}, Int<32>{});
+    return cudaErrorInvalidValue;
+  };
+  if (dtype == DType::kFloat) return dims(TypeTag<float>{});
+  if (dtype == DType::kBFloat16) return dims(TypeTag<__nv_bfloat16>{});
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace enact

@@ -13,12 +13,14 @@ constexpr int kThreads = 128;
 constexpr int kBN = 64;  // keys per shared tile
 constexpr int kKC = 16;  // keys per online-softmax step
 
-template <typename T, int E, bool DROP>
+template <typename T, int E, int EV, bool DROP>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a, DropoutParams dp) {
-  using Lay = AttnLayout<E>;
-  constexpr int TP = Lay::TP, BM = kThreads / TP;
-  __shared__ __align__(16) float Ks[kBN * Lay::RS];
-  __shared__ __align__(16) float Vs[kBN * Lay::RS];
+  constexpr int TP = RowThreads<E>::value, BM = kThreads / TP;
+  using LayK = AttnLayout<E, TP>;
+  using LayV = AttnLayout<EV, TP>;
+  constexpr int WK = LayK::W, WV = LayV::W;
+  __shared__ __align__(16) float Ks[kBN * LayK::RS];
+  __shared__ __align__(16) float Vs[kBN * LayV::RS];
 
   const int bh = blockIdx.y, b = bh / a.H, h = bh % a.H;
   const int tid = threadIdx.x, part = tid % TP, qi = blockIdx.x * BM + tid / TP;
@@ -29,31 +31,32 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a, DropoutP
   const T* vb = static_cast<const T*>(a.v) + b * a.sv[0] + h * a.sv[1];
 
   const float c = a.scale * kLog2e;  // scores in log2 units
-  float q[32], o[32];
+  float q[WK], o[WV];
   if (active) {
-    load_part<T>(static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1] + qi * a.sq[2] + part * 32, q);
+    load_part<T, WK>(static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1] + qi * a.sq[2] +
+                         part * WK, q);
   } else {
 #pragma unroll
-    for (int e = 0; e < 32; ++e) q[e] = 0.f;
+    for (int e = 0; e < WK; ++e) q[e] = 0.f;
   }
 #pragma unroll
-  for (int e = 0; e < 32; ++e) {
-    q[e] *= c;
-    o[e] = 0.f;
-  }
+  for (int e = 0; e < WK; ++e) q[e] *= c;
+#pragma unroll
+  for (int e = 0; e < WV; ++e) o[e] = 0.f;
   float m = -INFINITY, l = 0.f;
   uint32_t rk = 0;
   if (DROP) rk = dropout_row_key(a.seed, static_cast<uint64_t>(bh) * a.N + qi);
 
   for (int kt = 0; kt < Lk; kt += kBN) {
     const int nk = min(kBN, Lk - kt);
-    load_tile<T, E, kBN>(Ks, kb, a.sk[2], kt, nk);
-    load_tile<T, E, kBN>(Vs, vb, a.sv[2], kt, nk);
+    load_tile<T, LayK, kBN>(Ks, kb, a.sk[2], kt, nk);
+    load_tile<T, LayV, kBN>(Vs, vb, a.sv[2], kt, nk);
     __syncthreads();
     for (int c0 = 0; c0 < nk; c0 += kKC) {
       float s[kKC];
 #pragma unroll
-      for (int j = 0; j < kKC; ++j) s[j] = dot_part(q, Ks + (c0 + j) * Lay::RS + part * Lay::PW);
+      for (int j = 0; j < kKC; ++j)
+        s[j] = dot_part<WK>(q, Ks + (c0 + j) * LayK::RS + part * LayK::PW);
       float cm = -INFINITY;
 #pragma unroll
       for (int j = 0; j < kKC; ++j) {
@@ -65,13 +68,13 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a, DropoutP
       const float alpha = exp2f(m - mn);
       l *= alpha;
 #pragma unroll
-      for (int e = 0; e < 32; ++e) o[e] *= alpha;
+      for (int e = 0; e < WV; ++e) o[e] *= alpha;
 #pragma unroll
       for (int j = 0; j < kKC; ++j) {
         float p = exp2f(s[j] - mn);
         l += p;
         if (DROP) p = dropout_keep(rk, kt + c0 + j, dp.threshold) ? p * dp.inv_keep : 0.f;
-        axpy_part(o, p, Vs + (c0 + j) * Lay::RS + part * Lay::PW);
+        axpy_part<WV>(o, p, Vs + (c0 + j) * LayV::RS + part * LayV::PW);
       }
       m = mn;
     }
@@ -80,21 +83,10 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a, DropoutP
 
   if (!active) return;
   const float inv = Lk > 0 ? 1.f / l : 0.f;
-  store_part<T>(static_cast<T*>(a.o_mut) + b * a.so[0] + h * a.so[1] + qi * a.so[2] + part * 32, o,
-                inv);
+  store_part<T, WV>(static_cast<T*>(a.o_mut) + b * a.so[0] + h * a.so[1] + qi * a.so[2] +
+                        part * WV, o, inv);
   if (part == 0)
     a.lse[static_cast<int64_t>(bh) * a.N + qi] = Lk > 0 ? (m + log2f(l)) * kLn2 : 0.f;
-}
-
-template <typename T, int E>
-cudaError_t launch(const AttnArgs& a, DropoutParams dp, cudaStream_t stream) {
-  constexpr int BM = kThreads / AttnLayout<E>::TP;
-  dim3 grid((a.N + BM - 1) / BM, a.B * a.H);
-  if (a.dropout_p > 0.f)
-    attn_fwd_kernel<T, E, true><<<grid, kThreads, 0, stream>>>(a, dp);
-  else
-    attn_fwd_kernel<T, E, false><<<grid, kThreads, 0, stream>>>(a, dp);
-  return cudaGetLastError();
 }
 
 __global__ void dropout_mask_kernel(uint8_t* out, int B, int H, int N, int R, uint32_t threshold,
@@ -121,14 +113,17 @@ DropoutParams make_dropout_params(float p) {
 cudaError_t attn_forward(const AttnArgs& a, DType dtype, cudaStream_t stream) {
   if (a.N == 0 || a.B * a.H == 0) return cudaSuccess;
   const DropoutParams dp = make_dropout_params(a.dropout_p);
-  if (dtype == DType::kFloat) {
-    return a.E == 32 ? launch<float, 32>(a, dp, stream) : launch<float, 64>(a, dp, stream);
-  }
-  if (dtype == DType::kBFloat16) {
-    return a.E == 32 ? launch<__nv_bfloat16, 32>(a, dp, stream)
-                     : launch<__nv_bfloat16, 64>(a, dp, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_attn(dtype, a.E, a.EV, [&](auto tag, auto e, auto ev) {
+    using T = typename decltype(tag)::type;
+    constexpr int E = decltype(e)::value, EV = decltype(ev)::value;
+    constexpr int BM = kThreads / RowThreads<E>::value;
+    const dim3 grid((a.N + BM - 1) / BM, a.B * a.H);
+    if (a.dropout_p > 0.f)
+      attn_fwd_kernel<T, E, EV, true><<<grid, kThreads, 0, stream>>>(a, dp);
+    else
+      attn_fwd_kernel<T, E, EV, false><<<grid, kThreads, 0, stream>>>(a, dp);
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t attn_dropout_mask(uint8_t* out, int B, int H, int N, int R, float p, uint64_t seed,

@@ -263,6 +263,7 @@ enact::AttnArgs attn_args(const at::Tensor& q, const at::Tensor& k, const at::Te
   a.N = static_cast<int>(q.size(2));
   a.R = static_cast<int>(k.size(2));
   a.E = static_cast<int>(q.size(3));
+  a.EV = static_cast<int>(v.size(3));
   a.scale = static_cast<float>(scale);
   a.dropout_p = static_cast<float>(dropout_p);
   a.seed = static_cast<uint64_t>(seed);
@@ -275,12 +276,15 @@ void check_attn_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tenso
               "enact_cuda: q, k, v must share a dtype");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
               "enact_cuda: clustered attention supports float32 and bfloat16");
-  const int64_t E = q.size(3);
-  TORCH_CHECK(E == 32 || E == 64, "enact_cuda: head dim must be 32 or 64, got ", E);
-  TORCH_CHECK(k.size(3) == E && v.size(3) == E, "enact_cuda: q, k, v head dims must match");
+  const int64_t E = q.size(3), EV = v.size(3);
+  TORCH_CHECK(E == 32 || E == 64, "enact_cuda: q / k head dim must be 32 or 64, got ", E);
+  TORCH_CHECK(k.size(3) == E, "enact_cuda: q and k head dims must match");
+  TORCH_CHECK(EV == E || (E == 64 && EV == 32),
+              "enact_cuda: value head dim must equal the q / k head dim or be 32 with 64, got ",
+              EV, " with ", E);
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) &&
                   v.size(1) == q.size(1) && v.size(2) == k.size(2),
-              "enact_cuda: q (B,h,N,e), k and v (B,h,R,e) shapes do not agree");
+              "enact_cuda: q (B,h,N,e), k (B,h,R,e) and v (B,h,R,e_v) shapes do not agree");
   TORCH_CHECK(kpm.scalar_type() == at::kBool && kpm.dim() == 2 && kpm.size(0) == q.size(0) &&
                   kpm.size(1) == k.size(2),
               "enact_cuda: key_padding_mask must be bool (B, R)");
@@ -295,9 +299,9 @@ std::vector<at::Tensor> attn_forward(const at::Tensor& q_in, const at::Tensor& k
   at::Tensor kpm = kpm_in.contiguous();
   check_cuda(kpm, "key_padding_mask");
   check_attn_shapes(q, k, v, kpm);
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), E = q.size(3);
-  // (B, N, H, E) storage viewed as (B, H, N, E): transpose(1, 2).reshape(B, N, H*E) is free.
-  at::Tensor out = at::empty({B, N, H, E}, q.options()).permute({0, 2, 1, 3});
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), EV = v.size(3);
+  // (B, N, H, EV) storage viewed as (B, H, N, EV): transpose(1, 2).reshape(B, N, H*EV) is free.
+  at::Tensor out = at::empty({B, N, H, EV}, q.options()).permute({0, 2, 1, 3});
   at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
   enact::AttnArgs a = attn_args(q, k, v, kpm, scale, dropout_p, seed);
   a.o_mut = out.data_ptr();
@@ -319,12 +323,14 @@ std::vector<at::Tensor> attn_backward(const at::Tensor& dout_in, const at::Tenso
   at::Tensor kpm = kpm_in.contiguous();
   at::Tensor lse = lse_in.contiguous();
   check_attn_shapes(q, k, v, kpm);
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(),
-              "enact_cuda: grad_out / out must match q");
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), R = k.size(2), E = q.size(3);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), R = k.size(2), E = q.size(3),
+                EV = v.size(3);
+  const std::vector<int64_t> out_shape{B, H, N, EV};
+  TORCH_CHECK(dout.sizes().vec() == out_shape && out.sizes().vec() == out_shape,
+              "enact_cuda: grad_out / out must be (B, h, N, e_v)");
   at::Tensor dq = at::empty_like(q);
   at::Tensor dk = at::zeros({B, H, R, E}, q.options().dtype(at::kFloat));
-  at::Tensor dv = at::zeros({B, H, R, E}, q.options().dtype(at::kFloat));
+  at::Tensor dv = at::zeros({B, H, R, EV}, q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty({B, H, N}, q.options().dtype(at::kFloat));
   enact::AttnArgs a = attn_args(q, k, v, kpm, scale, dropout_p, seed);
   a.o = out.data_ptr();

@@ -144,16 +144,17 @@ cudaError_t key_grad(const KeyGradArgs& a, DType key_dtype, bool vec, cudaStream
 
 // -------------------------------- clustered attention (attn_*.cu) -----------------------------
 struct AttnArgs {
-  const void* q;  const void* k;  const void* v;  // (B,H,N,E), (B,H,R,E), (B,H,R,E)
+  const void* q;  const void* k;  const void* v;  // (B,H,N,E), (B,H,R,E), (B,H,R,EV)
   const bool* kpm;                                // (B, R) True = no cluster (a suffix)
-  const void* o;  const void* dout;               // (B,H,N,E) out (bwd reads, fwd writes)
+  const void* o;  const void* dout;               // (B,H,N,EV) out (bwd reads, fwd writes)
   void* o_mut;                                    // forward output
   float* lse;                                     // (B,H,N) natural-log LSE of scaled scores
   float* delta;                                   // (B,H,N) rowsum(dO * O) (bwd scratch)
   void* dq;                                       // (B,H,N,E)
-  float* dk_acc; float* dv_acc;                   // (B,H,R,E) fp32, zero-initialised
+  float* dk_acc; float* dv_acc;                   // (B,H,R,E), (B,H,R,EV) fp32, zeroed
   int64_t sq[3], sk[3], sv[3], so[3], sdo[3], sdq[3];  // strides of dims (B, H, L)
-  int B, H, N, R, E;
+  int B, H, N, R;
+  int E, EV;  // q / k head dim (32, 64), value head dim (E, or 32 with E = 64)
   float scale;
   float dropout_p;
   uint64_t seed;
