@@ -1,5 +1,6 @@
 // Helpers shared by the extension's C++ translation units (bindings.cpp, fused_bindings.cpp):
-// error checks, dtype mapping, device attributes, tensor checks. Header-only, internal linkage.
+// error checks, dtype mapping, device attributes, tensor checks, workspaces and the argument
+// fields the clustering launches share. Header-only, internal linkage.
 #pragma once
 
 #include <c10/cuda/CUDAStream.h>
@@ -22,6 +23,29 @@ inline int device_attr(cudaDeviceAttr attr, int device) {
   int v = 0;
   ENACT_CHECK_CUDA(cudaDeviceGetAttribute(&v, attr, device));
   return v;
+}
+
+// Shared memory a per-image kernel may take dynamically on `device`: the opt-in maximum per
+// block (cached per device) less the `static_bytes` the kernel declares itself.
+inline int dynamic_smem_limit(int device, int static_bytes) {
+  static int cache[64] = {0};
+  if (device >= 0 && device < 64) {
+    if (cache[device] == 0)
+      cache[device] = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    return cache[device] - static_bytes;
+  }
+  return device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, device) - static_bytes;
+}
+
+// A global scratch of (B, cols * N) floats when a per-image working set of `bytes` does not
+// fit in `limit` bytes of shared memory; undefined otherwise (the kernel uses shared memory).
+inline at::Tensor scratch_if_needed(size_t bytes, int limit, int64_t B, int64_t cols, int64_t N,
+                                    const at::TensorOptions& float_opts) {
+  return bytes > static_cast<size_t>(limit) ? at::empty({B, cols * N}, float_opts) : at::Tensor();
+}
+
+inline float* float_ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<float>() : nullptr;
 }
 
 inline enact::DType dtype_of(const at::Tensor& t) {
@@ -71,6 +95,35 @@ inline at::Tensor prep_cluster_input(const at::Tensor& t, int64_t B, int64_t N, 
               ") or d <= 256, got ", t.size(2));
   if (t.stride(2) != 1 || (t.size(2) % vec == 0 && !vec_ok(t, vec))) return t.contiguous();
   return t;
+}
+
+// The region fields shared by enact::ClusterFwdArgs and enact::ClusterBwdArgs (enact.h), and
+// the launch sizes.
+template <typename Args>
+inline void set_regions(Args& a, const float* smoothed, const int64_t* region_index,
+                        const int* starts, const int* ends, const float* stats, const int* counts,
+                        int64_t S, int64_t B, int64_t N, int64_t R) {
+  a.smoothed = smoothed;
+  a.region_index = region_index;
+  a.starts = starts;
+  a.ends = ends;
+  a.stats = stats;
+  a.counts = counts;
+  a.S = S;
+  a.B = static_cast<int>(B);
+  a.N = static_cast<int>(N);
+  a.R = static_cast<int>(R);
+}
+
+// Input slot k of a clustering launch: x (B, N, d_t) with unit stride along d. Returns whether
+// x allows the kernels' 16-byte accesses.
+template <typename Args>
+inline bool set_cluster_input(Args& a, int k, const at::Tensor& x) {
+  a.x[k] = x.data_ptr();
+  a.x_row_stride[k] = x.stride(1);
+  a.x_batch_stride[k] = x.stride(0);
+  a.d[k] = static_cast<int>(x.size(2));
+  return vec_ok(x, 16 / x.element_size());
 }
 
 }  // namespace

@@ -28,11 +28,9 @@ std::vector<at::Tensor> info_forward(const at::Tensor& x_in, const std::optional
   at::Tensor smoothed = at::empty_like(x);
   at::Tensor region = at::empty({B, N}, x.options().dtype(at::kLong));
   at::Tensor counts = at::empty({B}, x.options().dtype(at::kLong));
-  const int limit =
-      device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()) - kInfoStaticSmem;
-  at::Tensor scratch;
-  if (enact::info_forward_smem_bytes(N, sigma) > static_cast<size_t>(limit))
-    scratch = at::empty({B, 3 * N}, x.options());
+  const int limit = dynamic_smem_limit(x.get_device(), kInfoStaticSmem);
+  const at::Tensor scratch =
+      scratch_if_needed(enact::info_forward_smem_bytes(N, sigma), limit, B, 3, N, x.options());
   enact::InfoFwdArgs a{};
   a.x = x.data_ptr<float>();
   a.mask = mask ? mask->data_ptr<bool>() : nullptr;
@@ -40,7 +38,7 @@ std::vector<at::Tensor> info_forward(const at::Tensor& x_in, const std::optional
   a.smoothed_out = smoothed.data_ptr<float>();
   a.region_out = region.data_ptr<int64_t>();
   a.counts_out = counts.data_ptr<int64_t>();
-  a.scratch = scratch.defined() ? scratch.data_ptr<float>() : nullptr;
+  a.scratch = float_ptr_or_null(scratch);
   a.B = static_cast<int>(B);
   a.N = static_cast<int>(N);
   a.sigma = static_cast<int>(sigma);
@@ -63,18 +61,16 @@ at::Tensor info_backward(const at::Tensor& x_in, const std::optional<at::Tensor>
   if (grad_info.has_value() && grad_info->defined() && mode == 0) gi = float_contig(*grad_info);
   if (grad_sm.has_value() && grad_sm->defined()) gs = float_contig(*grad_sm);
   at::Tensor gx = at::empty_like(x);
-  const int limit =
-      device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()) - kInfoStaticSmem;
-  at::Tensor scratch;
-  if (enact::info_backward_smem_bytes(N, sigma) > static_cast<size_t>(limit))
-    scratch = at::empty({B, 4 * N}, x.options());
+  const int limit = dynamic_smem_limit(x.get_device(), kInfoStaticSmem);
+  const at::Tensor scratch =
+      scratch_if_needed(enact::info_backward_smem_bytes(N, sigma), limit, B, 4, N, x.options());
   enact::InfoBwdArgs a{};
   a.x = x.data_ptr<float>();
   a.mask = mask ? mask->data_ptr<bool>() : nullptr;
   a.grad_info = gi.defined() ? gi.data_ptr<float>() : nullptr;
   a.grad_sm = gs.defined() ? gs.data_ptr<float>() : nullptr;
   a.grad_x = gx.data_ptr<float>();
-  a.scratch = scratch.defined() ? scratch.data_ptr<float>() : nullptr;
+  a.scratch = float_ptr_or_null(scratch);
   a.B = static_cast<int>(B);
   a.N = static_cast<int>(N);
   a.sigma = static_cast<int>(sigma);
@@ -135,28 +131,15 @@ std::vector<at::Tensor> cluster_forward(const std::vector<at::Tensor>& tensors_i
   for (size_t i = 0; i < xs.size(); ++i) outs[i] = at::empty({B, R, xs[i].size(2)}, xs[i].options());
   for (const auto& g : group_tensors(xs)) {
     enact::ClusterFwdArgs a{};
-    a.smoothed = sm.data_ptr<float>();
-    a.region_index = ri.data_ptr<int64_t>();
-    a.starts = starts.data_ptr<int>();
-    a.ends = ends.data_ptr<int>();
-    a.stats = stats.data_ptr<float>();
-    a.counts = counts.data_ptr<int>();
-    a.S = R;
+    set_regions(a, sm.data_ptr<float>(), ri.data_ptr<int64_t>(), starts.data_ptr<int>(),
+                ends.data_ptr<int>(), stats.data_ptr<float>(), counts.data_ptr<int>(), R, B, N, R);
     a.kpm = nullptr;
     a.n_tensors = static_cast<int>(g.idx.size());
-    a.B = static_cast<int>(B);
-    a.N = static_cast<int>(N);
-    a.R = static_cast<int>(R);
-    const int64_t vec = 16 / xs[g.idx[0]].element_size();
     bool vec_all = true;
     for (size_t k = 0; k < g.idx.size(); ++k) {
-      const at::Tensor& x = xs[g.idx[k]];
-      a.x[k] = x.data_ptr();
+      const bool vec = set_cluster_input(a, static_cast<int>(k), xs[g.idx[k]]);
       a.out[k] = outs[g.idx[k]].data_ptr();
-      a.x_row_stride[k] = x.stride(1);
-      a.x_batch_stride[k] = x.stride(0);
-      a.d[k] = static_cast<int>(x.size(2));
-      vec_all = vec_all && vec_ok(x, vec) && aligned16(outs[g.idx[k]]);
+      vec_all = vec_all && vec && aligned16(outs[g.idx[k]]);
     }
     ENACT_CHECK_CUDA(enact::cluster_forward(a, g.dtype, vec_all, stream));
   }
@@ -198,32 +181,20 @@ std::vector<at::Tensor> cluster_backward(const std::vector<at::Tensor>& grads_in
   for (size_t gi = 0; gi < groups.size() && R > 0; ++gi) {
     const auto& g = groups[gi];
     enact::ClusterBwdArgs a{};
-    a.smoothed = sm.data_ptr<float>();
-    a.region_index = ri.data_ptr<int64_t>();
-    a.starts = starts.data_ptr<int>();
-    a.ends = ends.data_ptr<int>();
-    a.stats = stats.data_ptr<float>();
-    a.counts = counts.data_ptr<int>();
-    a.S = R;
+    set_regions(a, sm.data_ptr<float>(), ri.data_ptr<int64_t>(), starts.data_ptr<int>(),
+                ends.data_ptr<int>(), stats.data_ptr<float>(), counts.data_ptr<int>(), R, B, N, R);
     a.dots = dots.data_ptr<float>();
     a.grad_sm = gsm.data_ptr<float>();
     a.zero_ptr = nullptr;
     a.zero_n = 0;
     a.n_tensors = static_cast<int>(g.idx.size());
-    a.B = static_cast<int>(B);
-    a.N = static_cast<int>(N);
-    a.R = static_cast<int>(R);
-    const int64_t vec = 16 / xs[g.idx[0]].element_size();
     bool vec_all = true;
     for (size_t k = 0; k < g.idx.size(); ++k) {
       const size_t i = g.idx[k];
+      const bool vec = set_cluster_input(a, static_cast<int>(k), xs[i]);
       a.g[k] = gs[i].data_ptr();
-      a.x[k] = xs[i].data_ptr();
       a.gx[k] = gxs[i].data_ptr();
-      a.x_row_stride[k] = xs[i].stride(1);
-      a.x_batch_stride[k] = xs[i].stride(0);
-      a.d[k] = static_cast<int>(xs[i].size(2));
-      vec_all = vec_all && vec_ok(xs[i], vec) && aligned16(gs[i]) && aligned16(gxs[i]);
+      vec_all = vec_all && vec && aligned16(gs[i]) && aligned16(gxs[i]);
     }
     ENACT_CHECK_CUDA(enact::cluster_backward(a, g.dtype, vec_all, gi > 0, gi + 1 == groups.size(),
                                              stream));

@@ -38,74 +38,20 @@ __device__ __noinline__ void image_part(const FusedFwdArgs& a, int b, float* bas
   const int64_t off = static_cast<int64_t>(b) * N;
   const bool* m = a.mask ? a.mask + off : nullptr;
 
-  // 1. compaction (+ padding outputs, + valid pixels of the first row for row breaks)
-  int L = 0, first_row = 0;
-  for (int i0 = 0; i0 < N; i0 += nt) {
-    const int i = i0 + tid;
-    const bool valid = i < N && !(m && m[i]);
-    int total;
-    const int incl = block_inclusive_scan(valid ? 1 : 0, ibuf, total);
-    if (valid) {
-      const int j = L + incl - 1;
-      cidx[j] = i;
-      hb[j] = __ldcg(a.z + off + i);  // written by other blocks: read from L2
-    } else if (i < N) {
-      a.info_out[off + i] = 0.f;
-      a.smoothed_out[off + i] = 0.f;
-      a.region_out[off + i] = -1;
-    }
-    if (a.row_breaks && i0 < a.W) first_row += __syncthreads_count(valid && i < a.W);
-    L += total;
-  }
-  __syncthreads();
-
-  // 2. information
-  float mx = -INFINITY;
-  for (int j = tid; j < L; j += nt) mx = fmaxf(mx, hb[j]);
-  mx = block_max(mx, fbuf);
-  float sum = 0.f;
-  for (int j = tid; j < L; j += nt) sum += expf(hb[j] - mx);
-  sum = block_sum(sum, fbuf);
-  for (int j = tid; j < L; j += nt) {
-    const float pt = expf(hb[j] - mx) / sum + 1e-8f;
-    const float h = -pt * log2f(pt);
-    hb[j] = h;
-    a.info_out[off + cidx[j]] = h;
-  }
-  __syncthreads();
-
-  // 3. smoothing
-  for (int j = tid; j < L; j += nt) {
-    const float s = smooth_at(hb, taps, j, L, T);
-    sb[j] = s;
-    a.smoothed_out[off + cidx[j]] = s;
-  }
-  __syncthreads();
-
-  // 4. curvature, step, region starts, region ids (kept in hb as ints)
+  // 1-4. compaction, information, smoothing, region ids (kept in hb as ints)
+  int first_row;
+  const int L = compact_image(
+      N, m, a.row_breaks != 0, a.W,
+      [&](int i) { return __ldcg(a.z + off + i); },  // written by other blocks: read from L2
+      cidx, hb, a.info_out + off, a.smoothed_out + off, a.region_out + off, ibuf, first_row);
+  information_in_place(hb, L, cidx, a.info_out + off, fbuf);
+  smooth_compact(hb, sb, taps, L, T, cidx, a.smoothed_out + off);
   int* rid = reinterpret_cast<int*>(hb);
-  const int width = max(first_row, 1);
-  int regions = 0;
-  for (int j0 = 0; j0 < L; j0 += nt) {
-    const int j = j0 + tid;
-    int start = 0;
-    if (j < L) {
-      if (j == 0) {
-        start = 1;
-      } else {
-        start = step_at(sb, j, L) != step_at(sb, j - 1, L);
-        if (a.row_breaks && (j % width) == 0) start = 1;
-      }
-    }
-    int total;
-    const int incl = block_inclusive_scan(start, ibuf, total);
-    if (j < L) {
-      const int r = regions + incl - 1;
-      rid[j] = r;
-      a.region_out[off + cidx[j]] = r;
-    }
-    regions += total;
-  }
+  const int regions = region_ids(sb, L, a.row_breaks != 0, max(first_row, 1), ibuf,
+                                 [&](int j, int r) {
+                                   rid[j] = r;
+                                   a.region_out[off + cidx[j]] = r;
+                                 });
   __syncthreads();
 
   // 5. per region (the thread at its first position): bounds and softmax statistics

@@ -27,16 +27,6 @@ namespace {
 
 constexpr int kFusedStaticSmem = 2048;  // taps, reduction buffers, ticket, with margin
 
-int smem_optin(int device) {
-  static int cache[64] = {0};
-  if (device >= 0 && device < 64) {
-    if (cache[device] == 0)
-      cache[device] = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    return cache[device];
-  }
-  return device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-}
-
 // Offsets into the int32 workspace `iws` and the float32 workspace `fws` (B images, N pixels).
 struct Layout {
   int64_t B, N;
@@ -164,10 +154,9 @@ std::shared_ptr<FusedPending> fused_begin(const at::Tensor& keys, const at::Tens
   p->stats = at::empty({3, B}, fopt);
   p->fws = at::empty({lay.fws_size()}, fopt);
   p->iws = at::empty({lay.iws_size()}, keys.options().dtype(at::kInt));
-  const int limit = smem_optin(keys.get_device()) - kFusedStaticSmem;
-  at::Tensor scratch;
-  if (enact::fused_forward_smem_bytes(static_cast<int>(N)) > static_cast<size_t>(limit))
-    scratch = at::empty({B, 3 * N}, fopt);
+  const int limit = dynamic_smem_limit(keys.get_device(), kFusedStaticSmem);
+  const at::Tensor scratch = scratch_if_needed(
+      enact::fused_forward_smem_bytes(static_cast<int>(N)), limit, B, 3, N, fopt);
   auto stream = c10::cuda::getCurrentCUDAStream();
   int* iw = p->iws.data_ptr<int>();
   float* fw = p->fws.data_ptr<float>();
@@ -193,7 +182,7 @@ std::shared_ptr<FusedPending> fused_begin(const at::Tensor& keys, const at::Tens
   a.rstats = fw + lay.rstats();
   a.counter = iw + lay.counter();
   a.rmax = iw + lay.rmax();
-  a.scratch = scratch.defined() ? scratch.data_ptr<float>() : nullptr;
+  a.scratch = float_ptr_or_null(scratch);
   a.B = static_cast<int>(B);
   a.N = static_cast<int>(N);
   a.sigma = static_cast<int>(sigma);
@@ -240,27 +229,16 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     int* iw = p->iws.data_ptr<int>();
     float* fw = p->fws.data_ptr<float>();
     enact::ClusterFwdArgs a{};
-    a.smoothed = p->smoothed.data_ptr<float>();
-    a.region_index = p->region_index.data_ptr<int64_t>();
-    a.starts = iw + lay.starts();
-    a.ends = iw + lay.ends();
-    a.stats = fw + lay.rstats();
-    a.counts = iw + lay.counts();
-    a.S = N;
+    set_regions(a, p->smoothed.data_ptr<float>(), p->region_index.data_ptr<int64_t>(),
+                iw + lay.starts(), iw + lay.ends(), fw + lay.rstats(), iw + lay.counts(), N, B, N,
+                R);
     a.kpm = kpm.data_ptr<bool>();
     a.n_tensors = n;
-    a.B = static_cast<int>(B);
-    a.N = static_cast<int>(N);
-    a.R = static_cast<int>(R);
-    const int64_t vec = 16 / xs[0].element_size();
     bool vec_all = true;
     for (int t = 0; t < n; ++t) {
-      a.x[t] = xs[t].data_ptr();
+      const bool vec = set_cluster_input(a, t, xs[t]);
       a.out[t] = outs[t].data_ptr();
-      a.x_row_stride[t] = xs[t].stride(1);
-      a.x_batch_stride[t] = xs[t].stride(0);
-      a.d[t] = static_cast<int>(xs[t].size(2));
-      vec_all = vec_all && vec_ok(xs[t], vec) && aligned16(outs[t]);
+      vec_all = vec_all && vec && aligned16(outs[t]);
     }
     ENACT_CHECK_CUDA(enact::cluster_forward(a, dtype_of(xs[0]), vec_all,
                                             c10::cuda::getCurrentCUDAStream()));
@@ -321,40 +299,28 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     const float* fw = fws.data_ptr<float>();
 
     enact::ClusterBwdArgs a{};
-    a.smoothed = smoothed.data_ptr<float>();
-    a.region_index = region_index.data_ptr<int64_t>();
-    a.starts = iw + lay.starts();
-    a.ends = iw + lay.ends();
-    a.stats = fw + lay.rstats();
-    a.counts = iw + lay.counts();
-    a.S = N;
+    set_regions(a, smoothed.data_ptr<float>(), region_index.data_ptr<int64_t>(),
+                iw + lay.starts(), iw + lay.ends(), fw + lay.rstats(), iw + lay.counts(), N, B, N,
+                R);
     a.dots = bw;
     a.grad_sm = gsm;
     a.zero_ptr = acc;
     a.zero_n = static_cast<int>(d + 1);
     a.n_tensors = n;
-    a.B = static_cast<int>(B);
-    a.N = static_cast<int>(N);
-    a.R = static_cast<int>(R);
-    const int64_t vec = 16 / xs[0].element_size();
     bool vec_all = true;
     for (int t = 0; t < n; ++t) {
+      const bool vec = set_cluster_input(a, t, xs[t]);
       a.g[t] = gs[t].data_ptr();
-      a.x[t] = xs[t].data_ptr();
       a.gx[t] = gxs[t].data_ptr();
-      a.x_row_stride[t] = xs[t].stride(1);
-      a.x_batch_stride[t] = xs[t].stride(0);
-      a.d[t] = static_cast<int>(xs[t].size(2));
-      vec_all = vec_all && vec_ok(xs[t], vec) && aligned16(gs[t]) && aligned16(gxs[t]);
+      vec_all = vec_all && vec && aligned16(gs[t]) && aligned16(gxs[t]);
     }
     ENACT_CHECK_CUDA(enact::cluster_backward(a, dtype_of(xs[0]), vec_all, false, true, stream));
 
     // grad z from grad smoothed: the information kernel's backward (mode 0 = from logits)
-    const int limit = smem_optin(keys_in.get_device()) - kFusedStaticSmem;
-    at::Tensor scratch;
-    if (enact::info_backward_smem_bytes(static_cast<int>(N), static_cast<int>(sigma)) >
-        static_cast<size_t>(limit))
-      scratch = at::empty({B, 4 * N}, fws.options());
+    const int limit = dynamic_smem_limit(keys_in.get_device(), kFusedStaticSmem);
+    const at::Tensor scratch = scratch_if_needed(
+        enact::info_backward_smem_bytes(static_cast<int>(N), static_cast<int>(sigma)), limit, B,
+        4, N, fws.options());
     const at::Tensor mask = ctx->saved_data["mask"].toTensor();
     enact::InfoBwdArgs ib{};
     ib.x = fw + lay.z();
@@ -362,7 +328,7 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     ib.grad_info = nullptr;
     ib.grad_sm = gsm;
     ib.grad_x = gz;
-    ib.scratch = scratch.defined() ? scratch.data_ptr<float>() : nullptr;
+    ib.scratch = float_ptr_or_null(scratch);
     ib.B = static_cast<int>(B);
     ib.N = static_cast<int>(N);
     ib.sigma = static_cast<int>(sigma);

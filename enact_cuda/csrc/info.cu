@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(kInfoThreads) info_fwd_kernel(InfoFwdArgs a) {
   __shared__ float fbuf[32];
   __shared__ int ibuf[32];
 
-  const int b = blockIdx.x, N = a.N, tid = threadIdx.x, nt = blockDim.x;
+  const int b = blockIdx.x, N = a.N;
   const int T = 3 * a.sigma;
   float* base = a.scratch ? a.scratch + static_cast<int64_t>(b) * 3 * N
                           : reinterpret_cast<float*>(dyn_smem4);
@@ -41,72 +41,14 @@ __global__ void __launch_bounds__(kInfoThreads) info_fwd_kernel(InfoFwdArgs a) {
 
   make_taps(taps, a.sigma);
 
-  // 1. compaction (+ padding outputs, + valid pixels of the first row for row breaks)
-  int L = 0, first_row = 0;
-  for (int i0 = 0; i0 < N; i0 += nt) {
-    const int i = i0 + tid;
-    const bool valid = i < N && !(m && m[i]);
-    int total;
-    const int incl = block_inclusive_scan(valid ? 1 : 0, ibuf, total);
-    if (valid) {
-      const int j = L + incl - 1;
-      cidx[j] = i;
-      hb[j] = x[i];
-    } else if (i < N) {
-      if (info_out) info_out[i] = 0.f;
-      sm_out[i] = 0.f;
-      reg_out[i] = -1;
-    }
-    if (a.row_breaks && i0 < a.W) first_row += __syncthreads_count(valid && i < a.W);
-    L += total;
-  }
-  __syncthreads();
-
-  // 2. information (mode 0)
-  if (a.mode == 0) {
-    float mx = -INFINITY;
-    for (int j = tid; j < L; j += nt) mx = fmaxf(mx, hb[j]);
-    mx = block_max(mx, fbuf);
-    float sum = 0.f;
-    for (int j = tid; j < L; j += nt) sum += expf(hb[j] - mx);
-    sum = block_sum(sum, fbuf);
-    for (int j = tid; j < L; j += nt) {
-      const float p = expf(hb[j] - mx) / sum + 1e-8f;
-      const float h = -p * log2f(p);
-      hb[j] = h;
-      info_out[cidx[j]] = h;
-    }
-    __syncthreads();
-  }
-
-  // 3. smoothing
-  for (int j = tid; j < L; j += nt) {
-    const float s = smooth_at(hb, taps, j, L, T);
-    sb[j] = s;
-    sm_out[cidx[j]] = s;
-  }
-  __syncthreads();
-
-  // 4. curvature, step, region starts, region ids
-  const int width = max(first_row, 1);
-  int regions = 0;
-  for (int j0 = 0; j0 < L; j0 += nt) {
-    const int j = j0 + tid;
-    int start = 0;
-    if (j < L) {
-      if (j == 0) {
-        start = 1;
-      } else {
-        start = step_at(sb, j, L) != step_at(sb, j - 1, L);
-        if (a.row_breaks && (j % width) == 0) start = 1;
-      }
-    }
-    int total;
-    const int incl = block_inclusive_scan(start, ibuf, total);
-    if (j < L) reg_out[cidx[j]] = regions + incl - 1;
-    regions += total;
-  }
-  if (tid == 0) a.counts_out[b] = regions;
+  int first_row;
+  const int L = compact_image(N, m, a.row_breaks != 0, a.W, [&](int i) { return x[i]; }, cidx, hb,
+                              info_out, sm_out, reg_out, ibuf, first_row);
+  if (a.mode == 0) information_in_place(hb, L, cidx, info_out, fbuf);
+  smooth_compact(hb, sb, taps, L, T, cidx, sm_out);
+  const int regions = region_ids(sb, L, a.row_breaks != 0, max(first_row, 1), ibuf,
+                                 [&](int j, int r) { reg_out[cidx[j]] = r; });
+  if (threadIdx.x == 0) a.counts_out[b] = regions;
 }
 
 __global__ void __launch_bounds__(kInfoThreads) info_bwd_kernel(InfoBwdArgs a) {

@@ -1,6 +1,8 @@
 // Device helpers shared by the information/regions kernels (info.cu) and the fused ENACT
 // kernels (fused.cu): the paper's Gaussian taps, the same-length zero-padded smoothing of a
-// compact sequence, and the curvature step.
+// compact sequence, the curvature step, and the block-wide steps of the per-image forward
+// (compaction of the valid pixels, information, smoothing, region ids), run by one whole block
+// per image on the compact sequence of its valid pixels.
 #pragma once
 
 #include "common.cuh"
@@ -36,6 +38,97 @@ __device__ __forceinline__ bool step_at(const float* s, int j, int L) {
   const float right = j + 1 < L ? s[j + 1] : 0.f;
   const float c = __fsub_rn(__fsub_rn(2.f * s[j], left), right);
   return c > 0.f;
+}
+
+// Step 1 (block-wide): compact one image's valid pixels (m: its padding mask or null):
+// cidx[j] = pixel, hb[j] = load(pixel) for j < L; padding pixels get information 0 (info_out
+// may be null), smoothed 0 and region -1. Returns L; first_row = valid pixels of the first
+// image row (W pixels wide; counted with row_breaks only). Ends with a __syncthreads.
+template <typename Load>
+__device__ __forceinline__ int compact_image(int N, const bool* m, bool row_breaks, int W,
+                                             Load load, int* cidx, float* hb, float* info_out,
+                                             float* sm_out, int64_t* reg_out, int* ibuf,
+                                             int& first_row) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  int L = 0;
+  first_row = 0;
+  for (int i0 = 0; i0 < N; i0 += nt) {
+    const int i = i0 + tid;
+    const bool valid = i < N && !(m && m[i]);
+    int total;
+    const int incl = block_inclusive_scan(valid ? 1 : 0, ibuf, total);
+    if (valid) {
+      const int j = L + incl - 1;
+      cidx[j] = i;
+      hb[j] = load(i);
+    } else if (i < N) {
+      if (info_out) info_out[i] = 0.f;
+      sm_out[i] = 0.f;
+      reg_out[i] = -1;
+    }
+    if (row_breaks && i0 < W) first_row += __syncthreads_count(valid && i < W);
+    L += total;
+  }
+  __syncthreads();
+  return L;
+}
+
+// Step 2 (block-wide): the information of the compact logits hb[0, L) in place,
+// p = softmax(hb) + 1e-8, hb = -p log2 p, also written to out[cidx[j]]. Ends synced.
+__device__ __forceinline__ void information_in_place(float* hb, int L, const int* cidx,
+                                                     float* out, float* fbuf) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  float mx = -INFINITY;
+  for (int j = tid; j < L; j += nt) mx = fmaxf(mx, hb[j]);
+  mx = block_max(mx, fbuf);
+  float sum = 0.f;
+  for (int j = tid; j < L; j += nt) sum += expf(hb[j] - mx);
+  sum = block_sum(sum, fbuf);
+  for (int j = tid; j < L; j += nt) {
+    const float p = expf(hb[j] - mx) / sum + 1e-8f;
+    const float h = -p * log2f(p);
+    hb[j] = h;
+    out[cidx[j]] = h;
+  }
+  __syncthreads();
+}
+
+// Step 3 (block-wide): sb = gauss * hb (compact, T = 3 sigma), also written to out[cidx[j]].
+// Ends synced.
+__device__ __forceinline__ void smooth_compact(const float* hb, float* sb, const float* taps,
+                                               int L, int T, const int* cidx, float* out) {
+  for (int j = threadIdx.x; j < L; j += blockDim.x) {
+    const float s = smooth_at(hb, taps, j, L, T);
+    sb[j] = s;
+    out[cidx[j]] = s;
+  }
+  __syncthreads();
+}
+
+// Step 4 (block-wide): regions = runs of equal curvature step of the smoothed sb[0, L) (with
+// row_breaks also a new region at every multiple of width); store(j, region id) for every
+// compact position. Returns the number of regions (the same in every thread).
+template <typename Store>
+__device__ __forceinline__ int region_ids(const float* sb, int L, bool row_breaks, int width,
+                                          int* ibuf, Store store) {
+  int regions = 0;
+  for (int j0 = 0; j0 < L; j0 += blockDim.x) {
+    const int j = j0 + threadIdx.x;
+    int start = 0;
+    if (j < L) {
+      if (j == 0) {
+        start = 1;
+      } else {
+        start = step_at(sb, j, L) != step_at(sb, j - 1, L);
+        if (row_breaks && (j % width) == 0) start = 1;
+      }
+    }
+    int total;
+    const int incl = block_inclusive_scan(start, ibuf, total);
+    if (j < L) store(j, regions + incl - 1);
+    regions += total;
+  }
+  return regions;
 }
 
 }  // namespace enact
