@@ -75,23 +75,15 @@ __global__ void __launch_bounds__(kInfoThreads) info_bwd_kernel(InfoBwdArgs a) {
 
   make_taps(taps, a.sigma);
 
-  int L = 0;
-  for (int i0 = 0; i0 < N; i0 += nt) {
-    const int i = i0 + tid;
-    const bool valid = i < N && !(m && m[i]);
-    int total;
-    const int incl = block_inclusive_scan(valid ? 1 : 0, ibuf, total);
-    if (valid) {
-      const int j = L + incl - 1;
-      cidx[j] = i;
-      xb[j] = x[i];
-      gsb[j] = g_sm ? g_sm[i] : 0.f;
-    } else if (i < N) {
-      gx[i] = 0.f;
-    }
-    L += total;
-  }
-  __syncthreads();
+  int first_row;  // unused: the backward needs no row breaks
+  const int L = compact_pixels(
+      N, m, false, 0, ibuf, first_row,
+      [&](int j, int i) {
+        cidx[j] = i;
+        xb[j] = x[i];
+        gsb[j] = g_sm ? g_sm[i] : 0.f;
+      },
+      [&](int i) { gx[i] = 0.f; });
 
   if (a.mode == 1) {  // regions from information: grad information = adjoint of smoothing
     for (int j = tid; j < L; j += nt) gx[cidx[j]] = g_sm ? smooth_at(gsb, taps, j, L, T) : 0.f;

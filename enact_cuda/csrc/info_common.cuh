@@ -40,37 +40,52 @@ __device__ __forceinline__ bool step_at(const float* s, int j, int L) {
   return c > 0.f;
 }
 
-// Step 1 (block-wide): compact one image's valid pixels (m: its padding mask or null):
-// cidx[j] = pixel, hb[j] = load(pixel) for j < L; padding pixels get information 0 (info_out
-// may be null), smoothed 0 and region -1. Returns L; first_row = valid pixels of the first
-// image row (W pixels wide; counted with row_breaks only). Ends with a __syncthreads.
-template <typename Load>
-__device__ __forceinline__ int compact_image(int N, const bool* m, bool row_breaks, int W,
-                                             Load load, int* cidx, float* hb, float* info_out,
-                                             float* sm_out, int64_t* reg_out, int* ibuf,
-                                             int& first_row) {
+// Step 1 (block-wide): compaction of one image's valid pixels (m: its padding mask or null) in
+// raster order: valid(j, pixel) for compact position j < L, padding(pixel) for the others.
+// Returns L; first_row = valid pixels of the first image row (W pixels wide; counted with
+// row_breaks only). Ends with a __syncthreads.
+template <typename Valid, typename Padding>
+__device__ __forceinline__ int compact_pixels(int N, const bool* m, bool row_breaks, int W,
+                                              int* ibuf, int& first_row, Valid valid,
+                                              Padding padding) {
   const int tid = threadIdx.x, nt = blockDim.x;
   int L = 0;
   first_row = 0;
   for (int i0 = 0; i0 < N; i0 += nt) {
     const int i = i0 + tid;
-    const bool valid = i < N && !(m && m[i]);
+    const bool ok = i < N && !(m && m[i]);
     int total;
-    const int incl = block_inclusive_scan(valid ? 1 : 0, ibuf, total);
-    if (valid) {
-      const int j = L + incl - 1;
-      cidx[j] = i;
-      hb[j] = load(i);
+    const int incl = block_inclusive_scan(ok ? 1 : 0, ibuf, total);
+    if (ok) {
+      valid(L + incl - 1, i);
     } else if (i < N) {
-      if (info_out) info_out[i] = 0.f;
-      sm_out[i] = 0.f;
-      reg_out[i] = -1;
+      padding(i);
     }
-    if (row_breaks && i0 < W) first_row += __syncthreads_count(valid && i < W);
+    if (row_breaks && i0 < W) first_row += __syncthreads_count(ok && i < W);
     L += total;
   }
   __syncthreads();
   return L;
+}
+
+// Step 1 of the forward: cidx[j] = pixel, hb[j] = load(pixel); padding pixels get information
+// 0 (info_out may be null), smoothed 0 and region -1.
+template <typename Load>
+__device__ __forceinline__ int compact_image(int N, const bool* m, bool row_breaks, int W,
+                                             Load load, int* cidx, float* hb, float* info_out,
+                                             float* sm_out, int64_t* reg_out, int* ibuf,
+                                             int& first_row) {
+  return compact_pixels(
+      N, m, row_breaks, W, ibuf, first_row,
+      [&](int j, int i) {
+        cidx[j] = i;
+        hb[j] = load(i);
+      },
+      [&](int i) {
+        if (info_out) info_out[i] = 0.f;
+        sm_out[i] = 0.f;
+        reg_out[i] = -1;
+      });
 }
 
 // Step 2 (block-wide): the information of the compact logits hb[0, L) in place,
