@@ -1,10 +1,12 @@
 #!/bin/bash
-# Accuracy parity of the three detectors on one multi-GPU machine, all six runs at once, then
+# Accuracy parity of the three detectors on the GPUs of one machine, all six runs at once, then
 # one report over the six runs (benchmarks/results/accuracy_parity_<gpu>.*).
 #   6 or more GPUs: one run per GPU.
 #   4 or 5 GPUs: Anchor DETR plain / ENACT alone on GPUs 2 / 3; DETR and Conditional DETR share
 #   GPUs 0 and 1 in crossed pairs (each of these GPUs holds one plain and one ENACT run, so both
 #   variants of a detector have the same kind of neighbour).
+#   1 to 3 GPUs: each detector's plain and ENACT runs share one GPU (detector i on GPU i mod
+#   GPUS), so the two variants always train side by side under the same load.
 # Each run gets MINUTES of its own training loop (start-up and evaluation excluded).
 #
 #   MINUTES=6 STOP=7.8 bash benchmarks/accuracy_parity_multi_gpu.sh   # fits a 10-minute limit
@@ -15,6 +17,7 @@
 # RESULTS: folder of the report (default benchmarks/results). EXTRA: main.py flags of every
 # run (set but empty: none). PARITY_FLAGS: more accuracy_parity.py flags (e.g. "--tiny
 # --device cpu" for a smoke run). GPUS: how many GPUs to use (default: all that torch sees).
+# WORKERS: data-loading workers per run (default: the cores / 6, 1 to 8).
 set -u
 START=$(date +%s)
 cd "$(dirname "$0")/.."
@@ -25,16 +28,18 @@ RESULTS=${RESULTS:-benchmarks/results}
 EXTRA=${EXTRA---backbone resnet18 --batch_size 16 --lr 1e-4 --lr_backbone 1e-4}
 read -r -a PARITY <<< "${PARITY_FLAGS:-}"
 GPUS=${GPUS:-$(python -c 'import torch; print(torch.cuda.device_count())')}
-if [ "$GPUS" -lt 4 ]; then
-  echo "accuracy_parity_multi_gpu.sh: needs 4 or more GPUs, found $GPUS" \
-       "(one GPU: python benchmarks/accuracy_parity.py --minutes N)" >&2
+if [ "$GPUS" -lt 1 ]; then
+  echo "accuracy_parity_multi_gpu.sh: needs a GPU, found none" \
+       "(CPU smoke run: GPUS=1 PARITY_FLAGS='--tiny --device cpu')" >&2
   exit 2
 fi
 mkdir -p "$OUT"
 if python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   python -m enact_cuda.build | tail -n 1  # compile once, not in six processes at once
 fi
-COMMON=(--minutes "$MINUTES" --out "$OUT" --num_workers 8 --extra "$EXTRA" "${PARITY[@]}")
+# data-loading workers per run: the machine's cores shared by the six runs (at most 8 each)
+WORKERS=${WORKERS:-$(python -c 'import os; print(max(1, min(8, os.cpu_count() // 6)))')}
+COMMON=(--minutes "$MINUTES" --out "$OUT" --num_workers "$WORKERS" --extra "$EXTRA" "${PARITY[@]}")
 python benchmarks/accuracy_parity.py "${COMMON[@]}" --prepare_only  # the shapes data, once
 # what is left of STOP once the build and the data are done
 STOP_RUNS=$(python -c "import time; print(max(0.05, $STOP - (time.time() - $START) / 60))")
@@ -46,8 +51,15 @@ run() {  # gpu detector variant
 if [ "$GPUS" -ge 6 ]; then
   run 0 detr plain & run 1 detr enact & run 2 conditional_detr plain &
   run 3 conditional_detr enact & run 4 anchor_detr plain & run 5 anchor_detr enact & wait
-else
+elif [ "$GPUS" -ge 4 ]; then
   run 0 detr plain & run 1 detr enact & run 1 conditional_detr plain &
   run 0 conditional_detr enact & run 2 anchor_detr plain & run 3 anchor_detr enact & wait
+else
+  i=0
+  for detector in detr conditional_detr anchor_detr; do
+    gpu=$((i % GPUS)); i=$((i + 1))
+    run $gpu $detector plain & run $gpu $detector enact &
+  done
+  wait
 fi
 python benchmarks/accuracy_parity.py "${COMMON[@]}" --report_only --results "$RESULTS"

@@ -37,6 +37,10 @@ def _check_inputs(x: torch.Tensor, key_padding_mask, hw, who: str):
                          f"!= (B, N) = {(B, N)}")
 
 
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 class _ENACTRegions(nn.Module):
     """Shared part: W_prob, information, smoothing, regions, clustering, statistics."""
 
@@ -65,6 +69,12 @@ class _ENACTRegions(nn.Module):
         R = N cluster rows, zero and masked beyond each image's count, and no read of R_max
         (nothing waits for the GPU) — for no-grad forwards whose attention cost follows the mask.
         """
+        # The fused kernels read rows of unit stride; a flattened (B, d, H, W) feature map
+        # transposed to (B, N, d) (layer 0 of DETR) is copied once here rather than falling
+        # back to the unfused path and its blocking R_max read. `is` identity is kept.
+        unit = _unit_stride(info_keys)
+        tensors = tuple(unit if t is info_keys else _unit_stride(t) for t in tensors)
+        info_keys = unit
         backend = resolve_impl(self.impl, info_keys, *tensors)
         cb = cuda_backend_or_reason()[0] if backend == "cuda" else None
         if cb is not None and cb.fused_supported(info_keys, tensors, self.sigma):

@@ -76,6 +76,25 @@ def count_kernel_calls(monkeypatch):
     return calls
 
 
+def record_clustering_paths(monkeypatch):
+    """-> list that records each ENACT clustering call: ("fused", read_rmax) for the fused
+    path, ("unfused", None) for the unfused CUDA one (which blocks on R_max in every mode)."""
+    import enact_cuda.cuda_backend as cb
+    paths, fused_begin, unfused = [], cb.fused_begin, cb.information_regions
+
+    def fused(*args, read_rmax=True, **kwargs):
+        paths.append(("fused", read_rmax))
+        return fused_begin(*args, read_rmax=read_rmax, **kwargs)
+
+    def regions(*args, **kwargs):
+        paths.append(("unfused", None))
+        return unfused(*args, **kwargs)
+
+    monkeypatch.setattr(cb, "fused_begin", fused)
+    monkeypatch.setattr(cb, "information_regions", regions)
+    return paths
+
+
 @pytest.mark.parametrize("folder", list(FOLDERS))
 def test_cuda_kernels_match_torch_backend(folder, monkeypatch):
     model_torch, model_cuda, criterion, batch = torch_and_cuda_models(folder, 0)
@@ -83,8 +102,12 @@ def test_cuda_kernels_match_torch_backend(folder, monkeypatch):
                 "labels": torch.tensor([3], device="cuda")} for _ in range(2)]
     out_t, grads_t = loss_and_grads(model_torch, criterion, batch, targets)
     calls = count_kernel_calls(monkeypatch)
+    paths = record_clustering_paths(monkeypatch)
     out_c, grads_c = loss_and_grads(model_cuda, criterion, batch, targets)
     assert calls == [(64, 32) if folder == "Anchor-DETR-ENACT" else (32, 32)]  # one encoder layer
+    # the encoder's first layer sees the flattened feature map (a transposed view): it must
+    # still take the fused path (one R_max read, after the query projection is launched)
+    assert paths == [("fused", True)]
     assert torch.allclose(out_c["pred_logits"], out_t["pred_logits"], rtol=1e-4, atol=1e-4)
     assert torch.allclose(out_c["pred_boxes"], out_t["pred_boxes"], rtol=1e-4, atol=1e-4)
     # Some gradients are zero in exact arithmetic (e.g. the key bias, which shifts every logit
@@ -96,12 +119,14 @@ def test_cuda_kernels_match_torch_backend(folder, monkeypatch):
 
 
 @pytest.mark.parametrize("folder", list(FOLDERS))
-def test_cuda_eval_forward_matches_torch_backend(folder):
+def test_cuda_eval_forward_matches_torch_backend(folder, monkeypatch):
     """model.eval() under no_grad: the CUDA path clusters at N rows without waiting for the GPU
     (ENACT's upper-bound mode); the outputs equal the torch backend's on a padded batch."""
     model_torch, model_cuda, _, batch = torch_and_cuda_models(folder, 1)
     with torch.no_grad():
         out_t = model_torch.eval()(batch)
+        paths = record_clustering_paths(monkeypatch)
         out_c = model_cuda.eval()(batch)
+    assert paths == [("fused", False)]  # no R_max read: nothing waits for the GPU
     assert torch.allclose(out_c["pred_logits"], out_t["pred_logits"], rtol=1e-4, atol=1e-4)
     assert torch.allclose(out_c["pred_boxes"], out_t["pred_boxes"], rtol=1e-4, atol=1e-4)
