@@ -216,15 +216,22 @@ def eval_forward(model, image, amp, device):
 
 
 @torch.no_grad()
-def measure_inference(model, image, amp, device, warmup, steps, repeats=1):
-    """-> {infer_s_per_img, infer_s_per_img_repeats}: batch-1 forwards in eval mode under
-    no_grad, ``warmup`` then ``repeats`` times ``steps`` timed; the median repeat."""
-    forward = eval_forward(model, image, amp, device)
-    for _ in range(warmup):
-        forward()
+def measure_inference(models, image, amp, device, warmup, steps, repeats=1):
+    """models: {variant: model} -> {variant: {infer_s_per_img, infer_s_per_img_repeats}}:
+    batch-1 forwards in eval mode under no_grad, ``warmup`` each, then ``repeats`` rounds in
+    which every model runs ``steps`` timed forwards in turn (interleaved, so a drift of the
+    host's speed during the run hits every variant alike); the median round per variant."""
+    forwards = {v: eval_forward(m, image, amp, device) for v, m in models.items()}
+    for forward in forwards.values():
+        for _ in range(warmup):
+            forward()
     sync(device)
-    times, _ = timed_repeats(forward, steps, repeats, device)
-    return {"infer_s_per_img": statistics.median(times), "infer_s_per_img_repeats": times}
+    times = {v: [] for v in forwards}
+    for _ in range(repeats):
+        for v, forward in forwards.items():
+            times[v] += timed_repeats(forward, steps, 1, device)[0]
+    return {v: {"infer_s_per_img": statistics.median(t), "infer_s_per_img_repeats": t}
+            for v, t in times.items()}
 
 
 def cluster_counts(model):
@@ -283,8 +290,10 @@ def free_memory(device):
 
 
 def measure_row(name, variant, mode, opts, device):
-    """Build one detector variant and measure it; errors (OOM included) are recorded in the row,
-    never raised, and the row keeps what was measured before the error."""
+    """Build one detector variant and measure its training -> (row, model moved to the CPU or
+    None, batch-1 image on the CPU or None). Errors (OOM included) are recorded in the row,
+    never raised, and the row keeps what was measured before the error; the model is kept
+    (off the GPU, so later rows' peak memory does not see it) for measure_inference_group."""
     _, detector = load_detector(name)
     amp = MODES[mode]
     row = {"detector": name, "variant": variant, "mode": mode, "amp": amp,
@@ -293,6 +302,7 @@ def measure_row(name, variant, mode, opts, device):
         row["allocated_before_gib"] = torch.cuda.memory_allocated(device) / 2 ** 30
     start = time.perf_counter()
     model = criterion = optimizer = batch = targets = None
+    kept = image = None
     phase = "build"
     try:
         args = detector_args(name, variant, device, opts.tiny)
@@ -315,17 +325,13 @@ def measure_row(name, variant, mode, opts, device):
                                  args.clip_max_norm, device, opts.warmup, opts.steps,
                                  opts.repeats))
         row["clusters_train"] = cluster_counts(model)
-        if mode != "mixed":
-            phase = "inference"
-            image = pad_images([batch.images[0]])  # batch 1, no padding
-            row.update(measure_inference(model, image, amp, device, opts.infer_warmup,
-                                         opts.infer_steps, opts.repeats))
-            row["clusters_infer"] = cluster_counts(model)
         if opts.profile and mode != "mixed":
             phase = "profile"
             row["profile"], row["train_gpu_ms_per_step"] = profile_train(
                 model, criterion, optimizer, batch, targets, amp, args.clip_max_norm, device)
-            row["profile_infer"], row["infer_gpu_ms"] = profile_infer(model, image, amp, device)
+        if mode != "mixed":
+            image = pad_images([batch.images[0]]).to("cpu")  # batch 1, no padding
+            kept = model.to("cpu")
     except torch.cuda.OutOfMemoryError:
         row["error"] = "OOM" if phase in ("build", "training") else f"OOM ({phase})"
     except Exception as exc:  # keep going with the other rows
@@ -334,7 +340,38 @@ def measure_row(name, variant, mode, opts, device):
         del model, criterion, optimizer, batch, targets
         free_memory(device)
     row["wall_s"] = time.perf_counter() - start
-    return row
+    return row, kept, image
+
+
+def measure_inference_group(group, image, mode, opts, device):
+    """group: [(row, model on the CPU)] of one detector and mode (the variants) -> fills each
+    row's batch-1 inference fields (interleaved timing: measure_inference), its cluster
+    counts and, with --profile, its inference profile; errors go into the rows."""
+    start = time.perf_counter()
+    amp = MODES[mode]
+    models = {}
+    try:
+        image = image.to(device)
+        models = {row["variant"]: model.to(device) for row, model in group}
+        timed = measure_inference(models, image, amp, device, opts.infer_warmup,
+                                  opts.infer_steps, opts.repeats)
+        for row, _ in group:
+            row.update(timed[row["variant"]])
+            row["clusters_infer"] = cluster_counts(models[row["variant"]])
+            if opts.profile:
+                row["profile_infer"], row["infer_gpu_ms"] = profile_infer(
+                    models[row["variant"]], image, amp, device)
+    except torch.cuda.OutOfMemoryError:
+        for row, _ in group:
+            row["error"] = row["error"] or "OOM (inference)"
+    except Exception as exc:
+        for row, _ in group:
+            row["error"] = row["error"] or f"inference: {type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        del models, image
+        free_memory(device)
+    for row, _ in group:
+        row["wall_s"] += (time.perf_counter() - start) / len(group)
 
 
 # --------------------------------------------------------------------------- reports
@@ -366,8 +403,8 @@ def row_label(row):
     return f"{ref.DETECTOR_SHORT.get(row['detector'], row['detector'])} {backbone}".strip()
 
 
-def _clusters(row):
-    layers = row.get("clusters_train") or []
+def _clusters(row, what="train"):
+    layers = row.get(f"clusters_{what}") or []
     if not layers:
         return ""
     return " ".join(f"{c['clusters_per_img']:.0f}" for c in layers) + \
@@ -681,23 +718,40 @@ def main(argv=None):
         write_markdown(md_path, meta, rows, targets)
         return targets
 
-    for det, mode, variant in plan:
-        if opts.max_minutes is not None and time.perf_counter() - run_start > 60 * opts.max_minutes:
-            rows.append({"detector": det, "variant": variant, "mode": mode,
-                         "train_s_per_img": None, "peak_gib": None, "infer_s_per_img": None,
-                         "error": f"skipped (--max_minutes {opts.max_minutes:g})"})
-            continue
-        row = measure_row(det, variant, mode, opts, device)
-        rows.append(row)
-        layers = row.get("clusters_train") or []
-        print(f"{det:<17} {mode:<5} {variant:<12} train {_num(row['train_s_per_img'], '.4f')} "
-              f"s/img  peak {_num(row['peak_gib'], '.2f')} GiB  infer "
-              f"{_num(row['infer_s_per_img'], '.4f')} s/img"
-              + (f"  clusters/img per layer: {_clusters(row)}" if layers else "")
+    def show(row, what):
+        layers = row.get(f"clusters_{what}") or []
+        value = (f"train {_num(row['train_s_per_img'], '.4f')} s/img  peak "
+                 f"{_num(row['peak_gib'], '.2f')} GiB" if what == "train" else
+                 f"infer {_num(row['infer_s_per_img'], '.4f')} s/img")
+        print(f"{row['detector']:<17} {row['mode']:<5} {row['variant']:<12} {value}"
+              + (f"  clusters/img per layer: {_clusters(row, what)}" if layers else "")
               + (f"  ERROR {row['error']}" if row["error"] else "")
-              + (f"  WARNING {row['warning']}" if row.get("warning") else "")
-              + f"  ({row['wall_s']:.1f} s)", flush=True)
-        write()
+              + (f"  WARNING {row['warning']}" if row.get("warning") else ""), flush=True)
+
+    for mode in modes:
+        for det in detectors:
+            group, image = [], None
+            for variant in variants:
+                if (opts.max_minutes is not None
+                        and time.perf_counter() - run_start > 60 * opts.max_minutes):
+                    rows.append({"detector": det, "variant": variant, "mode": mode,
+                                 "train_s_per_img": None, "peak_gib": None,
+                                 "infer_s_per_img": None,
+                                 "error": f"skipped (--max_minutes {opts.max_minutes:g})"})
+                    continue
+                row, model, row_image = measure_row(det, variant, mode, opts, device)
+                rows.append(row)
+                show(row, "train")
+                if model is not None:
+                    group.append((row, model))
+                    image = row_image
+                write()
+            if group:  # batch-1 inference of the variants, interleaved
+                measure_inference_group(group, image, mode, opts, device)
+                for row, _ in group:
+                    show(row, "infer")
+                del group
+                write()
 
     targets = write()
     chart = write_chart(png_path, rows, meta)

@@ -231,6 +231,32 @@ def test_bench_detectors_tiny_bf16_and_mixed(bench, tmp_path):
     assert mixed["clusters_train"][0]["pixels_per_img"] == 5
 
 
+def test_measure_inference_interleaves_the_variants(bench, monkeypatch):
+    """Every model gets its warm-up, then the timed rounds alternate between the models
+    (a, b, a, b, ...), each round `steps` forwards; the median round is reported."""
+    calls = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, image):
+            calls.append((self.name, self.training, torch.is_grad_enabled()))
+            return image
+
+    clock = iter(range(1000))  # perf_counter: +1 s per call, so each round takes 1 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    out = bench.measure_inference({"a": Probe("a"), "b": Probe("b")}, torch.zeros(1, 3, 4, 4),
+                                  "off", torch.device("cpu"), warmup=2, steps=3, repeats=2)
+    names = [c[0] for c in calls]
+    assert names == ["a"] * 2 + ["b"] * 2 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert all(not training and not grad for _, training, grad in calls)  # eval, no_grad
+    assert out["a"]["infer_s_per_img_repeats"] == [1 / 3, 1 / 3]
+    assert out["a"]["infer_s_per_img"] == pytest.approx(1 / 3)
+    assert set(out) == {"a", "b"}
+
+
 def test_bench_records_oom_and_goes_on(bench, monkeypatch, tmp_path):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
