@@ -343,35 +343,38 @@ def measure_row(name, variant, mode, opts, device):
     return row, kept, image
 
 
-def measure_inference_group(group, image, mode, opts, device):
-    """group: [(row, model on the CPU)] of one detector and mode (the variants) -> fills each
-    row's batch-1 inference fields (interleaved timing: measure_inference), its cluster
-    counts and, with --profile, its inference profile; errors go into the rows."""
+def measure_inference_group(rows, kept, image, mode, opts, device):
+    """rows: the training rows of one detector and mode; kept: {variant: model on the CPU}
+    (measure_row's) -> fills each row's batch-1 inference fields (interleaved timing:
+    measure_inference), its cluster counts and, with --profile, its inference profile; errors
+    go into the rows. Empties `kept`, so no model outlives the group on the GPU (it would add
+    to the next rows' peak memory)."""
     start = time.perf_counter()
     amp = MODES[mode]
-    models = {}
     try:
         image = image.to(device)
-        models = {row["variant"]: model.to(device) for row, model in group}
+        models = {v: m.to(device) for v, m in kept.items()}
         timed = measure_inference(models, image, amp, device, opts.infer_warmup,
                                   opts.infer_steps, opts.repeats)
-        for row, _ in group:
+        for row in rows:
+            model = models[row["variant"]]
             row.update(timed[row["variant"]])
-            row["clusters_infer"] = cluster_counts(models[row["variant"]])
+            row["clusters_infer"] = cluster_counts(model)
             if opts.profile:
-                row["profile_infer"], row["infer_gpu_ms"] = profile_infer(
-                    models[row["variant"]], image, amp, device)
+                row["profile_infer"], row["infer_gpu_ms"] = profile_infer(model, image, amp,
+                                                                          device)
     except torch.cuda.OutOfMemoryError:
-        for row, _ in group:
+        for row in rows:
             row["error"] = row["error"] or "OOM (inference)"
     except Exception as exc:
-        for row, _ in group:
+        for row in rows:
             row["error"] = row["error"] or f"inference: {type(exc).__name__}: {str(exc)[:300]}"
     finally:
-        del models, image
+        kept.clear()
+        models = model = image = None
         free_memory(device)
-    for row, _ in group:
-        row["wall_s"] += (time.perf_counter() - start) / len(group)
+    for row in rows:
+        row["wall_s"] += (time.perf_counter() - start) / len(rows)
 
 
 # --------------------------------------------------------------------------- reports
@@ -730,7 +733,7 @@ def main(argv=None):
 
     for mode in modes:
         for det in detectors:
-            group, image = [], None
+            group, kept, image = [], {}, None
             for variant in variants:
                 if (opts.max_minutes is not None
                         and time.perf_counter() - run_start > 60 * opts.max_minutes):
@@ -743,14 +746,15 @@ def main(argv=None):
                 rows.append(row)
                 show(row, "train")
                 if model is not None:
-                    group.append((row, model))
+                    group.append(row)
+                    kept[variant] = model
                     image = row_image
+                del model
                 write()
-            if group:  # batch-1 inference of the variants, interleaved
-                measure_inference_group(group, image, mode, opts, device)
-                for row, _ in group:
+            if kept:  # batch-1 inference of the variants, interleaved
+                measure_inference_group(group, kept, image, mode, opts, device)
+                for row in group:
                     show(row, "infer")
-                del group
                 write()
 
     targets = write()

@@ -257,6 +257,25 @@ def test_measure_inference_interleaves_the_variants(bench, monkeypatch):
     assert set(out) == {"a", "b"}
 
 
+def test_measure_inference_group_fills_rows_and_releases_the_models(bench):
+    import argparse
+    import gc
+    import weakref
+    model = torch.nn.Conv2d(3, 2, 1)
+    alive = weakref.ref(model)
+    rows = [{"variant": "plain_eager", "error": None, "wall_s": 1.0}]
+    kept = {"plain_eager": model}
+    opts = argparse.Namespace(infer_warmup=1, infer_steps=2, repeats=2, profile=False)
+    bench.measure_inference_group(rows, kept, torch.zeros(1, 3, 4, 4), "fp32", opts,
+                                  torch.device("cpu"))
+    del model
+    gc.collect()
+    assert kept == {} and alive() is None  # nothing outlives the group (GPU: peak memory)
+    row = rows[0]
+    assert row["error"] is None and row["infer_s_per_img"] > 0
+    assert len(row["infer_s_per_img_repeats"]) == 2 and row["clusters_infer"] == []
+
+
 def test_bench_records_oom_and_goes_on(bench, monkeypatch, tmp_path):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
