@@ -19,49 +19,38 @@ constexpr int kBQ = 64;  // queries per shared tile (dk/dv kernel)
 
 template <typename T, int E, int EV, bool DROP>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttnArgs a, DropoutParams dp) {
-  constexpr int TP = RowThreads<E>::value, BM = kThreads / TP;
-  using LayK = AttnLayout<E, TP>;
-  using LayV = AttnLayout<EV, TP>;
-  constexpr int WK = LayK::W, WV = LayV::W;
+  using P = AttnParts<E, EV>;
+  using LayK = typename P::LayK;
+  using LayV = typename P::LayV;
+  constexpr int TP = P::TP, WK = P::WK, WV = P::WV, BM = kThreads / TP;
   __shared__ __align__(16) float Ks[kBN * LayK::RS];
   __shared__ __align__(16) float Vs[kBN * LayV::RS];
 
-  const int bh = blockIdx.y, b = bh / a.H, h = bh % a.H;
+  const auto [bh, b, h, Lk] = block_head(a);
   const int tid = threadIdx.x, part = tid % TP, qi = blockIdx.x * BM + tid / TP;
   const bool active = qi < a.N;
-  const int Lk = block_key_count(a.kpm + static_cast<int64_t>(b) * a.R, a.R);
-  const T* kb = static_cast<const T*>(a.k) + b * a.sk[0] + h * a.sk[1];
-  const T* vb = static_cast<const T*>(a.v) + b * a.sv[0] + h * a.sv[1];
+  const T* kb = head_row<T>(a.k, a.sk, b, h, 0);
+  const T* vb = head_row<T>(a.v, a.sv, b, h, 0);
 
   const float c = a.scale * kLog2e;
   float q[WK], g[WV], acc[WK];
+  load_part_or_zero<T, WK>(active, head_row<T>(a.q, a.sq, b, h, qi) + part * WK, q);
+  load_part_or_zero<T, WV>(active, head_row<T>(a.dout, a.sdo, b, h, qi) + part * WV, g);
   float D = 0.f, lse2 = 0.f;
   if (active) {
-    load_part<T, WK>(static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1] + qi * a.sq[2] +
-                         part * WK, q);
-    load_part<T, WV>(static_cast<const T*>(a.dout) + b * a.sdo[0] + h * a.sdo[1] +
-                         qi * a.sdo[2] + part * WV, g);
     float o[WV];  // D = <dO, O>
-    load_part<T, WV>(static_cast<const T*>(a.o) + b * a.so[0] + h * a.so[1] + qi * a.so[2] +
-                         part * WV, o);
+    load_part<T, WV>(head_row<T>(a.o, a.so, b, h, qi) + part * WV, o);
 #pragma unroll
     for (int e = 0; e < WV; ++e) D = fmaf(g[e], o[e], D);
-    lse2 = a.lse[static_cast<int64_t>(bh) * a.N + qi] * kLog2e;
-  } else {
-#pragma unroll
-    for (int e = 0; e < WK; ++e) q[e] = 0.f;
-#pragma unroll
-    for (int e = 0; e < WV; ++e) g[e] = 0.f;
+    lse2 = a.lse[query_row(a, bh, qi)] * kLog2e;
   }
   D = finish_dot<TP>(D);
-  if (active && part == 0) a.delta[static_cast<int64_t>(bh) * a.N + qi] = D;
+  if (active && part == 0) a.delta[query_row(a, bh, qi)] = D;
 #pragma unroll
-  for (int e = 0; e < WK; ++e) {
-    q[e] *= c;
-    acc[e] = 0.f;
-  }
+  for (int e = 0; e < WK; ++e) q[e] *= c;
+  fill<WK>(acc, 0.f);
   uint32_t rk = 0;
-  if (DROP) rk = dropout_row_key(a.seed, static_cast<uint64_t>(bh) * a.N + qi);
+  if (DROP) rk = dropout_row_key(a.seed, static_cast<uint64_t>(query_row(a, bh, qi)));
 
   for (int kt = 0; kt < Lk; kt += kBN) {
     const int nk = min(kBN, Lk - kt);
@@ -81,23 +70,21 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttnArgs a, Dropo
     __syncthreads();
   }
   if (!active) return;
-  store_part<T, WK>(static_cast<T*>(a.dq) + b * a.sdq[0] + h * a.sdq[1] + qi * a.sdq[2] +
-                        part * WK, acc, a.scale);
+  store_part<T, WK>(head_row_out<T>(a.dq, a.sdq, b, h, qi) + part * WK, acc, a.scale);
 }
 
 template <typename T, int E, int EV, bool DROP>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttnArgs a, DropoutParams dp) {
-  constexpr int TP = RowThreads<E>::value, BK = kThreads / TP;
-  using LayK = AttnLayout<E, TP>;
-  using LayV = AttnLayout<EV, TP>;
-  constexpr int WK = LayK::W, WV = LayV::W;
+  using P = AttnParts<E, EV>;
+  using LayK = typename P::LayK;
+  using LayV = typename P::LayV;
+  constexpr int TP = P::TP, WK = P::WK, WV = P::WV, BK = kThreads / TP;
   __shared__ __align__(16) float Qs[kBQ * LayK::RS];
   __shared__ __align__(16) float Gs[kBQ * LayV::RS];
   __shared__ float Ls[kBQ];
   __shared__ float Ds[kBQ];
 
-  const int bh = blockIdx.y, b = bh / a.H, h = bh % a.H;
-  const int Lk = block_key_count(a.kpm + static_cast<int64_t>(b) * a.R, a.R);
+  const auto [bh, b, h, Lk] = block_head(a);
   const int k0 = blockIdx.x * BK;
   if (k0 >= Lk) return;  // block-uniform
   const int tid = threadIdx.x, part = tid % TP, kj = k0 + tid / TP;
@@ -105,31 +92,24 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttnArgs a, Dro
 
   float kr[WK], vr[WV], dk[WK], dv[WV];
   if (active) {
-    load_part<T, WK>(static_cast<const T*>(a.k) + b * a.sk[0] + h * a.sk[1] + kj * a.sk[2] +
-                         part * WK, kr);
-    load_part<T, WV>(static_cast<const T*>(a.v) + b * a.sv[0] + h * a.sv[1] + kj * a.sv[2] +
-                         part * WV, vr);
+    load_part<T, WK>(head_row<T>(a.k, a.sk, b, h, kj) + part * WK, kr);
+    load_part<T, WV>(head_row<T>(a.v, a.sv, b, h, kj) + part * WV, vr);
   } else {
-#pragma unroll
-    for (int e = 0; e < WK; ++e) kr[e] = 0.f;
-#pragma unroll
-    for (int e = 0; e < WV; ++e) vr[e] = 0.f;
+    fill<WK>(kr, 0.f);
+    fill<WV>(vr, 0.f);
   }
   const float c = a.scale * kLog2e;
 #pragma unroll
-  for (int e = 0; e < WK; ++e) {
-    kr[e] *= c;
-    dk[e] = 0.f;
-  }
-#pragma unroll
-  for (int e = 0; e < WV; ++e) dv[e] = 0.f;
+  for (int e = 0; e < WK; ++e) kr[e] *= c;
+  fill<WK>(dk, 0.f);
+  fill<WV>(dv, 0.f);
 
   const int per = ((a.N + a.nsplit - 1) / a.nsplit + kBQ - 1) / kBQ * kBQ;
   const int qs = blockIdx.z * per, qe = min(a.N, qs + per);
-  const T* qb = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1];
-  const T* gb = static_cast<const T*>(a.dout) + b * a.sdo[0] + h * a.sdo[1];
-  const float* lse_b = a.lse + static_cast<int64_t>(bh) * a.N;
-  const float* del_b = a.delta + static_cast<int64_t>(bh) * a.N;
+  const T* qb = head_row<T>(a.q, a.sq, b, h, 0);
+  const T* gb = head_row<T>(a.dout, a.sdo, b, h, 0);
+  const float* lse_b = a.lse + query_row(a, bh, 0);
+  const float* del_b = a.delta + query_row(a, bh, 0);
 
   for (int qt = qs; qt < qe; qt += kBQ) {
     const int nq = min(kBQ, qe - qt);
@@ -149,8 +129,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttnArgs a, Dro
       const float p = exp2f(s - Ls[i]);
       float pd = p, dpj = dpr;
       if (DROP) {
-        const bool keep = dropout_keep(dropout_row_key(a.seed, static_cast<uint64_t>(bh) * a.N + qt + i),
-                                       kj, dp.threshold);
+        const bool keep = dropout_keep(
+            dropout_row_key(a.seed, static_cast<uint64_t>(query_row(a, bh, qt + i))), kj,
+            dp.threshold);
         pd = keep ? p * dp.inv_keep : 0.f;
         dpj = keep ? dpr * dp.inv_keep : 0.f;
       }

@@ -34,6 +34,16 @@ struct RowThreads {
   static constexpr int value = E / 32;
 };
 
+// The register layout of one kernel instantiation: TP threads per row (q / k head dim E), each
+// holding WK floats of a q / k row and WV floats of a value row (head dim EV).
+template <int E, int EV>
+struct AttnParts {
+  static constexpr int TP = RowThreads<E>::value;
+  using LayK = AttnLayout<E, TP>;
+  using LayV = AttnLayout<EV, TP>;
+  static constexpr int WK = LayK::W, WV = LayV::W;
+};
+
 // Number of keys of image b: the index of the first True of its key padding mask row (the
 // mask is a suffix, so keys [0, count) exist), by binary search: every thread computes the
 // same answer from log2(R) broadcast reads, so R may be a generous upper bound (e.g. N).
@@ -44,6 +54,38 @@ __device__ __forceinline__ int block_key_count(const bool* __restrict__ kpm_row,
     if (kpm_row[mid]) hi = mid; else lo = mid + 1;
   }
   return lo;
+}
+
+// This block's (image, head): blockIdx.y = b * H + h, and the image's key (cluster) count.
+struct BlockHead {
+  int bh, b, h, Lk;
+};
+__device__ __forceinline__ BlockHead block_head(const AttnArgs& a) {
+  const int bh = blockIdx.y, b = bh / a.H;
+  return {bh, b, bh % a.H, block_key_count(a.kpm + static_cast<int64_t>(b) * a.R, a.R)};
+}
+
+// Index of query row i of head bh in the (B, H, N) per-row arrays (lse, delta, dropout rows).
+__device__ __forceinline__ int64_t query_row(const AttnArgs& a, int bh, int i) {
+  return static_cast<int64_t>(bh) * a.N + i;
+}
+
+// Row `row` of head (b, h) of a (B, H, L, e) tensor with strides s of (B, H, L), as T.
+template <typename T>
+__device__ __forceinline__ const T* head_row(const void* base, const int64_t (&s)[3], int b,
+                                             int h, int row) {
+  return static_cast<const T*>(base) + b * s[0] + h * s[1] + row * s[2];
+}
+template <typename T>
+__device__ __forceinline__ T* head_row_out(void* base, const int64_t (&s)[3], int b, int h,
+                                           int row) {
+  return static_cast<T*>(base) + b * s[0] + h * s[1] + row * s[2];
+}
+
+template <int W>
+__device__ __forceinline__ void fill(float (&x)[W], float value) {
+#pragma unroll
+  for (int e = 0; e < W; ++e) x[e] = value;
 }
 
 // W consecutive elements (one part of a row) -> registers as float. p 16-byte aligned.
@@ -58,6 +100,14 @@ __device__ __forceinline__ void load_part(const T* __restrict__ p, float (&x)[W]
 #pragma unroll
     for (int v = 0; v < V; ++v) x[c * V + v] = tmp[v];
   }
+}
+
+// The same for an existing row (active), zeros for a thread past the last row.
+template <typename T, int W>
+__device__ __forceinline__ void load_part_or_zero(bool active, const T* __restrict__ p,
+                                                  float (&x)[W]) {
+  if (active) load_part<T, W>(p, x);
+  else fill<W>(x, 0.f);
 }
 
 template <typename T, int W>

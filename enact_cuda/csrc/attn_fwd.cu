@@ -15,37 +15,28 @@ constexpr int kKC = 16;  // keys per online-softmax step
 
 template <typename T, int E, int EV, bool DROP>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a, DropoutParams dp) {
-  constexpr int TP = RowThreads<E>::value, BM = kThreads / TP;
-  using LayK = AttnLayout<E, TP>;
-  using LayV = AttnLayout<EV, TP>;
-  constexpr int WK = LayK::W, WV = LayV::W;
+  using P = AttnParts<E, EV>;
+  using LayK = typename P::LayK;
+  using LayV = typename P::LayV;
+  constexpr int TP = P::TP, WK = P::WK, WV = P::WV, BM = kThreads / TP;
   __shared__ __align__(16) float Ks[kBN * LayK::RS];
   __shared__ __align__(16) float Vs[kBN * LayV::RS];
 
-  const int bh = blockIdx.y, b = bh / a.H, h = bh % a.H;
+  const auto [bh, b, h, Lk] = block_head(a);
   const int tid = threadIdx.x, part = tid % TP, qi = blockIdx.x * BM + tid / TP;
   const bool active = qi < a.N;
-  const int Lk = block_key_count(a.kpm + static_cast<int64_t>(b) * a.R, a.R);
-
-  const T* kb = static_cast<const T*>(a.k) + b * a.sk[0] + h * a.sk[1];
-  const T* vb = static_cast<const T*>(a.v) + b * a.sv[0] + h * a.sv[1];
+  const T* kb = head_row<T>(a.k, a.sk, b, h, 0);
+  const T* vb = head_row<T>(a.v, a.sv, b, h, 0);
 
   const float c = a.scale * kLog2e;  // scores in log2 units
   float q[WK], o[WV];
-  if (active) {
-    load_part<T, WK>(static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1] + qi * a.sq[2] +
-                         part * WK, q);
-  } else {
-#pragma unroll
-    for (int e = 0; e < WK; ++e) q[e] = 0.f;
-  }
+  load_part_or_zero<T, WK>(active, head_row<T>(a.q, a.sq, b, h, qi) + part * WK, q);
 #pragma unroll
   for (int e = 0; e < WK; ++e) q[e] *= c;
-#pragma unroll
-  for (int e = 0; e < WV; ++e) o[e] = 0.f;
+  fill<WV>(o, 0.f);
   float m = -INFINITY, l = 0.f;
   uint32_t rk = 0;
-  if (DROP) rk = dropout_row_key(a.seed, static_cast<uint64_t>(bh) * a.N + qi);
+  if (DROP) rk = dropout_row_key(a.seed, static_cast<uint64_t>(query_row(a, bh, qi)));
 
   for (int kt = 0; kt < Lk; kt += kBN) {
     const int nk = min(kBN, Lk - kt);
@@ -83,10 +74,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a, DropoutP
 
   if (!active) return;
   const float inv = Lk > 0 ? 1.f / l : 0.f;
-  store_part<T, WV>(static_cast<T*>(a.o_mut) + b * a.so[0] + h * a.so[1] + qi * a.so[2] +
-                        part * WV, o, inv);
-  if (part == 0)
-    a.lse[static_cast<int64_t>(bh) * a.N + qi] = Lk > 0 ? (m + log2f(l)) * kLn2 : 0.f;
+  store_part<T, WV>(head_row_out<T>(a.o_mut, a.so, b, h, qi) + part * WV, o, inv);
+  if (part == 0) a.lse[query_row(a, bh, qi)] = Lk > 0 ? (m + log2f(l)) * kLn2 : 0.f;
 }
 
 __global__ void dropout_mask_kernel(uint8_t* out, int B, int H, int N, int R, uint32_t threshold,
