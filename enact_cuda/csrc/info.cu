@@ -90,12 +90,8 @@ __global__ void __launch_bounds__(kInfoThreads) info_bwd_kernel(InfoBwdArgs a) {
     return;
   }
 
-  float mx = -INFINITY;
-  for (int j = tid; j < L; j += nt) mx = fmaxf(mx, xb[j]);
-  mx = block_max(mx, fbuf);
-  float sum = 0.f;
-  for (int j = tid; j < L; j += nt) sum += expf(xb[j] - mx);
-  sum = block_sum(sum, fbuf);
+  float mx, sum;
+  block_softmax_stats(xb, L, fbuf, mx, sum);
 
   float dot = 0.f;
   for (int j = tid; j < L; j += nt) {

@@ -88,17 +88,25 @@ __device__ __forceinline__ int compact_image(int N, const bool* m, bool row_brea
       });
 }
 
+// Block-wide softmax statistics of x[0, L): mx = max x, sum = sum exp(x - mx). Ends synced.
+__device__ __forceinline__ void block_softmax_stats(const float* x, int L, float* fbuf,
+                                                    float& mx, float& sum) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  mx = -INFINITY;
+  for (int j = tid; j < L; j += nt) mx = fmaxf(mx, x[j]);
+  mx = block_max(mx, fbuf);
+  sum = 0.f;
+  for (int j = tid; j < L; j += nt) sum += expf(x[j] - mx);
+  sum = block_sum(sum, fbuf);
+}
+
 // Step 2 (block-wide): the information of the compact logits hb[0, L) in place,
 // p = softmax(hb) + 1e-8, hb = -p log2 p, also written to out[cidx[j]]. Ends synced.
 __device__ __forceinline__ void information_in_place(float* hb, int L, const int* cidx,
                                                      float* out, float* fbuf) {
   const int tid = threadIdx.x, nt = blockDim.x;
-  float mx = -INFINITY;
-  for (int j = tid; j < L; j += nt) mx = fmaxf(mx, hb[j]);
-  mx = block_max(mx, fbuf);
-  float sum = 0.f;
-  for (int j = tid; j < L; j += nt) sum += expf(hb[j] - mx);
-  sum = block_sum(sum, fbuf);
+  float mx, sum;
+  block_softmax_stats(hb, L, fbuf, mx, sum);
   for (int j = tid; j < L; j += nt) {
     const float p = expf(hb[j] - mx) / sum + 1e-8f;
     const float h = -p * log2f(p);
