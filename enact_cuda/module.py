@@ -69,14 +69,16 @@ class _ENACTRegions(nn.Module):
         R = N cluster rows, zero and masked beyond each image's count, and no read of R_max
         (nothing waits for the GPU) — for no-grad forwards whose attention cost follows the mask.
         """
-        # The fused kernels read rows of unit stride; a flattened (B, d, H, W) feature map
-        # transposed to (B, N, d) (layer 0 of DETR) is copied once here rather than falling
-        # back to the unfused path and its blocking R_max read. `is` identity is kept.
-        unit = _unit_stride(info_keys)
-        tensors = tuple(unit if t is info_keys else _unit_stride(t) for t in tensors)
-        info_keys = unit
         backend = resolve_impl(self.impl, info_keys, *tensors)
         cb = cuda_backend_or_reason()[0] if backend == "cuda" else None
+        if cb is not None:
+            # The fused kernels read rows of unit stride; a flattened (B, d, H, W) feature map
+            # transposed to (B, N, d) (every detector's first encoder layer) is copied once
+            # here rather than falling back to the unfused path and its blocking R_max read.
+            # `is` identity (keys among the tensors) is kept.
+            unit = _unit_stride(info_keys)
+            tensors = tuple(unit if t is info_keys else _unit_stride(t) for t in tensors)
+            info_keys = unit
         if cb is not None and cb.fused_supported(info_keys, tensors, self.sigma):
             state = cb.fused_begin(info_keys, self.W_prob.weight, self.W_prob.bias,
                                    key_padding_mask, self.sigma, self.row_breaks, hw,
