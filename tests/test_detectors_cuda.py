@@ -62,36 +62,37 @@ def torch_and_cuda_models(folder, seed):
     return model_torch, model_cuda, criterion, batch
 
 
+def spy(monkeypatch, name, entry, calls):
+    """Wrap enact_cuda.cuda_backend.<name>: each call appends entry(*args, **kwargs) to `calls`
+    (None: nothing), then runs the real function. -> calls."""
+    import enact_cuda.cuda_backend as cb
+    real = getattr(cb, name)
+
+    def wrapper(*args, **kwargs):
+        recorded = entry(*args, **kwargs)
+        if recorded is not None:
+            calls.append(recorded)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cb, name, wrapper)
+    return calls
+
+
 def count_kernel_calls(monkeypatch):
     """-> list that records the head dims (q, v) of each CUDA attention kernel call."""
     import enact_cuda.cuda_backend as cb
-    calls, kernel = [], cb.clustered_attention
-
-    def counted(q, k, v, *args, **kwargs):
-        if not cb._unsupported(q, k, v):
-            calls.append((q.shape[-1], v.shape[-1]))
-        return kernel(q, k, v, *args, **kwargs)
-
-    monkeypatch.setattr(cb, "clustered_attention", counted)
-    return calls
+    return spy(monkeypatch, "clustered_attention",
+               lambda q, k, v, *a, **kw: None if cb._unsupported(q, k, v)
+               else (q.shape[-1], v.shape[-1]), [])
 
 
 def record_clustering_paths(monkeypatch):
     """-> list that records each ENACT clustering call: ("fused", read_rmax) for the fused
     path, ("unfused", None) for the unfused CUDA one (which blocks on R_max in every mode)."""
-    import enact_cuda.cuda_backend as cb
-    paths, fused_begin, unfused = [], cb.fused_begin, cb.information_regions
-
-    def fused(*args, read_rmax=True, **kwargs):
-        paths.append(("fused", read_rmax))
-        return fused_begin(*args, read_rmax=read_rmax, **kwargs)
-
-    def regions(*args, **kwargs):
-        paths.append(("unfused", None))
-        return unfused(*args, **kwargs)
-
-    monkeypatch.setattr(cb, "fused_begin", fused)
-    monkeypatch.setattr(cb, "information_regions", regions)
+    paths = []
+    spy(monkeypatch, "fused_begin", lambda *a, **kw: ("fused", kw.get("read_rmax", True)),
+        paths)
+    spy(monkeypatch, "information_regions", lambda *a, **kw: ("unfused", None), paths)
     return paths
 
 
