@@ -697,8 +697,7 @@ def main(argv=None):
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (out / f"{stem}.{e}" for e in ("json", "md", "png"))
-    plan = [(d, m, v) for m in modes for d in detectors for v in variants]
-    print(f"{len(plan)} rows -> {json_path}", flush=True)
+    print(f"{len(modes) * len(detectors) * len(variants)} rows -> {json_path}", flush=True)
 
     rows = []
 
@@ -729,7 +728,8 @@ def main(argv=None):
         print(f"{row['detector']:<17} {row['mode']:<5} {row['variant']:<12} {value}"
               + (f"  clusters/img per layer: {_clusters(row, what)}" if layers else "")
               + (f"  ERROR {row['error']}" if row["error"] else "")
-              + (f"  WARNING {row['warning']}" if row.get("warning") else ""), flush=True)
+              + (f"  WARNING {row['warning']}" if row.get("warning") else "")
+              + (f"  ({row['wall_s']:.1f} s)" if what == "train" else ""), flush=True)
 
     for mode in modes:
         for det in detectors:
