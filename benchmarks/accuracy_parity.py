@@ -165,6 +165,19 @@ def run_flags(detector, variant, coco, opts):
     return flags + opts.extra.split()
 
 
+def detector_labels(flags):
+    """{detector: "Conditional DETR, resnet18"}: the backbone the runs used (a --backbone in
+    the flags, else each detector's default, e.g. DETR R50); Anchor DETR's is dilated (DC5)
+    unless --no_dilation."""
+    if "--backbone" not in flags:
+        return dict(ref.DETECTOR_LABELS)
+    backbone = flags[len(flags) - 1 - flags[::-1].index("--backbone") + 1]  # the last one wins
+    labels = {d: f"{ref.DETECTOR_SHORT[d]}, {backbone}" for d in FOLDERS}
+    if "--no_dilation" not in flags:
+        labels["anchor_detr"] += "-DC5"
+    return labels
+
+
 def read_log(run_dir):
     path = Path(run_dir) / "log.txt"
     if not path.is_file():
@@ -326,14 +339,17 @@ def markdown(meta, rows, targets, chart):
                                   "figures mean nothing**" if meta["tiny"] else ""),
              f"- data: {meta['data']} ({meta['n_train']} training images); budget "
              f"{meta['minutes']:g} min of training loop per run; plain attention "
-             f"{meta['plain_attn']}; backbone weights {meta['backbone_weights']}", "",
+             f"{meta['plain_attn']}; backbone weights {meta['backbone_weights']}",
+             f"- every run's main.py flags beyond the detector's defaults: train sizes "
+             f"{meta['train_sizes']}, eval size {meta['eval_size']}, max size "
+             f"{meta['max_img_size']}" + (f", `{meta['extra']}`" if meta["extra"] else ""), "",
              "Columns: epochs trained within the budget; train min = training-loop time "
              "(log.txt s/img x images); AP.. = COCO box metrics x 100 of the LAST epoch "
              "(— = undefined: COCO gives -1 when there is no object or no detection of that "
              "size); AP (ENACT - plain) = the parity figure.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(row_cells(r, rows)) + " |" for r in rows]
-    lines += ["", "## Target", "", ref.targets_markdown(targets), ""]
+    lines += ["", "## Target", "", ref.targets_markdown(targets, meta["labels"]), ""]
     if chart:
         lines += [f"![AP per epoch]({Path(chart).name})", ""]
     return "\n".join(lines)
@@ -403,6 +419,9 @@ def run(opts, argv):
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "data": str(coco), "n_train": n_train, "minutes": opts.minutes,
             "plain_attn": opts.plain_attn, "backbone_weights": opts.backbone_weights,
+            "train_sizes": opts.train_sizes, "eval_size": opts.eval_size,
+            "max_img_size": opts.max_img_size, "extra": opts.extra,
+            "labels": detector_labels(run_flags(detectors[0], "enact", coco, opts)),
             "tiny": opts.tiny, "wall_s": time.time() - start}
     (results / f"{stem}.json").write_text(json.dumps(
         {**meta, "rows": rows, "targets": targets, "chart": str(chart) if chart else None},

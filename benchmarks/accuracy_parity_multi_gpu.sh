@@ -25,7 +25,7 @@ MINUTES=${MINUTES:-6}
 STOP=${STOP:-60}
 OUT=${OUT:-outputs/accuracy_parity_multi_gpu}
 RESULTS=${RESULTS:-benchmarks/results}
-EXTRA=${EXTRA---backbone resnet18 --batch_size 16 --lr 1e-4 --lr_backbone 1e-4}
+EXTRA=${EXTRA---backbone resnet18 --backbone_train_all --batch_size 16 --lr 1e-4 --lr_backbone 1e-4}
 read -r -a PARITY <<< "${PARITY_FLAGS:-}"
 GPUS=${GPUS:-$(python -c 'import torch; print(torch.cuda.device_count())')}
 if [ "$GPUS" -lt 1 ]; then

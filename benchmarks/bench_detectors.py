@@ -137,7 +137,8 @@ def sync(device):
 
 def train_step(model, criterion, optimizer, batch, targets, amp, clip, device):
     """One optimisation step as detr_common.engine.train_one_epoch takes it (autocast forward,
-    fp32 criterion, weighted loss, backward, gradient clipping, AdamW), minus its logging."""
+    fp32 criterion, weighted loss, backward, gradient clipping, AdamW), minus its logging
+    and finiteness check (one host read per step)."""
     with autocast(device, amp):
         outputs = model(batch)
     loss_dict = criterion(to_float(outputs), targets)

@@ -242,9 +242,12 @@ def evaluate_parity(ap_by_detector):
     return out
 
 
-def targets_markdown(entries):
+def targets_markdown(entries, labels=None):
+    """Markdown table of target entries; labels: {detector: name shown} (default
+    DETECTOR_LABELS, the paper's backbones)."""
+    labels = labels or DETECTOR_LABELS
     lines = ["| target | detector | status | ours vs bound |", "|---|---|---|---|"]
     for e in entries:
-        lines.append(f"| {e['description']} | {DETECTOR_LABELS.get(e['detector'], e['detector'])}"
+        lines.append(f"| {e['description']} | {labels.get(e['detector'], e['detector'])}"
                      f" | {e['status']} | {e['text']} |")
     return "\n".join(lines)

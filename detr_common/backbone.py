@@ -1,4 +1,5 @@
-"""ResNet backbone with frozen batch norm (spec §3.1).
+"""ResNet backbone with frozen batch norm (spec §3.1), or fully trainable for training from
+scratch.
 
 ``Backbone.forward(batch)`` takes an ImageBatch (images (B,3,H,W), mask (B,H,W) bool, True =
 padding) and returns a list, one entry per returned layer, of (feat (B,C,h,w), mask (B,h,w))
@@ -174,7 +175,8 @@ def _load_resnet_weights(resnet: nn.Module, name: str, weights: str) -> None:
     state = _resnet_state_dict(name, weights)
     state = {k: v for k, v in state.items()
              if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-    expected = {k: v.shape for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    expected = {k: v.shape for k, v in resnet.state_dict().items()
+                if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state)
@@ -194,18 +196,21 @@ def _load_resnet_weights(resnet: nn.Module, name: str, weights: str) -> None:
 
 
 class Backbone(nn.Module):
-    """torchvision ResNet trunk with FrozenBatchNorm2d.
+    """torchvision ResNet trunk with FrozenBatchNorm2d (or BatchNorm2d with train_all).
 
     Args: name resnet18|34|50|101; train_backbone: layer2-4 get requires_grad (stem and layer1
-    are always frozen); return_layers: names among layer1..layer4; dilation: layer4 stride 2 ->
-    dilation 2 (stride 16 instead of 32); weights: "imagenet" (torchvision V1), "none" or a path.
-    With "none" the frozen BatchNorm statistics are calibrated on noise images (see
-    calibrate_frozen_batchnorm), so a random backbone's activations stay of order one.
+    stay frozen, the ImageNet recipe); return_layers: names among layer1..layer4; dilation:
+    layer4 stride 2 -> dilation 2 (stride 16 instead of 32); weights: "imagenet" (torchvision
+    V1), "none" or a path. With "none" the frozen BatchNorm statistics are calibrated on noise
+    images (see calibrate_frozen_batchnorm), so a random backbone's activations stay of order
+    one. train_all (with train_backbone): every layer trains, stem and layer1 included, with
+    ordinary BatchNorm2d (batch statistics in training) — for training from scratch, where a
+    frozen random stem and frozen statistics leave the detector with poor features.
     Attributes: ``body``, ``num_channels`` (list per returned layer), ``strides`` (list).
     """
 
     def __init__(self, name: str, train_backbone: bool, return_layers: Iterable[str] = ("layer4",),
-                 dilation: bool = False, weights: str = "none"):
+                 dilation: bool = False, weights: str = "none", train_all: bool = False):
         super().__init__()
         if name not in _CHANNELS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_CHANNELS)}")
@@ -214,19 +219,21 @@ class Backbone(nn.Module):
         if bad or not return_layers:
             raise ValueError(f"return_layers must be names among {_LAYERS}, got {return_layers}")
         basic = name in ("resnet18", "resnet34")
+        train_all = bool(train_all) and train_backbone
         resnet = getattr(torchvision.models, name)(
-            weights=None, norm_layer=FrozenBatchNorm2d,
+            weights=None, norm_layer=nn.BatchNorm2d if train_all else FrozenBatchNorm2d,
             replace_stride_with_dilation=[False, False, bool(dilation) and not basic])
         if dilation and basic:
             _dilate_basic_layer4(resnet.layer4)
         weights = "none" if weights is None else str(weights)
         if weights.lower() != "none":
             _load_resnet_weights(resnet, name, weights)
-        else:  # random init: frozen statistics of standard-normal noise (own seed, no global RNG)
+        elif not train_all:  # random init: frozen statistics of standard-normal noise
             noise = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-            calibrate_frozen_batchnorm(resnet, noise)
+            calibrate_frozen_batchnorm(resnet, noise)  # (own seed, no global RNG)
         for pname, param in resnet.named_parameters():
-            trainable = train_backbone and pname.split(".")[0] in ("layer2", "layer3", "layer4")
+            trainable = train_backbone and (
+                train_all or pname.split(".")[0] in ("layer2", "layer3", "layer4"))
             param.requires_grad_(trainable)
         self.body = _Body(resnet, return_layers)
         order = sorted(return_layers, key=_LAYERS.index)
@@ -272,7 +279,8 @@ class Joiner(nn.Sequential):
 
 def build_backbone(args, return_layers=("layer4",)) -> Backbone:
     """Backbone from args.backbone, args.lr_backbone (>0 trains layer2-4), args.dilation,
-    args.backbone_weights (imagenet | none | PATH)."""
+    args.backbone_weights (imagenet | none | PATH), args.backbone_train_all."""
     return Backbone(args.backbone, train_backbone=args.lr_backbone > 0,
                     return_layers=return_layers, dilation=bool(getattr(args, "dilation", False)),
-                    weights=getattr(args, "backbone_weights", "imagenet"))
+                    weights=getattr(args, "backbone_weights", "imagenet"),
+                    train_all=bool(getattr(args, "backbone_train_all", False)))

@@ -45,6 +45,11 @@ def get_args_parser(description, num_queries=100, **defaults):
                    help="replace the stride of the last stage by a dilation (DC5)")
     g.add_argument("--backbone_weights", default="imagenet",
                    help="imagenet (torchvision V1), none (random), or a path to a state_dict")
+    g.add_argument("--backbone_train_all", action="store_true",
+                   help="train every backbone layer (the stem and layer1 too) with ordinary "
+                        "BatchNorm (batch statistics), for training from scratch "
+                        "(--backbone_weights none); default: the ImageNet recipe (stem and "
+                        "layer1 frozen, frozen BatchNorm)")
 
     g = p.add_argument_group("transformer")
     g.add_argument("--hidden_dim", type=int, default=256)

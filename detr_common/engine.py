@@ -18,7 +18,13 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss or its gradient became NaN or infinite (the optimizer step was not
+    taken, so the weights are those the failing step started from). ``images`` / ``targets``:
+    the failing batch, ``epoch`` / ``step``: where."""
+
+    def __init__(self, message, images=None, targets=None, epoch=None, step=None):
+        super().__init__(message)
+        self.images, self.targets, self.epoch, self.step = images, targets, epoch, step
 
 
 def autocast(device, amp):
@@ -63,6 +69,27 @@ class RunningMeans:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
+def _check_finite(loss_value, logged, model, scaler, images, targets, epoch, step):
+    """Raise NonFiniteLossError, before the optimizer step, for a non-finite loss or (without
+    an fp16 GradScaler, which skips such steps itself) a non-finite gradient; the message
+    names the loss terms or the first parameters whose gradients are not finite."""
+    if not math.isfinite(loss_value):
+        bad = {k: v for k, v in logged.items() if k != "grad_norm" and not math.isfinite(v)}
+        raise NonFiniteLossError(
+            f"training loss is {loss_value} at epoch {epoch}, step {step} "
+            f"(non-finite terms: {bad}); stopping. Try a lower --lr, --amp off, "
+            f"or a smaller --clip_max_norm.", images, targets, epoch, step)
+    if scaler is None and not math.isfinite(logged["grad_norm"]):
+        model = getattr(model, "module", model)
+        names = [n for n, p in model.named_parameters()
+                 if p.grad is not None and not torch.isfinite(p.grad).all()]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise NonFiniteLossError(
+            f"gradient norm is {logged['grad_norm']} at epoch {epoch}, step {step} (loss "
+            f"{loss_value:.4g} is finite; non-finite gradients in {shown}); stopping before "
+            f"the optimizer step. Try a lower --lr.", images, targets, epoch, step)
+
+
 def _peak_memory_gib(device):
     if device.type != "cuda":
         return 0.0
@@ -97,31 +124,30 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, *,
         loss_dict = criterion(to_float(outputs), targets)
         loss = weighted_total(loss_dict, weight_dict)
 
-        logged = reduce_dict(loss_dict)
-        loss_value = weighted_total(logged, weight_dict)
-        if not math.isfinite(loss_value):
-            bad = {k: v for k, v in logged.items() if not math.isfinite(v)}
-            raise NonFiniteLossError(
-                f"training loss is {loss_value} at epoch {epoch}, step {step} "
-                f"(non-finite terms: {bad}); stopping. Try a lower --lr, --amp off, "
-                f"or a smaller --clip_max_norm.")
-
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
         else:
             loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # The step's one device->host read, after the backward is queued: losses + grad norm.
+        logged = reduce_dict({**loss_dict, "grad_norm": grad_norm})
+        loss_value = weighted_total(logged, weight_dict)
+        _check_finite(loss_value, logged, model, scaler, images, targets, epoch, step)
         if clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+            torch.nn.utils.clip_grads_with_norm_(params, clip_max_norm, grad_norm)
         if scaler is not None:
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # skips steps whose fp16 gradients overflowed
             scaler.update()
         else:
             optimizer.step()
 
         batch = images.images.shape[0]
         n_images += batch
+        if not math.isfinite(logged["grad_norm"]):  # an fp16 step the scaler skipped
+            del logged["grad_norm"]
         means.add({"loss": loss_value, **logged})
         if stats_fn is not None:
             means.add(stats_fn(model))

@@ -91,6 +91,8 @@ def _check_args(args):
         raise UsageError("--eval needs the weights to evaluate: --resume CKPT")
     if args.amp != "off" and args.device == "cpu" and args.amp == "fp16":
         raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    if getattr(args, "backbone_train_all", False) and args.lr_backbone <= 0:
+        raise UsageError("--backbone_train_all trains the backbone: it needs --lr_backbone > 0")
 
 
 def _checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch, args, detector,
@@ -186,10 +188,16 @@ def run(args, detector):
             loader_train.sampler.set_epoch(epoch)
         elif isinstance(loader_train.sampler, RandomSampler):
             loader_train.sampler.generator.manual_seed(args.seed + epoch)
-        train_stats = train_one_epoch(
-            model, criterion, loader_train, optimizer, device, epoch,
-            clip_max_norm=args.clip_max_norm, amp=args.amp, scaler=scaler,
-            print_freq=args.print_freq, stats_fn=stats_fn)
+        try:
+            train_stats = train_one_epoch(
+                model, criterion, loader_train, optimizer, device, epoch,
+                clip_max_norm=args.clip_max_norm, amp=args.amp, scaler=scaler,
+                print_freq=args.print_freq, stats_fn=stats_fn)
+        except NonFiniteLossError as e:
+            if output_dir and is_main_process():
+                e.args = (f"{e} The failing step (weights, batch) is in "
+                          f"{_save_nonfinite_step(e, model_without_ddp, args, detector.name, output_dir)}.",)
+            raise
         lr_scheduler.step()
         if output_dir and is_main_process():
             state = _checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler,
@@ -208,6 +216,18 @@ def run(args, detector):
         if output_dir and is_main_process():
             evaluator.write(output_dir)
     return test_stats
+
+
+def _save_nonfinite_step(error, model, args, detector_name, output_dir):
+    """Write nonfinite_step.pth: the weights the failing step started from, its batch (images
+    (B, 3, H, W), mask (B, H, W), targets) and where it happened, to reproduce it."""
+    path = output_dir / "nonfinite_step.pth"
+    images = error.images
+    torch.save({"model": model.state_dict(), "args": args, "detector": detector_name,
+                "epoch": error.epoch, "step": error.step, "message": str(error),
+                "images": images.images.cpu(), "mask": images.mask.cpu(),
+                "targets": [{k: v.cpu() for k, v in t.items()} for t in error.targets]}, path)
+    return path
 
 
 EXPECTED_ERRORS = (UsageError, DatasetError, ckpt_io.CheckpointError, NonFiniteLossError)

@@ -74,6 +74,31 @@ def test_freezing(train_backbone):
         assert bb.body.layer2[0].conv1.weight.grad is not None
 
 
+def test_train_all_trains_every_layer_with_batch_statistics(tmp_path):
+    """train_all: BatchNorm2d everywhere, every parameter trainable (stem and layer1 too), the
+    training forward normalises with the batch's own statistics and updates the running ones;
+    a weights file (with num_batches_tracked) still loads; without train_backbone it is off."""
+    bb = Backbone("resnet18", train_backbone=True, weights="none", train_all=True)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in bb.modules())
+    assert all(p.requires_grad for p in bb.body.parameters())
+    x = 3.0 + 2.0 * torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    stem = bb.body.conv1(x)
+    (feat, _), = bb.train()(x)
+    feat.sum().backward()
+    assert bb.body.conv1.weight.grad is not None and bb.body.bn1.weight.grad is not None
+    assert torch.allclose(bb.body.bn1.running_mean, 0.1 * stem.mean((0, 2, 3)), atol=1e-5)
+    normalised = torch.nn.functional.batch_norm(stem, None, None, training=True)
+    assert torch.allclose(bb.body.bn1(stem), normalised, atol=1e-5)  # weight 1, bias 0 at init
+
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    loaded = Backbone("resnet18", True, weights=str(tmp_path / "r18.pth"), train_all=True)
+    assert torch.allclose(loaded.body.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+    frozen = Backbone("resnet18", train_backbone=False, weights="none", train_all=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_dilation_doubles_the_feature_size(name):
     x = torch.randn(1, 3, 64, 96)
@@ -156,6 +181,8 @@ def test_build_backbone_reads_args():
     bb = build_backbone(Args())
     assert bb.num_channels == [512] and bb.strides == [16]
     assert not any(p.requires_grad for p in bb.parameters())
+    Args.lr_backbone, Args.backbone_train_all = 1e-5, True
+    assert all(p.requires_grad for p in build_backbone(Args()).parameters())
     with pytest.raises(ValueError, match="unknown backbone"):
         Backbone("resnet7", False)
 

@@ -33,6 +33,11 @@ def test_missing_coco_path(tmp_path):
     fails_with(detr(tmp_path / "nowhere", tmp_path / "o", "--epochs", "1"), "nowhere")
 
 
+def test_backbone_train_all_with_a_frozen_backbone(shapes_coco, tmp_path):
+    fails_with(detr(shapes_coco, tmp_path / "o", "--epochs", "1", "--backbone_train_all",
+                    "--lr_backbone", "0"), "--backbone_train_all", "--lr_backbone > 0")
+
+
 def test_missing_annotation_file(coco_copy, tmp_path):
     (coco_copy / "annotations" / "instances_val2017.json").unlink()
     fails_with(detr(coco_copy, tmp_path / "o", "--epochs", "1"), "instances_val2017.json")

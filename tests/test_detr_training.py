@@ -127,3 +127,49 @@ def test_other_flags_run(shapes_coco, tmp_path):
     assert record["epoch"] == 1
     assert (out / "checkpoint0001.pth").is_file()
     assert torch.load(out / "checkpoint.pth", weights_only=False)["args"].amp == "bf16"
+
+
+def test_backbone_train_all_trains_the_stem_and_batch_norm(shapes_coco, tmp_path):
+    """--backbone_train_all: ordinary BatchNorm whose weights and running statistics move, a
+    trained stem; the logged gradient norm is positive."""
+    out = tmp_path / "scratch"
+    train(shapes_coco, out, "--epochs", "1", "--backbone_train_all", "--lr_backbone", "1e-3")
+    state = torch.load(out / "checkpoint.pth", weights_only=False)["model"]
+    assert state["backbone.0.body.bn1.num_batches_tracked"] > 0
+    assert not torch.equal(state["backbone.0.body.bn1.weight"], torch.ones(64))
+    assert not torch.equal(state["backbone.0.body.bn1.running_var"], torch.ones(64))
+    assert read_log(out / "log.txt")[0]["train_grad_norm"] > 0
+
+
+def test_non_finite_step_is_saved_for_reproduction(shapes_coco, tmp_path, monkeypatch, capsys):
+    """A NonFiniteLossError in training ends main.py with status 2 and one error line naming
+    nonfinite_step.pth, which holds the weights and the batch of the failing step."""
+    from detr_common import trainer
+    from detr_common.data.collate import ImageBatch
+    from detr_common.engine import NonFiniteLossError
+    main = load_main("DETR-ENACT")
+    batch = ImageBatch(torch.rand(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.bool))
+    targets = [{"labels": torch.tensor([1])}, {"labels": torch.tensor([3, 5])}]
+    seen = {}
+
+    def fail(model, *args, **kw):
+        seen["model"] = {k: v.clone() for k, v in model.state_dict().items()}
+        raise NonFiniteLossError("gradient norm is nan at epoch 0, step 7", batch, targets, 0, 7)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", fail)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        trainer.main(main.get_parser(), main.DETECTOR,
+                     ["--coco_path", str(shapes_coco), "--no_enact", *TINY, "--epochs", "1",
+                      "--output_dir", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: gradient norm is nan at epoch 0, step 7 The failing step")
+    assert str(out / "nonfinite_step.pth") in err[-1]
+    saved = torch.load(out / "nonfinite_step.pth", weights_only=False)
+    assert (saved["epoch"], saved["step"]) == (0, 7)
+    assert torch.equal(saved["images"], batch.images) and torch.equal(saved["mask"], batch.mask)
+    assert torch.equal(saved["targets"][1]["labels"], torch.tensor([3, 5]))
+    for k, v in seen["model"].items():
+        assert torch.equal(saved["model"][k], v), k
+    assert saved["args"].epochs == 1 and saved["detector"] == "detr"

@@ -1,0 +1,74 @@
+"""engine.train_one_epoch on a two-parameter toy model: the logged gradient norm, clipping,
+and the stop before the optimizer step on a non-finite loss or gradient."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from detr_common.data.collate import ImageBatch
+from detr_common.engine import NonFiniteLossError, train_one_epoch
+
+
+class Toy(nn.Module):
+    """Outputs w * mean(image) and v; the criterion below turns them into losses."""
+
+    def __init__(self, w, v):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(float(w)))
+        self.v = nn.Parameter(torch.tensor(float(v)))
+
+    def forward(self, batch):
+        return {"a": self.w * batch.images.mean(), "b": self.v}
+
+
+class ToyCriterion(nn.Module):
+    """loss_a = a^2; loss_b = sqrt(b^2) (finite at b = 0, with a NaN gradient there)."""
+
+    weight_dict = {"loss_a": 1.0, "loss_b": 2.0}
+
+    def forward(self, outputs, targets):
+        return {"loss_a": outputs["a"] ** 2, "loss_b": torch.sqrt(outputs["b"] ** 2)}
+
+
+def _loader(value=1.0, steps=1):
+    batch = ImageBatch(torch.full((2, 3, 4, 4), value), torch.zeros(2, 4, 4, dtype=torch.bool))
+    return [(batch, [{"labels": torch.zeros(1, dtype=torch.int64)}] * 2)] * steps
+
+
+def _train(model, clip, lr=1.0):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return train_one_epoch(model, ToyCriterion(), _loader(), opt, torch.device("cpu"), 0,
+                           clip_max_norm=clip)
+
+
+def test_logged_gradient_norm_is_before_clipping_and_the_step_is_clipped():
+    # loss = w^2 + 2|v| at w = 3, v = 4 (image mean 1): grads (6, 2), norm sqrt(40)
+    model = Toy(3.0, 4.0)
+    stats = _train(model, clip=0.1)
+    assert stats["grad_norm"] == pytest.approx(math.sqrt(40.0), rel=1e-6)
+    assert stats["loss"] == pytest.approx(9.0 + 8.0)
+    scale = 0.1 / (math.sqrt(40.0) + 1e-6)  # clip_grads_with_norm_'s coefficient
+    assert torch.allclose(model.w.detach(), torch.tensor(3.0 - 6.0 * scale))
+    assert torch.allclose(model.v.detach(), torch.tensor(4.0 - 2.0 * scale))
+
+    unclipped = Toy(3.0, 4.0)
+    _train(unclipped, clip=0.0, lr=0.5)
+    assert torch.allclose(unclipped.w.detach(), torch.tensor(0.0))  # 3 - 0.5 * 6
+
+
+def test_non_finite_gradient_stops_before_the_step_and_names_the_parameter():
+    model = Toy(3.0, 0.0)  # loss_b = sqrt(0) = 0 is finite, its gradient is NaN
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm is nan at epoch 0, step 0 "
+                                                 r"\(loss 9 is finite; non-finite gradients "
+                                                 r"in v\)") as info:
+        _train(model, clip=0.1)
+    assert model.w.item() == 3.0 and model.v.item() == 0.0  # no optimizer step
+    assert info.value.step == 0 and info.value.images.images.shape == (2, 3, 4, 4)
+
+
+def test_non_finite_loss_stops_with_its_terms():
+    model = Toy(float("inf"), 1.0)
+    with pytest.raises(NonFiniteLossError, match=r"training loss is inf .*'loss_a': inf"):
+        _train(model, clip=0.1)
+    assert model.v.item() == 1.0
