@@ -169,10 +169,10 @@ def detector_labels(flags):
     """{detector: "Conditional DETR, resnet18"}: the backbone the runs used (a --backbone in
     the flags, else each detector's default, e.g. DETR R50); Anchor DETR's is dilated (DC5)
     unless --no_dilation."""
-    if "--backbone" not in flags:
+    backbones = [value for flag, value in zip(flags, flags[1:]) if flag == "--backbone"]
+    if not backbones:
         return dict(ref.DETECTOR_LABELS)
-    backbone = flags[len(flags) - 1 - flags[::-1].index("--backbone") + 1]  # the last one wins
-    labels = {d: f"{ref.DETECTOR_SHORT[d]}, {backbone}" for d in FOLDERS}
+    labels = {d: f"{ref.DETECTOR_SHORT[d]}, {backbones[-1]}" for d in FOLDERS}  # last one wins
     if "--no_dilation" not in flags:
         labels["anchor_detr"] += "-DC5"
     return labels

@@ -195,8 +195,9 @@ def run(args, detector):
                 print_freq=args.print_freq, stats_fn=stats_fn)
         except NonFiniteLossError as e:
             if output_dir and is_main_process():
-                e.args = (f"{e} The failing step (weights, batch) is in "
-                          f"{_save_nonfinite_step(e, model_without_ddp, args, detector.name, output_dir)}.",)
+                path = _save_nonfinite_step(e, model_without_ddp, args, detector.name,
+                                            output_dir)
+                e.args = (f"{e} The failing step (weights, batch) is in {path}.",)
             raise
         lr_scheduler.step()
         if output_dir and is_main_process():
@@ -222,11 +223,11 @@ def _save_nonfinite_step(error, model, args, detector_name, output_dir):
     """Write nonfinite_step.pth: the weights the failing step started from, its batch (images
     (B, 3, H, W), mask (B, H, W), targets) and where it happened, to reproduce it."""
     path = output_dir / "nonfinite_step.pth"
-    images = error.images
-    torch.save({"model": model.state_dict(), "args": args, "detector": detector_name,
-                "epoch": error.epoch, "step": error.step, "message": str(error),
-                "images": images.images.cpu(), "mask": images.mask.cpu(),
-                "targets": [{k: v.cpu() for k, v in t.items()} for t in error.targets]}, path)
+    ckpt_io.save_checkpoint(
+        {"model": model.state_dict(), "args": args, "detector": detector_name,
+         "epoch": error.epoch, "step": error.step, "message": str(error),
+         "images": error.images.images.cpu(), "mask": error.images.mask.cpu(),
+         "targets": [{k: v.cpu() for k, v in t.items()} for t in error.targets]}, path)
     return path
 
 

@@ -135,6 +135,16 @@ def test_budget_rule():
     assert parity.epoch_train_seconds({"train_s_per_img": 0.5}, 8) == 4.0
 
 
+def test_parity_labels_name_the_backbone_the_runs_used():
+    labels = _load("accuracy_parity").detector_labels
+    assert labels(["--lr", "1e-4"]) == ref.DETECTOR_LABELS          # the paper's backbones
+    ours = labels(["--backbone", "resnet34", "--seed", "1", "--backbone", "resnet18"])
+    assert ours == {"detr": "DETR, resnet18", "conditional_detr": "Conditional DETR, resnet18",
+                    "anchor_detr": "Anchor DETR, resnet18-DC5"}  # the last --backbone wins
+    assert labels(["--backbone", "resnet18", "--no_dilation"])["anchor_detr"] == \
+        "Anchor DETR, resnet18"
+
+
 # ------------------------------------------------------------------ end to end, --tiny
 
 @pytest.fixture(autouse=True)
