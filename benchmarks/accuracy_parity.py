@@ -93,7 +93,12 @@ def get_parser():
     p.add_argument("--stop_after", type=float, default=None,
                    help="wall-clock minutes for this command: no epoch is started that would "
                         "end later (runs continue on the next call)")
-    p.add_argument("--extra", default="", help="more flags for every main.py, one string")
+    p.add_argument("--extra", default="",
+                   help="more flags for every main.py, one string (one flag alone: "
+                        "--extra=--flag)")
+    p.add_argument("--enact_extra", default="",
+                   help="more flags for the ENACT runs' main.py only, one string (e.g. "
+                        "--enact_extra=--enact_row_breaks)")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: write the report from the runs already in --out")
     p.add_argument("--prepare_only", action="store_true",
@@ -161,7 +166,7 @@ def run_flags(detector, variant, coco, opts):
     if variant == "plain":
         flags += ["--no_enact", "--attn_impl", opts.plain_attn]
     else:
-        flags += ["--enact_impl", "auto"]
+        flags += ["--enact_impl", "auto"] + opts.enact_extra.split()
     return flags + opts.extra.split()
 
 
@@ -342,7 +347,9 @@ def markdown(meta, rows, targets, chart):
              f"{meta['plain_attn']}; backbone weights {meta['backbone_weights']}",
              f"- every run's main.py flags beyond the detector's defaults: train sizes "
              f"{meta['train_sizes']}, eval size {meta['eval_size']}, max size "
-             f"{meta['max_img_size']}" + (f", `{meta['extra']}`" if meta["extra"] else ""), "",
+             f"{meta['max_img_size']}" + (f", `{meta['extra']}`" if meta["extra"] else "")
+             + (f"; ENACT runs also `{meta['enact_extra']}`" if meta.get("enact_extra") else ""),
+             "",
              "Columns: epochs trained within the budget; train min = training-loop time "
              "(log.txt s/img x images); AP.. = COCO box metrics x 100 of the LAST epoch "
              "(— = undefined: COCO gives -1 when there is no object or no detection of that "
@@ -421,6 +428,7 @@ def run(opts, argv):
             "plain_attn": opts.plain_attn, "backbone_weights": opts.backbone_weights,
             "train_sizes": opts.train_sizes, "eval_size": opts.eval_size,
             "max_img_size": opts.max_img_size, "extra": opts.extra,
+            "enact_extra": opts.enact_extra,
             "labels": detector_labels(run_flags(detectors[0], "enact", coco, opts)),
             "tiny": opts.tiny, "wall_s": time.time() - start}
     (results / f"{stem}.json").write_text(json.dumps(

@@ -15,7 +15,8 @@
 # (the build and the data generation count; allow about two minutes more for the epochs in
 # flight and the report, e.g. STOP=7.8 in a 10-minute limit). OUT: folder of the runs.
 # RESULTS: folder of the report (default benchmarks/results). EXTRA: main.py flags of every
-# run (set but empty: none). PARITY_FLAGS: more accuracy_parity.py flags (e.g. "--tiny
+# run (set but empty: none). ENACT_EXTRA: more main.py flags of the ENACT runs only (e.g.
+# --enact_row_breaks). PARITY_FLAGS: more accuracy_parity.py flags (e.g. "--tiny
 # --device cpu" for a smoke run). GPUS: how many GPUs to use (default: all that torch sees).
 # WORKERS: data-loading workers per run (default: the cores / 6, 1 to 8).
 set -u
@@ -26,6 +27,7 @@ STOP=${STOP:-60}
 OUT=${OUT:-outputs/accuracy_parity_multi_gpu}
 RESULTS=${RESULTS:-benchmarks/results}
 EXTRA=${EXTRA---backbone resnet18 --backbone_train_all --batch_size 16 --lr 1e-4 --lr_backbone 1e-4}
+ENACT_EXTRA=${ENACT_EXTRA:-}
 read -r -a PARITY <<< "${PARITY_FLAGS:-}"
 GPUS=${GPUS:-$(python -c 'import torch; print(torch.cuda.device_count())')}
 if [ "$GPUS" -lt 1 ]; then
@@ -39,7 +41,8 @@ if python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
 fi
 # data-loading workers per run: the machine's cores shared by the six runs (at most 8 each)
 WORKERS=${WORKERS:-$(python -c 'import os; print(max(1, min(8, os.cpu_count() // 6)))')}
-COMMON=(--minutes "$MINUTES" --out "$OUT" --num_workers "$WORKERS" --extra "$EXTRA" "${PARITY[@]}")
+COMMON=(--minutes "$MINUTES" --out "$OUT" --num_workers "$WORKERS" --extra="$EXTRA"
+        --enact_extra="$ENACT_EXTRA" "${PARITY[@]}")
 python benchmarks/accuracy_parity.py "${COMMON[@]}" --prepare_only  # the shapes data, once
 # what is left of STOP once the build and the data are done
 STOP_RUNS=$(python -c "import time; print(max(0.05, $STOP - (time.time() - $START) / 60))")

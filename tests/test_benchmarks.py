@@ -366,7 +366,7 @@ def test_accuracy_parity_multi_gpu_script_tiny_cpu(tmp_path, gpus):
     import subprocess
     runs, results = tmp_path / "runs", tmp_path / "results"
     env = {**os.environ, "GPUS": gpus, "MINUTES": "0.001", "STOP": "30", "OUT": str(runs),
-           "RESULTS": str(results), "EXTRA": "",
+           "RESULTS": str(results), "EXTRA": "", "ENACT_EXTRA": "--enact_row_breaks",
            "PARITY_FLAGS": "--tiny --device cpu --num_workers 0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "accuracy_parity_multi_gpu.sh")],
@@ -379,6 +379,13 @@ def test_accuracy_parity_multi_gpu_script_tiny_cpu(tmp_path, gpus):
     for r in rows:
         assert r["error"] is None and r["epochs"] == 1 and r["stopped_by"] == "budget", r
     assert len(list(runs.glob("shapes_*"))) == 1  # generated once, shared by the six runs
+    # ENACT_EXTRA reaches the ENACT runs' main.py only, and the report says so
+    for r in rows:
+        flags = json.loads((runs / f"{r['detector']}_{r['variant']}" / "parity_run.json")
+                           .read_text())["flags"]
+        assert ("--enact_row_breaks" in flags) == (r["variant"] == "enact"), r
+    md = (results / "accuracy_parity_cpu_tiny.md").read_text()
+    assert "ENACT runs also `--enact_row_breaks`" in md
 
     # no GPU: refused with one line
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "accuracy_parity_multi_gpu.sh")],
