@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from detr_common.attention import EncoderSelfAttention
 from enact_cuda import (Clusters, ENACTAttention, ENACTClustering, cluster, regions,
                         self_information)
 
@@ -97,17 +98,36 @@ def test_parameters_names_and_init():
                 for p in ("weight", "bias")}
     assert keys == expected
     assert mod.W_prob.weight.shape == (1, 32) and mod.W_prob.bias.shape == (1,)
-    for name in ("W_q", "W_k", "W_v", "W_o", "W_prob"):
-        lin = getattr(mod, name)
-        assert torch.all(lin.bias == 0)
-        bound = math.sqrt(6.0 / (lin.in_features + lin.out_features))
-        assert lin.weight.abs().max() <= bound
     with pytest.raises(ValueError, match="divisible"):
         ENACTAttention(30, 4, sigma=3)
     with pytest.raises(ValueError, match="sigma"):
         ENACTAttention(32, 4, sigma=2.5)
     with pytest.raises(ValueError, match="impl"):
         ENACTAttention(32, 4, sigma=3, impl="gpu")
+
+
+def test_init_matches_the_plain_attention():
+    """Zero biases; W_prob Xavier-uniform (the paper); W_q, W_k, W_v, W_o drawn as the plain
+    encoder's torch-MultiheadAttention parameters: U(-b, b) with b = sqrt(6 / (d + 3d)) for
+    the stacked input projections, b = 1 / sqrt(d) (nn.Linear's default) for W_o."""
+    torch.manual_seed(0)
+    d = 256
+    mod = ENACTAttention(d, 8, sigma=3)
+    plain = EncoderSelfAttention(d, 8)
+    bounds = {"W_q": math.sqrt(6.0 / (4 * d)), "W_k": math.sqrt(6.0 / (4 * d)),
+              "W_v": math.sqrt(6.0 / (4 * d)), "W_o": 1.0 / math.sqrt(d),
+              "W_prob": math.sqrt(6.0 / (d + 1))}
+    for name, bound in bounds.items():
+        lin = getattr(mod, name)
+        assert torch.all(lin.bias == 0), name
+        assert 0.9 * bound < lin.weight.abs().max() <= bound, name
+        if name != "W_prob":
+            assert torch.allclose(lin.weight.std(), torch.tensor(bound / math.sqrt(3)),
+                                  rtol=0.03), name
+    assert not torch.equal(mod.W_q.weight, mod.W_k.weight)
+    for ours, theirs in zip((mod.W_q, mod.W_k, mod.W_v), plain.in_proj_weight.chunk(3)):
+        assert torch.allclose(ours.weight.std(), theirs.std(), rtol=0.03)
+    assert torch.allclose(mod.W_o.weight.std(), plain.out_proj.weight.std(), rtol=0.03)
 
 
 def test_last_stats_and_information_maps():
