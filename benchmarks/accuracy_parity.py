@@ -32,6 +32,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -421,8 +422,8 @@ def run(opts, argv):
     chart = draw_curves(rows, results / f"{stem}.png",
                         f"shapes, {opts.minutes:g} min per run, {gpu}")
     meta = {"gpu": gpu, "torch": torch.__version__, "device": opts.device,
-            "command": " ".join(["python", "benchmarks/accuracy_parity.py",
-                                 *(argv if argv is not None else sys.argv[1:])]),
+            "command": shlex.join(["python", "benchmarks/accuracy_parity.py",
+                                   *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "data": str(coco), "n_train": n_train, "minutes": opts.minutes,
             "plain_attn": opts.plain_attn, "backbone_weights": opts.backbone_weights,

@@ -2,6 +2,7 @@
 accuracy_parity.py end to end in --tiny mode on the CPU (their JSON / markdown / PNG)."""
 import importlib.util
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -366,7 +367,8 @@ def test_accuracy_parity_multi_gpu_script_tiny_cpu(tmp_path, gpus):
     import subprocess
     runs, results = tmp_path / "runs", tmp_path / "results"
     env = {**os.environ, "GPUS": gpus, "MINUTES": "0.001", "STOP": "30", "OUT": str(runs),
-           "RESULTS": str(results), "EXTRA": "", "ENACT_EXTRA": "--enact_row_breaks",
+           "RESULTS": str(results), "EXTRA": "--lr 2e-4 --weight_decay 0",
+           "ENACT_EXTRA": "--enact_row_breaks",
            "PARITY_FLAGS": "--tiny --device cpu --num_workers 0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "accuracy_parity_multi_gpu.sh")],
@@ -386,6 +388,9 @@ def test_accuracy_parity_multi_gpu_script_tiny_cpu(tmp_path, gpus):
         assert ("--enact_row_breaks" in flags) == (r["variant"] == "enact"), r
     md = (results / "accuracy_parity_cpu_tiny.md").read_text()
     assert "ENACT runs also `--enact_row_breaks`" in md
+    # the recorded command can be pasted back into a shell
+    command = json.loads((results / "accuracy_parity_cpu_tiny.json").read_text())["command"]
+    assert "--extra=--lr 2e-4 --weight_decay 0" in shlex.split(command)
 
     # no GPU: refused with one line
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "accuracy_parity_multi_gpu.sh")],
