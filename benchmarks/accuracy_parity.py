@@ -301,12 +301,14 @@ def summarise(detector, variant, run_dir, n_train, budget_s, stop, error, walls)
         aps = [r["test_coco_eval_bbox"][0] for r in records if r.get("test_coco_eval_bbox")]
         row["best_AP"] = 100 * max(aps) if aps else None
         row["ap_per_epoch"] = [100 * a for a in aps]
+        tail = row["ap_per_epoch"][-ref.PARITY_LAST_EPOCHS:]
+        row["AP_last"] = sum(tail) / len(tail) if tail else None
         row["train_s_per_img"] = sum(r["train_s_per_img"] for r in records) / len(records)
         row["peak_mem_gib"] = max(r.get("train_peak_mem_gib", 0.0) for r in records)
         row["clusters_per_img"] = last.get("train_enact_clusters_per_img")
         row["final_loss"] = last.get("train_loss")
     else:
-        row.update({k: None for k in COCO_NAMES})
+        row.update({k: None for k in (*COCO_NAMES, "AP_last")})
     return row
 
 
@@ -315,8 +317,8 @@ def _num(x, fmt=".1f"):
     return "—" if x is None else format(x, fmt)
 
 
-COLUMNS = ["detector", "variant", "epochs", "train min", "s/img", *COCO_NAMES, "AP (ENACT - plain)",
-           "stopped by"]
+COLUMNS = ["detector", "variant", "epochs", "train min", "s/img", *COCO_NAMES,
+           f"AP, last {ref.PARITY_LAST_EPOCHS} ep.", "ENACT - plain", "stopped by"]
 
 
 def row_cells(row, rows):
@@ -324,12 +326,12 @@ def row_cells(row, rows):
     if row["variant"] == "enact":
         plain = next((r for r in rows if r["detector"] == row["detector"]
                       and r["variant"] == "plain"), None)
-        if plain and plain.get("AP") is not None and row.get("AP") is not None:
-            delta = f"{row['AP'] - plain['AP']:+.1f}"
+        if plain and plain.get("AP_last") is not None and row.get("AP_last") is not None:
+            delta = f"{row['AP_last'] - plain['AP_last']:+.1f}"
     return [ref.DETECTOR_SHORT.get(row["detector"], row["detector"]), row["variant"],
             str(row["epochs"]), f"{row['train_s'] / 60:.2f}",
             _num(row.get("train_s_per_img"), ".4f"), *(_num(row.get(k)) for k in COCO_NAMES),
-            delta, row["error"] or row["stopped_by"] or ""]
+            _num(row.get("AP_last")), delta, row["error"] or row["stopped_by"] or ""]
 
 
 def text_table(rows):
@@ -354,7 +356,9 @@ def markdown(meta, rows, targets, chart):
              "Columns: epochs trained within the budget; train min = training-loop time "
              "(log.txt s/img x images); AP.. = COCO box metrics x 100 of the LAST epoch "
              "(— = undefined: COCO gives -1 when there is no object or no detection of that "
-             "size); AP (ENACT - plain) = the parity figure.", "",
+             f"size); AP, last {ref.PARITY_LAST_EPOCHS} ep. = mean AP of the run's last "
+             f"{ref.PARITY_LAST_EPOCHS} epochs (single epochs of these steep curves swing by "
+             "several AP); ENACT - plain = the parity figure, of those means.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(row_cells(r, rows)) + " |" for r in rows]
     lines += ["", "## Target", "", ref.targets_markdown(targets, meta["labels"]), ""]
@@ -413,7 +417,8 @@ def run(opts, argv):
             print(f"{det} {variant}:", flush=True)
             rows.append(report_row(det, variant, n_train, opts) if opts.report_only else
                         train_within_budget(det, variant, coco, n_train, opts, deadline))
-    aps = {d: {r["variant"]: r.get("AP") for r in rows if r["detector"] == d} for d in detectors}
+    aps = {d: {r["variant"]: r.get("AP_last") for r in rows if r["detector"] == d}
+           for d in detectors}
     targets = ref.evaluate_parity(aps)
     stem = opts.name or ("accuracy_parity_" + re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
                          + ("_tiny" if opts.tiny else ""))

@@ -107,6 +107,7 @@ TINY_QUERIES = {"detr": ["--num_queries", "10"], "conditional_detr": ["--num_que
 
 PARITY_BOUND = -1.5  # ENACT AP - plain AP (COCO AP x 100) must be >= this
 PARITY_MIN_AP = 5.0  # below this for both runs, the comparison says nothing (train longer)
+PARITY_LAST_EPOCHS = 3  # parity compares the mean AP of each run's last this many epochs
 TARGET_MODE = "fp32"  # targets are judged on the protocol's fp32 rows
 UNITS = {"train_s_per_img": "s/img", "peak_gib": "GiB", "infer_s_per_img": "s/img"}
 
@@ -222,7 +223,8 @@ def evaluate_targets(rows, gpu, detectors=None):
 
 
 def evaluate_parity(ap_by_detector):
-    """Accuracy parity: {detector: {"plain": AP, "enact": AP}} (COCO AP x 100) -> one entry
+    """Accuracy parity: {detector: {"plain": AP, "enact": AP}} (COCO AP x 100; the runs' mean
+    over their last PARITY_LAST_EPOCHS epochs) -> one entry
     per detector, ENACT AP - plain AP >= PARITY_BOUND; "inconclusive" when both APs are below
     PARITY_MIN_AP (the runs learnt too little for the difference to mean anything)."""
     out = []
