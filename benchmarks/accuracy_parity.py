@@ -145,7 +145,8 @@ def ensure_data(opts):
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_shapes_coco.py"), "--out",
                         str(coco), "--num_train", str(opts.num_train), "--num_val",
                         str(opts.num_val), "--min_size", str(opts.min_size), "--max_size",
-                        str(opts.max_size), "--seed", "0"], check=True, cwd=ROOT)
+                        str(opts.max_size), "--seed", "0", "--workers", str(os.cpu_count() or 1)],
+                       check=True, cwd=ROOT)
     return coco
 
 

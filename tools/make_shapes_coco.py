@@ -32,8 +32,10 @@ gives byte-identical JSON (and images), and an image does not depend on how many
 generated. Only numpy and Pillow are used for drawing.
 """
 import argparse
+import contextlib
 import json
 import math
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -199,10 +201,36 @@ def _round(x):
     return round(float(x), 2)
 
 
-def generate(out, num_train, num_val, min_size, max_size, seed):
-    """Write the dataset under ``out`` (see the module docstring). Returns ``Path(out)``."""
+def _write_image(job):
+    """Draw and save one image; returns (COCO image record, its annotations without ids)."""
+    folder, seed, stream, first_id, index, min_size, max_size = job
+    rng = np.random.default_rng([seed, stream, index])
+    width = int(rng.integers(min_size, max_size + 1))
+    height = int(rng.integers(min_size, max_size + 1))
+    pixels, anns = make_image(rng, width, height, index)
+    image_id = first_id + index
+    file_name = f"{image_id:012d}.jpg"
+    Image.fromarray(pixels).save(folder / file_name, quality=JPEG_QUALITY)
+    return {"id": image_id, "file_name": file_name, "width": width, "height": height}, anns
+
+
+@contextlib.contextmanager
+def _pool(workers):
+    """A process pool of ``workers`` processes, or None (draw in this process) for 0 or 1."""
+    if workers <= 1:
+        yield None
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield pool
+
+
+def generate(out, num_train, num_val, min_size, max_size, seed, workers=0):
+    """Write the dataset under ``out`` (see the module docstring). Returns ``Path(out)``.
+    ``workers`` > 1 draws the images in that many processes; the files are the same."""
     if not 8 <= min_size <= max_size:
         raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
+    if workers < 0:
+        raise ValueError(f"need workers >= 0, got {workers}")
     out = Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     categories = [{"id": cid, "name": name, "supercategory": sup}
@@ -213,24 +241,20 @@ def generate(out, num_train, num_val, min_size, max_size, seed):
         folder = out / f"{split}2017"
         folder.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
-        for index in tqdm(range(count), desc=f"shapes {split}", unit="img", leave=False,
-                          disable=count == 0):
-            rng = np.random.default_rng([seed, stream, index])
-            width = int(rng.integers(min_size, max_size + 1))
-            height = int(rng.integers(min_size, max_size + 1))
-            pixels, anns = make_image(rng, width, height, index)
-            image_id = first_id + index
-            file_name = f"{image_id:012d}.jpg"
-            Image.fromarray(pixels).save(folder / file_name, quality=JPEG_QUALITY)
-            images.append({"id": image_id, "file_name": file_name,
-                           "width": width, "height": height})
-            for ann in anns:
-                annotations.append({
-                    "id": next_ann_id, "image_id": image_id,
-                    "category_id": ann["category_id"],
-                    "bbox": [_round(v) for v in ann["bbox"]],
-                    "area": _round(ann["area"]), "iscrowd": ann["iscrowd"]})
-                next_ann_id += 1
+        jobs = [(folder, seed, stream, first_id, index, min_size, max_size)
+                for index in range(count)]
+        with _pool(workers) as pool:
+            written = pool.imap(_write_image, jobs, chunksize=16) if pool else map(_write_image, jobs)
+            for image, anns in tqdm(written, total=count, desc=f"shapes {split}", unit="img",
+                                    leave=False, disable=count == 0):
+                images.append(image)
+                for ann in anns:
+                    annotations.append({
+                        "id": next_ann_id, "image_id": image["id"],
+                        "category_id": ann["category_id"],
+                        "bbox": [_round(v) for v in ann["bbox"]],
+                        "area": _round(ann["area"]), "iscrowd": ann["iscrowd"]})
+                    next_ann_id += 1
         data = {
             "info": {"description": "synthetic shapes (tools/make_shapes_coco.py)",
                      "version": "1.0", "seed": seed, "min_size": min_size,
@@ -251,10 +275,12 @@ def main(argv=None):
     p.add_argument("--min_size", type=int, default=96, help="smallest image side (px)")
     p.add_argument("--max_size", type=int, default=160, help="largest image side (px)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes drawing the images (0: this one; the files are the same)")
     args = p.parse_args(argv)
     try:
         out = generate(args.out, args.num_train, args.num_val, args.min_size, args.max_size,
-                       args.seed)
+                       args.seed, args.workers)
     except ValueError as e:
         p.error(str(e))
     print(f"wrote {args.num_train} train / {args.num_val} val images to {out}")
