@@ -308,9 +308,19 @@ def summarise(detector, variant, run_dir, n_train, budget_s, stop, error, walls)
         row["peak_mem_gib"] = max(r.get("train_peak_mem_gib", 0.0) for r in records)
         row["clusters_per_img"] = last.get("train_enact_clusters_per_img")
         row["final_loss"] = last.get("train_loss")
+        row["epochs_after_lr_drop"] = epochs_after_lr_drop(records)
     else:
         row.update({k: None for k in (*COCO_NAMES, "AP_last")})
     return row
+
+
+def epochs_after_lr_drop(records):
+    """How many epochs trained at a learning rate below the first epoch's (after main.py's
+    --lr_drop step); None when log.txt has no train_lr."""
+    lrs = [r.get("train_lr") for r in records]
+    if not lrs or None in lrs:
+        return None
+    return sum(lr < lrs[0] for lr in lrs)
 
 
 # --------------------------------------------------------------------------- reports
@@ -318,7 +328,7 @@ def _num(x, fmt=".1f"):
     return "—" if x is None else format(x, fmt)
 
 
-COLUMNS = ["detector", "variant", "epochs", "train min", "s/img", *COCO_NAMES,
+COLUMNS = ["detector", "variant", "epochs", "after lr drop", "train min", "s/img", *COCO_NAMES,
            f"AP, last {ref.PARITY_LAST_EPOCHS} ep.", "ENACT - plain", "stopped by"]
 
 
@@ -328,9 +338,10 @@ def row_cells(row, rows):
         plain = next((r for r in rows if r["detector"] == row["detector"]
                       and r["variant"] == "plain"), None)
         if plain and plain.get("AP_last") is not None and row.get("AP_last") is not None:
-            delta = f"{row['AP_last'] - plain['AP_last']:+.1f}"
+            delta = f"{row['AP_last'] - plain['AP_last']:+.2f}"
     return [ref.DETECTOR_SHORT.get(row["detector"], row["detector"]), row["variant"],
-            str(row["epochs"]), f"{row['train_s'] / 60:.2f}",
+            str(row["epochs"]), _num(row.get("epochs_after_lr_drop"), "d"),
+            f"{row['train_s'] / 60:.2f}",
             _num(row.get("train_s_per_img"), ".4f"), *(_num(row.get(k)) for k in COCO_NAMES),
             _num(row.get("AP_last")), delta, row["error"] or row["stopped_by"] or ""]
 
@@ -354,7 +365,9 @@ def markdown(meta, rows, targets, chart):
              f"{meta['max_img_size']}" + (f", `{meta['extra']}`" if meta["extra"] else "")
              + (f"; ENACT runs also `{meta['enact_extra']}`" if meta.get("enact_extra") else ""),
              "",
-             "Columns: epochs trained within the budget; train min = training-loop time "
+             "Columns: epochs trained within the budget; after lr drop = those of them at "
+             "the dropped learning rate (main.py --lr_drop; until then AP is still climbing "
+             "steeply and a gap mostly measures how fast each variant climbs); train min = training-loop time "
              "(log.txt s/img x images); AP.. = COCO box metrics x 100 of the LAST epoch "
              "(— = undefined: COCO gives -1 when there is no object or no detection of that "
              f"size); AP, last {ref.PARITY_LAST_EPOCHS} ep. = mean AP of the run's last "

@@ -1,11 +1,11 @@
 #!/bin/bash
-# Accuracy parity of the three detectors on the GPUs of one machine, all six runs at once, then
-# one report over the six runs (benchmarks/results/accuracy_parity_<gpu>.*).
-#   6 or more GPUs: one run per GPU.
-#   4 or 5 GPUs: Anchor DETR plain / ENACT alone on GPUs 2 / 3; DETR and Conditional DETR share
-#   GPUs 0 and 1 in crossed pairs (each of these GPUs holds one plain and one ENACT run, so both
-#   variants of a detector have the same kind of neighbour).
-#   1 to 3 GPUs: each detector's plain and ENACT runs share one GPU (detector i on GPU i mod
+# Accuracy parity of the detectors on the GPUs of one machine, all runs (plain and ENACT of each
+# detector) at once, then one report over them (benchmarks/results/accuracy_parity_<gpu>.*).
+#   as many GPUs as runs: one run per GPU.
+#   all three detectors on 4 or 5 GPUs: Anchor DETR plain / ENACT alone on GPUs 2 / 3; DETR and
+#   Conditional DETR share GPUs 0 and 1 in crossed pairs (each of these GPUs holds one plain and
+#   one ENACT run, so both variants of a detector have the same kind of neighbour).
+#   otherwise: each detector's plain and ENACT runs share one GPU (detector i on GPU i mod
 #   GPUS), so the two variants always train side by side under the same load.
 # Each run gets MINUTES of its own training loop (start-up and evaluation excluded).
 #
@@ -16,7 +16,9 @@
 # flight and the report, e.g. STOP=7.8 in a 10-minute limit). OUT: folder of the runs.
 # RESULTS: folder of the report (default benchmarks/results). EXTRA: main.py flags of every
 # run (set but empty: none). ENACT_EXTRA: more main.py flags of the ENACT runs only (e.g.
-# --enact_row_breaks). PARITY_FLAGS: more accuracy_parity.py flags (e.g. "--tiny
+# --enact_row_breaks). DETECTORS: which detectors (default all three, e.g. "anchor_detr" or
+# "detr,conditional_detr"). NAME: the report's file stem (default accuracy_parity_<gpu>).
+# PARITY_FLAGS: more accuracy_parity.py flags (e.g. "--tiny
 # --device cpu" for a smoke run). GPUS: how many GPUs to use (default: all that torch sees).
 # WORKERS: data-loading workers per run (default: the cores / 6, 1 to 8).
 set -u
@@ -28,6 +30,9 @@ OUT=${OUT:-outputs/accuracy_parity_multi_gpu}
 RESULTS=${RESULTS:-benchmarks/results}
 EXTRA=${EXTRA---backbone resnet18 --backbone_train_all --batch_size 16 --lr 1e-4 --lr_backbone 1e-4}
 ENACT_EXTRA=${ENACT_EXTRA:-}
+IFS=, read -r -a DETS <<< "${DETECTORS:-detr,conditional_detr,anchor_detr}"
+DETECTOR_LIST=$(IFS=,; echo "${DETS[*]}")
+NAME_FLAG=(); [ -n "${NAME:-}" ] && NAME_FLAG=(--name "$NAME")
 read -r -a PARITY <<< "${PARITY_FLAGS:-}"
 GPUS=${GPUS:-$(python -c 'import torch; print(torch.cuda.device_count())')}
 if [ "$GPUS" -lt 1 ]; then
@@ -39,11 +44,12 @@ mkdir -p "$OUT"
 if python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   python -m enact_cuda.build | tail -n 1  # compile once, not in six processes at once
 fi
-# data-loading workers per run: the machine's cores shared by the six runs (at most 8 each)
-WORKERS=${WORKERS:-$(python -c 'import os; print(max(1, min(8, os.cpu_count() // 6)))')}
+# data-loading workers per run: the machine's cores shared by the runs (at most 8 each)
+WORKERS=${WORKERS:-$(python -c "import os; print(max(1, min(8, os.cpu_count() // (2 * ${#DETS[@]}))))")}
 COMMON=(--minutes "$MINUTES" --out "$OUT" --num_workers "$WORKERS" --extra="$EXTRA"
         --enact_extra="$ENACT_EXTRA" "${PARITY[@]}")
-python benchmarks/accuracy_parity.py "${COMMON[@]}" --prepare_only  # the shapes data, once
+# the shapes data, once (and an unknown name in DETECTORS stops the script here)
+python benchmarks/accuracy_parity.py "${COMMON[@]}" --detectors "$DETECTOR_LIST" --prepare_only || exit 2
 # what is left of STOP once the build and the data are done
 STOP_RUNS=$(python -c "import time; print(max(0.05, $STOP - (time.time() - $START) / 60))")
 run() {  # gpu detector variant
@@ -51,18 +57,23 @@ run() {  # gpu detector variant
       --variants "$3" --stop_after "$STOP_RUNS" --results "$OUT/parts" --name "part_$2_$3" \
       > "$OUT/$2_$3.out" 2>&1
 }
-if [ "$GPUS" -ge 6 ]; then
-  run 0 detr plain & run 1 detr enact & run 2 conditional_detr plain &
-  run 3 conditional_detr enact & run 4 anchor_detr plain & run 5 anchor_detr enact & wait
-elif [ "$GPUS" -ge 4 ]; then
+if [ "$GPUS" -ge $((2 * ${#DETS[@]})) ]; then
+  gpu=0
+  for detector in "${DETS[@]}"; do
+    run $gpu "$detector" plain & run $((gpu + 1)) "$detector" enact &
+    gpu=$((gpu + 2))
+  done
+  wait
+elif [ "$GPUS" -ge 4 ] && [ "${#DETS[@]}" -eq 3 ]; then
   run 0 detr plain & run 1 detr enact & run 1 conditional_detr plain &
   run 0 conditional_detr enact & run 2 anchor_detr plain & run 3 anchor_detr enact & wait
 else
   i=0
-  for detector in detr conditional_detr anchor_detr; do
+  for detector in "${DETS[@]}"; do
     gpu=$((i % GPUS)); i=$((i + 1))
-    run $gpu $detector plain & run $gpu $detector enact &
+    run $gpu "$detector" plain & run $gpu "$detector" enact &
   done
   wait
 fi
-python benchmarks/accuracy_parity.py "${COMMON[@]}" --report_only --results "$RESULTS"
+python benchmarks/accuracy_parity.py "${COMMON[@]}" --detectors "$DETECTOR_LIST" --report_only \
+    --results "$RESULTS" "${NAME_FLAG[@]}"

@@ -133,20 +133,21 @@ def check(value, op, bound):
     return {"value": value, "op": op, "bound": bound, "met": met, "margin": margin}
 
 
-def _fmt(x, unit):
+def _fmt(x, unit, decimals=1):
     if unit == "%":
-        return f"{x:+.1f} %"
+        return f"{x:+.{decimals}f} %"
     if unit == "AP":
-        return f"{x:+.1f} AP"
+        return f"{x:+.{decimals}f} AP"
     return f"{x:.4g} {unit}"
 
 
 def describe(result, unit):
     """One line for a check() result, e.g. 'met: -35.1 % <= -32.0 % (3.1 pp to spare)'."""
     diff_unit = {"%": "pp", "AP": "AP"}.get(unit, unit)
-    v, b = _fmt(result["value"], unit), _fmt(result["bound"], unit)
     m = abs(result["margin"])
-    by = f"{m:.1f} {diff_unit}"
+    decimals = 1 if m >= 0.05 or m == 0 else 3  # a near-tie is not printed as "by 0.0"
+    v, b = _fmt(result["value"], unit, decimals), _fmt(result["bound"], unit, decimals)
+    by = f"{m:.{decimals}f} {diff_unit}"
     if unit not in ("%", "AP"):  # absolute figures: also the relative distance
         rel = pct(result["value"], result["bound"])
         by = f"{m:.4g} {diff_unit}" + (f", {abs(rel):.1f} %" if rel is not None else "")

@@ -41,6 +41,9 @@ def test_check_margins_and_ties():
         ref.check(1.0, "==", 1.0)
     assert ref.describe(missed, "%") == "missed by 3.1 pp: -28.9 %, target <= -32.0 %"
     assert ref.describe(met, "%") == "met: -35.1 % <= -32.0 % (3.1 pp to spare)"
+    # a near-tie keeps three decimals, so it never reads "missed by 0.0"
+    assert ref.describe(ref.check(-1.5030, ">=", -1.5), "AP") == \
+        "missed by 0.003 AP: -1.503 AP, target >= -1.500 AP"
     assert "missed by 0.0001 s/img, 0.8 %" in ref.describe(ref.check(0.0130, "<=", 0.0129),
                                                          "s/img")
 
@@ -151,6 +154,14 @@ def test_parity_summary_averages_the_last_three_epochs(tmp_path):
     (tmp_path / "log.txt").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
     row = parity.summarise("anchor_detr", "enact", tmp_path, 100, 60.0, "budget", None, [])
     assert row["AP_last"] == pytest.approx(20.0)
+    assert row["epochs_after_lr_drop"] is None  # these records carry no train_lr
+
+
+def test_parity_counts_the_epochs_after_the_lr_drop():
+    count = _load("accuracy_parity").epochs_after_lr_drop
+    assert count([{"train_lr": lr} for lr in (1e-4, 1e-4, 1e-5, 1e-5, 1e-5)]) == 3
+    assert count([{"train_lr": 1e-4}] * 4) == 0
+    assert count([]) is None and count([{"train_lr": 1e-4}, {}]) is None
 
 
 def test_parity_labels_name_the_backbone_the_runs_used():
@@ -414,3 +425,29 @@ def test_accuracy_parity_multi_gpu_script_tiny_cpu(tmp_path, gpus):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "accuracy_parity_multi_gpu.sh")],
                           env={**env, "GPUS": "0"}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "needs a GPU" in proc.stderr
+
+
+@pytest.mark.slow
+def test_accuracy_parity_multi_gpu_script_detector_subset(tmp_path):
+    """DETECTORS picks the detectors (two runs on two GPUs: one run per GPU), NAME the report's
+    stem; an unknown detector stops the script before anything trains."""
+    import os
+    import subprocess
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    env = {**os.environ, "GPUS": "2", "MINUTES": "0.001", "STOP": "30", "OUT": str(runs),
+           "RESULTS": str(results), "DETECTORS": "anchor_detr", "NAME": "parity_anchor",
+           "PARITY_FLAGS": "--tiny --device cpu --num_workers 0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    script = str(ROOT / "benchmarks" / "accuracy_parity_multi_gpu.sh")
+    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((results / "parity_anchor.json").read_text())["rows"]
+    assert [(r["detector"], r["variant"], r["error"]) for r in rows] == [
+        ("anchor_detr", "plain", None), ("anchor_detr", "enact", None)]
+    assert sorted(p.name for p in runs.glob("*_*") if p.is_dir()
+                  and not p.name.startswith("shapes")) == ["anchor_detr_enact", "anchor_detr_plain"]
+
+    proc = subprocess.run(["bash", script], env={**env, "DETECTORS": "detr,yolo"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "yolo" in proc.stderr
+    assert not (runs / "detr_plain").exists()
