@@ -21,8 +21,9 @@ Runs live in --out (default outputs/accuracy_parity/<detector>_<plain|enact>/, m
 log.txt and checkpoint.pth); calling the script again with the same flags continues unfinished
 runs (a larger --minutes trains further), so the work can be split over several commands, e.g.
 one per detector, or with --stop_after (wall-clock minutes for this command). The report
-(AP of the last epoch of each run) goes to --results: accuracy_parity_<gpu>.json / .md and a
-PNG of AP per epoch drawn by tools/plot_logs.py (needs matplotlib).
+(COCO AP of each run's last epoch and the mean AP of its last 3, the parity figure) goes to
+--results: accuracy_parity_<gpu>.json / .md and a PNG of AP per epoch drawn by
+tools/plot_logs.py (needs matplotlib).
 """
 from __future__ import annotations
 
@@ -367,8 +368,8 @@ def markdown(meta, rows, targets, chart):
              "",
              "Columns: epochs trained within the budget; after lr drop = those of them at "
              "the dropped learning rate (main.py --lr_drop; until then AP is still climbing "
-             "steeply and a gap mostly measures how fast each variant climbs); train min = training-loop time "
-             "(log.txt s/img x images); AP.. = COCO box metrics x 100 of the LAST epoch "
+             "steeply and a gap mostly measures how fast each variant climbs); train min = "
+             "training-loop time (log.txt s/img x images); AP.. = COCO box metrics x 100 of the LAST epoch "
              "(— = undefined: COCO gives -1 when there is no object or no detection of that "
              f"size); AP, last {ref.PARITY_LAST_EPOCHS} ep. = mean AP of the run's last "
              f"{ref.PARITY_LAST_EPOCHS} epochs (single epochs of these steep curves swing by "

@@ -2,7 +2,7 @@
 """Write a deterministic synthetic "shapes" detection dataset in COCO layout.
 
     python tools/make_shapes_coco.py --out DIR --num_train N --num_val M \
-        --min_size S --max_size L --seed K
+        --min_size S --max_size L --seed K [--workers P]
 
 Layout written under DIR (the same as COCO 2017)::
 
@@ -244,7 +244,8 @@ def generate(out, num_train, num_val, min_size, max_size, seed, workers=0):
         jobs = [(folder, seed, stream, first_id, index, min_size, max_size)
                 for index in range(count)]
         with _pool(workers) as pool:
-            written = pool.imap(_write_image, jobs, chunksize=16) if pool else map(_write_image, jobs)
+            written = (pool.imap(_write_image, jobs, chunksize=16) if pool
+                       else map(_write_image, jobs))
             for image, anns in tqdm(written, total=count, desc=f"shapes {split}", unit="img",
                                     leave=False, disable=count == 0):
                 images.append(image)
