@@ -369,11 +369,11 @@ def markdown(meta, rows, targets, chart):
              "Columns: epochs trained within the budget; after lr drop = those of them at "
              "the dropped learning rate (main.py --lr_drop; until then AP is still climbing "
              "steeply and a gap mostly measures how fast each variant climbs); train min = "
-             "training-loop time (log.txt s/img x images); AP.. = COCO box metrics x 100 of the LAST epoch "
-             "(— = undefined: COCO gives -1 when there is no object or no detection of that "
-             f"size); AP, last {ref.PARITY_LAST_EPOCHS} ep. = mean AP of the run's last "
-             f"{ref.PARITY_LAST_EPOCHS} epochs (single epochs of these steep curves swing by "
-             "several AP); ENACT - plain = the parity figure, of those means.", "",
+             "training-loop time (log.txt s/img x images); AP.. = COCO box metrics x 100 of "
+             "the LAST epoch (— = undefined: COCO gives -1 when there is no object or no "
+             f"detection of that size); AP, last {ref.PARITY_LAST_EPOCHS} ep. = mean AP of the "
+             f"run's last {ref.PARITY_LAST_EPOCHS} epochs (single epochs of these steep curves "
+             "swing by several AP); ENACT - plain = the parity figure, of those means.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(row_cells(r, rows)) + " |" for r in rows]
     lines += ["", "## Target", "", ref.targets_markdown(targets, meta["labels"]), ""]

@@ -45,11 +45,13 @@ if python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   python -m enact_cuda.build | tail -n 1  # compile once, not in six processes at once
 fi
 # data-loading workers per run: the machine's cores shared by the runs (at most 8 each)
-WORKERS=${WORKERS:-$(python -c "import os; print(max(1, min(8, os.cpu_count() // (2 * ${#DETS[@]}))))")}
+RUNS=$((2 * ${#DETS[@]}))
+WORKERS=${WORKERS:-$(python -c "import os; print(max(1, min(8, os.cpu_count() // $RUNS)))")}
 COMMON=(--minutes "$MINUTES" --out "$OUT" --num_workers "$WORKERS" --extra="$EXTRA"
         --enact_extra="$ENACT_EXTRA" "${PARITY[@]}")
 # the shapes data, once (and an unknown name in DETECTORS stops the script here)
-python benchmarks/accuracy_parity.py "${COMMON[@]}" --detectors "$DETECTOR_LIST" --prepare_only || exit 2
+python benchmarks/accuracy_parity.py "${COMMON[@]}" --detectors "$DETECTOR_LIST" --prepare_only \
+    || exit 2
 # what is left of STOP once the build and the data are done
 STOP_RUNS=$(python -c "import time; print(max(0.05, $STOP - (time.time() - $START) / 60))")
 run() {  # gpu detector variant
@@ -57,7 +59,7 @@ run() {  # gpu detector variant
       --variants "$3" --stop_after "$STOP_RUNS" --results "$OUT/parts" --name "part_$2_$3" \
       > "$OUT/$2_$3.out" 2>&1
 }
-if [ "$GPUS" -ge $((2 * ${#DETS[@]})) ]; then
+if [ "$GPUS" -ge "$RUNS" ]; then
   gpu=0
   for detector in "${DETS[@]}"; do
     run $gpu "$detector" plain & run $((gpu + 1)) "$detector" enact &

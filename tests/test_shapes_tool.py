@@ -148,10 +148,12 @@ def test_cli_writes_the_same_as_generate(tool, tmp_path):
 
 
 def test_cli_workers_write_the_same_files(tool, tmp_path):
-    """Drawing in worker processes changes nothing: the same bytes, ids in the same order."""
-    tool.generate(tmp_path / "one", 7, 3, 40, 72, seed=4)
+    """Drawing in worker processes changes nothing: the same bytes, ids in the same order.
+    (40 training images: more than one chunk, so the pool really starts two processes.)"""
+    assert 40 > tool.POOL_CHUNK
+    tool.generate(tmp_path / "one", 40, 3, 40, 72, seed=4)
     proc = subprocess.run(
-        [sys.executable, str(TOOL), "--out", str(tmp_path / "pool"), "--num_train", "7",
+        [sys.executable, str(TOOL), "--out", str(tmp_path / "pool"), "--num_train", "40",
          "--num_val", "3", "--min_size", "40", "--max_size", "72", "--seed", "4",
          "--workers", "2"],
         capture_output=True, text=True, timeout=120)

@@ -214,13 +214,18 @@ def _write_image(job):
     return {"id": image_id, "file_name": file_name, "width": width, "height": height}, anns
 
 
+POOL_CHUNK = 16  # images handed to a worker process at a time
+
+
 @contextlib.contextmanager
-def _pool(workers):
-    """A process pool of ``workers`` processes, or None (draw in this process) for 0 or 1."""
-    if workers <= 1:
+def _pool(workers, count):
+    """A process pool for ``count`` images: at most ``workers`` processes and no more than
+    there are chunks of POOL_CHUNK images; None (draw in this process) when that is 0 or 1."""
+    processes = min(workers, -(-count // POOL_CHUNK))
+    if processes <= 1:
         yield None
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
         yield pool
 
 
@@ -243,8 +248,8 @@ def generate(out, num_train, num_val, min_size, max_size, seed, workers=0):
         images, annotations = [], []
         jobs = [(folder, seed, stream, first_id, index, min_size, max_size)
                 for index in range(count)]
-        with _pool(workers) as pool:
-            written = (pool.imap(_write_image, jobs, chunksize=16) if pool
+        with _pool(workers, count) as pool:
+            written = (pool.imap(_write_image, jobs, chunksize=POOL_CHUNK) if pool
                        else map(_write_image, jobs))
             for image, anns in tqdm(written, total=count, desc=f"shapes {split}", unit="img",
                                     leave=False, disable=count == 0):
