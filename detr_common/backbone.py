@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from . import checkpoint  # noqa: F401  (weights_only loads may read our checkpoints' args)
+
 _LAYERS = ("layer1", "layer2", "layer3", "layer4")
 _STEM = ("conv1", "bn1", "relu", "maxpool")
 _CHANNELS = {
@@ -136,7 +138,9 @@ def _dilate_basic_layer4(layer4: nn.Sequential) -> None:
 
 
 def _resnet_state_dict(name: str, weights: str) -> dict:
-    """State dict (torchvision key names) for ``weights`` = "imagenet" or a file path."""
+    """State dict (torchvision key names) for ``weights`` = "imagenet" or a file path: a ResNet
+    state_dict, or a detector checkpoint whose ``backbone.0.body.*`` / ``backbone.body.*``
+    entries are taken (e.g. a backbone trained by another detector on the same data)."""
     if weights == "imagenet":
         enum = getattr(torchvision.models, _WEIGHTS[name]).IMAGENET1K_V1
         try:
@@ -161,6 +165,10 @@ def _resnet_state_dict(name: str, weights: str) -> dict:
     if not isinstance(state, dict):
         raise RuntimeError(f"--backbone_weights {path}: expected a state_dict (dict of tensors), "
                            f"got {type(state).__name__}")
+    detector = ("backbone.0.body.", "backbone.body.")
+    if any(str(k).startswith(detector) for k in state):
+        # a detector checkpoint (ours or upstream): its backbone only
+        state = {k: v for k, v in state.items() if k.startswith(detector)}
     out = {}
     for key, value in state.items():
         for prefix in ("backbone.0.body.", "backbone.body.", "body.", "module."):

@@ -44,7 +44,8 @@ def get_args_parser(description, num_queries=100, **defaults):
     g.add_argument("--dilation", action="store_true",
                    help="replace the stride of the last stage by a dilation (DC5)")
     g.add_argument("--backbone_weights", default="imagenet",
-                   help="imagenet (torchvision V1), none (random), or a path to a state_dict")
+                   help="imagenet (torchvision V1), none (random), or a path: a ResNet "
+                        "state_dict or a detector checkpoint (its backbone is taken)")
     g.add_argument("--backbone_train_all", action="store_true",
                    help="train every backbone layer (the stem and layer1 too) with ordinary "
                         "BatchNorm (batch statistics), for training from scratch "

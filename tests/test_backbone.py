@@ -1,4 +1,5 @@
 """Backbone: frozen BN math, freezing, dilation, weights handling; sine positional encoding."""
+import argparse
 import math
 import urllib.error
 
@@ -173,6 +174,29 @@ def test_local_weights_file(tmp_path):
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pth")
     with pytest.raises(RuntimeError, match="missing keys"):
         Backbone("resnet18", True, weights=str(tmp_path / "partial.pth"))
+
+
+@pytest.mark.parametrize("prefix", ["backbone.0.body.", "backbone.body."])
+def test_backbone_weights_from_a_detector_checkpoint(tmp_path, prefix):
+    """A detector checkpoint ({model, args, ...}; DETR / Conditional DETR keys backbone.0.body.*,
+    Anchor DETR backbone.body.*) gives its backbone; the other entries are ignored, and the
+    weights load into a dilated trunk too (same shapes)."""
+    torch.manual_seed(0)
+    trained = Backbone("resnet18", True, weights="none", train_all=True)
+    trained.train()(torch.randn(2, 3, 64, 64))  # running statistics away from (0, 1)
+    model = {prefix + k: v for k, v in trained.body.state_dict().items()}
+    model["transformer.encoder.layers.0.linear1.weight"] = torch.zeros(8, 4)
+    model["class_embed.weight"] = torch.zeros(3, 8)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": model, "args": argparse.Namespace(no_enact=True), "epoch": 3}, path)
+    for dilation in (False, True):
+        bb = Backbone("resnet18", True, weights=str(path), dilation=dilation)
+        assert torch.equal(bb.body.layer3[0].conv1.weight, trained.body.layer3[0].conv1.weight)
+        assert torch.equal(bb.body.bn1.running_mean, trained.body.bn1.running_mean)
+    del model[prefix + "layer4.1.conv2.weight"]
+    torch.save({"model": model}, path)
+    with pytest.raises(RuntimeError, match=r"1 missing keys \(e.g. layer4.1.conv2.weight\)"):
+        Backbone("resnet18", True, weights=str(path))
 
 
 def test_build_backbone_reads_args():
