@@ -16,15 +16,14 @@ FOLDERS = {"DETR-ENACT": [], "Conditional-DETR-ENACT": [],
            "Anchor-DETR-ENACT": ["--num_query_position", "6", "--num_query_pattern", "2"]}
 
 
-def build(folder):
+def build(folder, extra=("--smoothing_sigma", "1")):
     main = load_main(folder)
     flags = without(TINY, "--device")
     if folder == "Anchor-DETR-ENACT":
         flags = without(flags, "--num_queries")
     args = main.get_parser().parse_args(["--coco_path", "unused", "--enact_impl", "torch",
-                                         "--smoothing_sigma", "1", *flags,
-                                         "--hidden_dim", "256", "--nheads", "8",
-                                         *FOLDERS[folder]])
+                                         *flags, "--hidden_dim", "256", "--nheads", "8",
+                                         *FOLDERS[folder], *extra])
     args.num_classes = 7
     torch.manual_seed(0)
     model, criterion, _ = main.DETECTOR.build(args)
@@ -48,15 +47,15 @@ def loss_and_grads(model, criterion, batch, targets):
     return out, grads
 
 
-def torch_and_cuda_models(folder, seed):
+def torch_and_cuda_models(folder, seed, extra=("--smoothing_sigma", "1"),
+                          sizes=((96, 128), (128, 96))):
     """(model on the torch backend, its copy on the CUDA kernels, criterion, padded batch of
-    two images), TF32 off."""
-    model_torch, criterion = build(folder)
+    random images of `sizes` (h, w)), TF32 off."""
+    model_torch, criterion = build(folder, extra)
     model_cuda = copy.deepcopy(model_torch)
     use_cuda_kernels(model_cuda)
     g = torch.Generator().manual_seed(seed)
-    batch = pad_images([torch.randn(3, 96, 128, generator=g),
-                        torch.randn(3, 128, 96, generator=g)]).to("cuda")
+    batch = pad_images([torch.randn(3, h, w, generator=g) for h, w in sizes]).to("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     return model_torch, model_cuda, criterion, batch
@@ -131,3 +130,32 @@ def test_cuda_eval_forward_matches_torch_backend(folder, monkeypatch):
     assert paths == [("fused", False)]  # no R_max read: nothing waits for the GPU
     assert torch.allclose(out_c["pred_logits"], out_t["pred_logits"], rtol=1e-4, atol=1e-4)
     assert torch.allclose(out_c["pred_boxes"], out_t["pred_boxes"], rtol=1e-4, atol=1e-4)
+
+
+# The accuracy-parity configuration: each detector's own sigma (3 / 3 / 5), row breaks, two
+# encoder layers, a padded batch of six images of 224-320 px (feature maps of 7-10 cells a
+# side at stride 32, 14-20 for Anchor DETR's DC5), where Conditional DETR + ENACT stays on its
+# plateau while plain leaves it: the CUDA path must equal the torch backend there too.
+PARITY_SIZES = ((224, 320), (320, 256), (288, 288), (256, 224), (320, 320), (232, 296))
+PARITY_FLAGS = ("--enact_row_breaks", "--enc_layers", "2")
+
+
+@pytest.mark.parametrize("folder", list(FOLDERS))
+def test_cuda_kernels_match_torch_backend_in_the_parity_configuration(folder):
+    model_torch, model_cuda, criterion, batch = torch_and_cuda_models(
+        folder, 2, PARITY_FLAGS, PARITY_SIZES)
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.2, 0.3, 0.1, 0.2]],
+                                      device="cuda"),
+                "labels": torch.tensor([3, 1], device="cuda")} for _ in PARITY_SIZES]
+    out_t, grads_t = loss_and_grads(model_torch, criterion, batch, targets)
+    out_c, grads_c = loss_and_grads(model_cuda, criterion, batch, targets)
+    assert torch.allclose(out_c["pred_logits"], out_t["pred_logits"], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(out_c["pred_boxes"], out_t["pred_boxes"], rtol=1e-4, atol=1e-4)
+    floor = 1e-4 * max(g.abs().max() for g in grads_t.values())
+    for name, grad in grads_t.items():
+        assert torch.allclose(grads_c[name], grad, rtol=1e-3, atol=floor), name
+    with torch.no_grad():
+        eval_t = model_torch.eval()(batch)
+        eval_c = model_cuda.eval()(batch)
+    assert torch.allclose(eval_c["pred_logits"], eval_t["pred_logits"], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(eval_c["pred_boxes"], eval_t["pred_boxes"], rtol=1e-4, atol=1e-4)
