@@ -1,8 +1,8 @@
 """On a GPU: each detector with ENACT gives the same outputs and gradients with the CUDA
 kernels as with the torch backend (a padded batch of two images, and the accuracy-parity
-configuration). Hidden size 256 with 8 heads,
-as in the papers, so the clustered attention runs the CUDA kernel (head dim 32; Anchor DETR's
-joint row-column attention: q / k 64, values 32)."""
+configuration). Hidden size 256 with 8 heads, as in the papers, so the clustered attention
+runs the CUDA kernel (head dim 32; Anchor DETR's joint row-column attention: q / k 64,
+values 32)."""
 import copy
 
 import pytest
