@@ -137,6 +137,10 @@ def _dilate_basic_layer4(layer4: nn.Sequential) -> None:
             conv.padding = (2, 2)
 
 
+# where a detector's state_dict keeps its ResNet: DETR / Conditional DETR (Joiner), Anchor DETR
+_DETECTOR_PREFIXES = ("backbone.0.body.", "backbone.body.")
+
+
 def _resnet_state_dict(name: str, weights: str) -> dict:
     """State dict (torchvision key names) for ``weights`` = "imagenet" or a file path: a ResNet
     state_dict, or a detector checkpoint whose ``backbone.0.body.*`` / ``backbone.body.*``
@@ -165,13 +169,12 @@ def _resnet_state_dict(name: str, weights: str) -> dict:
     if not isinstance(state, dict):
         raise RuntimeError(f"--backbone_weights {path}: expected a state_dict (dict of tensors), "
                            f"got {type(state).__name__}")
-    detector = ("backbone.0.body.", "backbone.body.")
-    if any(str(k).startswith(detector) for k in state):
+    if any(k.startswith(_DETECTOR_PREFIXES) for k in state):
         # a detector checkpoint (ours or upstream): its backbone only
-        state = {k: v for k, v in state.items() if k.startswith(detector)}
+        state = {k: v for k, v in state.items() if k.startswith(_DETECTOR_PREFIXES)}
     out = {}
     for key, value in state.items():
-        for prefix in ("backbone.0.body.", "backbone.body.", "body.", "module."):
+        for prefix in (*_DETECTOR_PREFIXES, "body.", "module."):
             if key.startswith(prefix):
                 key = key[len(prefix):]
                 break

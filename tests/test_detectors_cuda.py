@@ -96,6 +96,21 @@ def record_clustering_paths(monkeypatch):
     return paths
 
 
+def assert_outputs_close(out_c, out_t):
+    """The CUDA model's logits and boxes equal the torch backend's."""
+    assert torch.allclose(out_c["pred_logits"], out_t["pred_logits"], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(out_c["pred_boxes"], out_t["pred_boxes"], rtol=1e-4, atol=1e-4)
+
+
+def assert_grads_close(grads_c, grads_t):
+    """Every parameter gradient equal. Some are zero in exact arithmetic (e.g. the key bias,
+    which shifts every logit of a query equally) and only rounding noise in both backends:
+    compare on the scale of the largest gradient of the model."""
+    floor = 1e-4 * max(g.abs().max() for g in grads_t.values())
+    for name, grad in grads_t.items():
+        assert torch.allclose(grads_c[name], grad, rtol=1e-3, atol=floor), name
+
+
 @pytest.mark.parametrize("folder", list(FOLDERS))
 def test_cuda_kernels_match_torch_backend(folder, monkeypatch):
     model_torch, model_cuda, criterion, batch = torch_and_cuda_models(folder, 0)
@@ -109,14 +124,8 @@ def test_cuda_kernels_match_torch_backend(folder, monkeypatch):
     # the encoder's first layer sees the flattened feature map (a transposed view): it must
     # still take the fused path (one R_max read, after the query projection is launched)
     assert paths == [("fused", True)]
-    assert torch.allclose(out_c["pred_logits"], out_t["pred_logits"], rtol=1e-4, atol=1e-4)
-    assert torch.allclose(out_c["pred_boxes"], out_t["pred_boxes"], rtol=1e-4, atol=1e-4)
-    # Some gradients are zero in exact arithmetic (e.g. the key bias, which shifts every logit
-    # of a query equally) and only rounding noise in both backends: compare on the scale of
-    # the largest gradient of the model.
-    floor = 1e-4 * max(g.abs().max() for g in grads_t.values())
-    for name, grad in grads_t.items():
-        assert torch.allclose(grads_c[name], grad, rtol=1e-3, atol=floor), name
+    assert_outputs_close(out_c, out_t)
+    assert_grads_close(grads_c, grads_t)
 
 
 @pytest.mark.parametrize("folder", list(FOLDERS))
@@ -129,8 +138,7 @@ def test_cuda_eval_forward_matches_torch_backend(folder, monkeypatch):
         paths = record_clustering_paths(monkeypatch)
         out_c = model_cuda.eval()(batch)
     assert paths == [("fused", False)]  # no R_max read: nothing waits for the GPU
-    assert torch.allclose(out_c["pred_logits"], out_t["pred_logits"], rtol=1e-4, atol=1e-4)
-    assert torch.allclose(out_c["pred_boxes"], out_t["pred_boxes"], rtol=1e-4, atol=1e-4)
+    assert_outputs_close(out_c, out_t)
 
 
 # The accuracy-parity configuration: each detector's own sigma (3 / 3 / 5), row breaks, two
@@ -150,13 +158,7 @@ def test_cuda_kernels_match_torch_backend_in_the_parity_configuration(folder):
                 "labels": torch.tensor([3, 1], device="cuda")} for _ in PARITY_SIZES]
     out_t, grads_t = loss_and_grads(model_torch, criterion, batch, targets)
     out_c, grads_c = loss_and_grads(model_cuda, criterion, batch, targets)
-    assert torch.allclose(out_c["pred_logits"], out_t["pred_logits"], rtol=1e-4, atol=1e-4)
-    assert torch.allclose(out_c["pred_boxes"], out_t["pred_boxes"], rtol=1e-4, atol=1e-4)
-    floor = 1e-4 * max(g.abs().max() for g in grads_t.values())
-    for name, grad in grads_t.items():
-        assert torch.allclose(grads_c[name], grad, rtol=1e-3, atol=floor), name
+    assert_outputs_close(out_c, out_t)
+    assert_grads_close(grads_c, grads_t)
     with torch.no_grad():
-        eval_t = model_torch.eval()(batch)
-        eval_c = model_cuda.eval()(batch)
-    assert torch.allclose(eval_c["pred_logits"], eval_t["pred_logits"], rtol=1e-4, atol=1e-4)
-    assert torch.allclose(eval_c["pred_boxes"], eval_t["pred_boxes"], rtol=1e-4, atol=1e-4)
+        assert_outputs_close(model_cuda.eval()(batch), model_torch.eval()(batch))
