@@ -175,14 +175,17 @@ def run_flags(detector, variant, coco, opts):
 
 def detector_labels(flags):
     """{detector: "Conditional DETR, resnet18"}: the backbone the runs used (a --backbone in
-    the flags, else each detector's default, e.g. DETR R50); Anchor DETR's is dilated (DC5)
-    unless --no_dilation."""
+    the flags, else each detector's default, e.g. DETR R50); "-DC5" where it is dilated:
+    Anchor DETR's unless --no_dilation, the others' with --dilation."""
     backbones = [value for flag, value in zip(flags, flags[1:]) if flag == "--backbone"]
     if not backbones:
         return dict(ref.DETECTOR_LABELS)
     labels = {d: f"{ref.DETECTOR_SHORT[d]}, {backbones[-1]}" for d in FOLDERS}  # last one wins
-    if "--no_dilation" not in flags:
-        labels["anchor_detr"] += "-DC5"
+    for detector in labels:
+        dilated = ("--no_dilation" not in flags if detector == "anchor_detr"
+                   else "--dilation" in flags)
+        if dilated:
+            labels[detector] += "-DC5"
     return labels
 
 

@@ -75,6 +75,9 @@ def get_args_parser(description, num_queries=100, **defaults):
                    help="sigma of ENACT's Gaussian smoothing (integer)")
     g.add_argument("--enact_row_breaks", action="store_true",
                    help="also start an ENACT region at every image row (off in the paper)")
+    g.add_argument("--enact_attn_dropout", type=float, default=None,
+                   help="dropout on ENACT's clustered attention weights (default: --dropout; "
+                        "the official ENACT code applies none, i.e. 0)")
 
     g = p.add_argument_group("matcher and loss")
     g.add_argument("--set_cost_class", type=float, default=1.0)
@@ -109,3 +112,9 @@ def get_args_parser(description, num_queries=100, **defaults):
 
     p.set_defaults(**defaults)
     return p
+
+
+def enact_attention_dropout(args) -> float:
+    """Dropout of ENACT's clustered attention weights: --enact_attn_dropout, else --dropout."""
+    value = getattr(args, "enact_attn_dropout", None)
+    return args.dropout if value is None else value

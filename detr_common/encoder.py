@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from .attention import EncoderSelfAttention
+from .cli import enact_attention_dropout
 from .mlp import add_ffn_and_norms, feed_forward
 
 
@@ -18,14 +19,15 @@ def build_encoder_attention(args) -> nn.Module:
     ``--no_enact``: standard multi-head attention (``--attn_impl sdpa|eager``), keys
     ``self_attn.{in_proj_weight,in_proj_bias,out_proj.*}``. Otherwise ENACT
     (``enact_cuda.ENACTAttention``, σ = ``--smoothing_sigma``, backend ``--enact_impl``), keys
-    ``self_attn.{W_q,W_k,W_v,W_o,W_prob}.*``. Both use ``--dropout`` as attention dropout.
+    ``self_attn.{W_q,W_k,W_v,W_o,W_prob}.*``. Attention dropout: ``--dropout``, for ENACT
+    ``--enact_attn_dropout`` where given.
     """
     if args.no_enact:
         return EncoderSelfAttention(args.hidden_dim, args.nheads, dropout=args.dropout,
                                     impl=args.attn_impl)
     from enact_cuda import ENACTAttention
     return ENACTAttention(args.hidden_dim, args.nheads, sigma=args.smoothing_sigma,
-                          dropout=args.dropout, impl=args.enact_impl,
+                          dropout=enact_attention_dropout(args), impl=args.enact_impl,
                           row_breaks=bool(getattr(args, "enact_row_breaks", False)))
 
 

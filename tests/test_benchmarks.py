@@ -172,6 +172,9 @@ def test_parity_labels_name_the_backbone_the_runs_used():
                     "anchor_detr": "Anchor DETR, resnet18-DC5"}  # the last --backbone wins
     assert labels(["--backbone", "resnet18", "--no_dilation"])["anchor_detr"] == \
         "Anchor DETR, resnet18"
+    dilated = labels(["--backbone", "resnet18", "--dilation"])
+    assert dilated["conditional_detr"] == "Conditional DETR, resnet18-DC5"
+    assert dilated["detr"] == "DETR, resnet18-DC5"
 
 
 # ------------------------------------------------------------------ end to end, --tiny

@@ -35,15 +35,18 @@ class EncoderLayerSpatial(nn.Module):
     With ``enact`` the layer owns ``ENACT`` = enact_cuda.ENACTClustering (only W_prob): the
     information comes from the row keys src + pe_x, and the row keys, column keys and values are
     clustered with the same regions (per image, padding excluded). Every pixel keeps its own
-    row/column queries; attention is RCDA.forward_clustered (one joint softmax).
+    row/column queries; attention is RCDA.forward_clustered (one joint softmax), whose attention
+    dropout is ``enact_attn_dropout`` (None: ``dropout``).
     After a forward with ENACT, ``ENACT.last_stats`` holds detached (B,) float tensors
     ``clusters_per_image`` and ``pixels_per_image`` (B = images x levels).
     """
 
     def __init__(self, d_model: int, nhead: int, d_ffn: int, dropout: float, enact: bool = False,
-                 sigma: int = 5, enact_impl: str = "auto", row_breaks: bool = False):
+                 sigma: int = 5, enact_impl: str = "auto", row_breaks: bool = False,
+                 enact_attn_dropout: float | None = None):
         super().__init__()
-        self.self_attn = RCDA(d_model, nhead, dropout=dropout)
+        attn_dropout = dropout if not enact or enact_attn_dropout is None else enact_attn_dropout
+        self.self_attn = RCDA(d_model, nhead, dropout=attn_dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.ffn = FFN(d_model, d_ffn, dropout)

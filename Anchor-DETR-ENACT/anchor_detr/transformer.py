@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from detr_common.box_ops import inverse_sigmoid
+from detr_common.cli import enact_attention_dropout
 from detr_common.mlp import MLP
 from detr_common.position_encoding import sine_1d, sine_2d
 
@@ -40,7 +41,8 @@ class AnchorTransformer(nn.Module):
                  dim_feedforward: int = 1024, dropout: float = 0.0, num_feature_levels: int = 1,
                  num_query_position: int = 300, num_query_pattern: int = 3,
                  spatial_prior: str = "learned", enact: bool = True, sigma: int = 5,
-                 enact_impl: str = "auto", row_breaks: bool = False, attn_impl: str = "sdpa"):
+                 enact_impl: str = "auto", row_breaks: bool = False, attn_impl: str = "sdpa",
+                 enact_attn_dropout: float | None = None):
         super().__init__()
         if spatial_prior not in SPATIAL_PRIORS:
             raise ValueError(f"unknown spatial prior {spatial_prior!r}; choose one of {SPATIAL_PRIORS}")
@@ -50,7 +52,7 @@ class AnchorTransformer(nn.Module):
         spatial = dict(d_model=d_model, nhead=nhead, d_ffn=dim_feedforward, dropout=dropout)
         self.encoder_layers = nn.ModuleList(
             EncoderLayerSpatial(**spatial, enact=enact, sigma=sigma, enact_impl=enact_impl,
-                                row_breaks=row_breaks)
+                                row_breaks=row_breaks, enact_attn_dropout=enact_attn_dropout)
             for _ in range(num_encoder_layers - n_level))
         self.encoder_layers_level = nn.ModuleList(
             EncoderLayerLevel(**spatial, attn_impl=attn_impl) for _ in range(n_level))
@@ -148,4 +150,5 @@ def build_transformer(args, num_classes: int) -> AnchorTransformer:
         enact=not args.no_enact, sigma=args.smoothing_sigma,
         enact_impl=getattr(args, "enact_impl", "auto"),
         row_breaks=getattr(args, "enact_row_breaks", False),
-        attn_impl=getattr(args, "attn_impl", "sdpa"))
+        attn_impl=getattr(args, "attn_impl", "sdpa"),
+        enact_attn_dropout=enact_attention_dropout(args))
