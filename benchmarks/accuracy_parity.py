@@ -218,10 +218,11 @@ def epochs_to_run(epoch_seconds, budget_s, max_epochs):
     return max(0, min(k, left))
 
 
-def train_within_budget(detector, variant, coco, n_train, opts, deadline):
+def train_within_budget(detector, variant, coco, n_train, opts, deadline, machine):
     """Train one run until the budget (or --max_epochs / the deadline) stops it, each main.py
-    call continuing from the last checkpoint. Returns the run's summary; failures are recorded
-    in it, not raised."""
+    call continuing from the last checkpoint. machine: {"gpu", "torch"} of this process,
+    recorded with each call. Returns the run's summary; failures are recorded in it, not
+    raised."""
     run_dir = Path(opts.out) / f"{detector}_{variant}"
     run_dir.mkdir(parents=True, exist_ok=True)
     flags = run_flags(detector, variant, coco, opts)
@@ -262,7 +263,7 @@ def train_within_budget(detector, variant, coco, n_train, opts, deadline):
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
         trained = len(read_log(run_dir)) - done
-        side["calls"].append({"epochs": trained, "wall_s": time.time() - start})
+        side["calls"].append({"epochs": trained, "wall_s": time.time() - start, **machine})
         side_path.write_text(json.dumps(side, indent=1))
         if proc.returncode != 0:
             tail = (run_dir / "main_output.txt").read_text().strip().splitlines()[-3:]
@@ -277,8 +278,7 @@ def train_within_budget(detector, variant, coco, n_train, opts, deadline):
               flush=True)
     side["stopped_by"] = stop
     side_path.write_text(json.dumps(side, indent=1))
-    return summarise(detector, variant, run_dir, n_train, budget_s, stop, error,
-                     [c["wall_s"] for c in side["calls"]])
+    return summarise(detector, variant, run_dir, n_train, budget_s, stop, error, side["calls"])
 
 
 def report_row(detector, variant, n_train, opts):
@@ -288,16 +288,20 @@ def report_row(detector, variant, n_train, opts):
     side = json.loads(side_path.read_text()) if side_path.is_file() else {}
     error = None if read_log(run_dir) else f"{run_dir}: no trained epoch (no log.txt)"
     return summarise(detector, variant, run_dir, n_train, opts.minutes * 60,
-                     side.get("stopped_by") or "interrupted", error,
-                     [c["wall_s"] for c in side.get("calls", [])])
+                     side.get("stopped_by") or "interrupted", error, side.get("calls", []))
 
 
-def summarise(detector, variant, run_dir, n_train, budget_s, stop, error, walls):
+def summarise(detector, variant, run_dir, n_train, budget_s, stop, error, calls):
+    """The report row of a run; calls: its main.py calls ({"epochs", "wall_s"} and, where
+    recorded, the "gpu" / "torch" they ran on: the row keeps the last call's)."""
     records = read_log(run_dir)
     row = {"detector": detector, "variant": variant, "run_dir": str(run_dir),
            "epochs": len(records), "budget_s": budget_s,
            "train_s": sum(epoch_train_seconds(r, n_train) for r in records),
-           "wall_s": sum(walls), "stopped_by": stop, "error": error}
+           "wall_s": sum(c["wall_s"] for c in calls), "stopped_by": stop, "error": error}
+    recorded = [c for c in calls if "gpu" in c]
+    if recorded:
+        row.update(gpu=recorded[-1]["gpu"], torch=recorded[-1]["torch"])
     if records:
         last = records[-1]
         stats = last.get("test_coco_eval_bbox") or [None] * 6
@@ -316,6 +320,16 @@ def summarise(detector, variant, run_dir, n_train, budget_s, stop, error, walls)
     else:
         row.update({k: None for k in (*COCO_NAMES, "AP_last")})
     return row
+
+
+def runs_machine(rows, here):
+    """{"gpu", "torch"} the runs trained on (a --report_only written elsewhere keeps theirs);
+    ``here`` (this process's) when they recorded none or disagree."""
+    recorded = {(r["gpu"], r["torch"]) for r in rows if "gpu" in r}
+    if len(recorded) != 1:
+        return here
+    gpu, version = recorded.pop()
+    return {"gpu": gpu, "torch": version}
 
 
 def epochs_after_lr_drop(records):
@@ -422,6 +436,7 @@ def run(opts, argv):
     deadline = start + 60 * opts.stop_after if opts.stop_after else None
     import torch  # only for the device's name
     gpu = torch.cuda.get_device_name() if opts.device.startswith("cuda") else "cpu"
+    machine = {"gpu": gpu, "torch": torch.__version__}
     coco = ensure_data(opts)
     if opts.prepare_only:
         print(f"data ready: {coco}")
@@ -434,7 +449,11 @@ def run(opts, argv):
         for variant in variants:
             print(f"{det} {variant}:", flush=True)
             rows.append(report_row(det, variant, n_train, opts) if opts.report_only else
-                        train_within_budget(det, variant, coco, n_train, opts, deadline))
+                        train_within_budget(det, variant, coco, n_train, opts, deadline,
+                                            machine))
+    if opts.report_only:
+        machine = runs_machine(rows, machine)
+        gpu = machine["gpu"]
     aps = {d: {r["variant"]: r.get("AP_last") for r in rows if r["detector"] == d}
            for d in detectors}
     targets = ref.evaluate_parity(aps)
@@ -444,7 +463,8 @@ def run(opts, argv):
     results.mkdir(parents=True, exist_ok=True)
     chart = draw_curves(rows, results / f"{stem}.png",
                         f"shapes, {opts.minutes:g} min per run, {gpu}")
-    meta = {"gpu": gpu, "torch": torch.__version__, "device": opts.device,
+    meta = {"gpu": gpu, "torch": machine["torch"],
+            "device": "cpu" if gpu == "cpu" else "cuda",
             "command": shlex.join(["python", "benchmarks/accuracy_parity.py",
                                    *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),

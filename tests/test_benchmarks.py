@@ -164,6 +164,15 @@ def test_parity_counts_the_epochs_after_the_lr_drop():
     assert count([]) is None and count([{"train_lr": 1e-4}, {}]) is None
 
 
+def test_parity_report_keeps_the_machine_of_the_runs_unless_they_disagree():
+    machine = _load("accuracy_parity").runs_machine
+    here = {"gpu": "cpu", "torch": "2.14.1"}
+    h200 = {"gpu": "NVIDIA H200", "torch": "2.11.0"}
+    assert machine([h200, {**h200, "variant": "enact"}], here) == h200
+    assert machine([h200, {"gpu": "NVIDIA H100", "torch": "2.11.0"}], here) == here
+    assert machine([{"variant": "plain"}], here) == here  # runs from before it was recorded
+
+
 def test_parity_labels_name_the_backbone_the_runs_used():
     labels = _load("accuracy_parity").detector_labels
     assert labels(["--lr", "1e-4"]) == ref.DETECTOR_LABELS          # the paper's backbones
@@ -382,6 +391,19 @@ def test_accuracy_parity_tiny_cpu(tmp_path, capsys):
     rows = json.loads((results / "report.json").read_text())["rows"]
     assert [(r["variant"], r["epochs"], r["stopped_by"]) for r in rows] == [
         ("plain", 1, "budget"), ("enact", 2, "max_epochs")]
+    assert {(r["gpu"], r["torch"]) for r in rows} == {("cpu", torch.__version__)}
+    # a report written on another machine names the one the runs trained on
+    for variant in ("plain", "enact"):
+        side_path = runs / f"detr_{variant}" / "parity_run.json"
+        side = json.loads(side_path.read_text())
+        side["calls"] = [{**c, "gpu": "NVIDIA H200", "torch": "2.11.0+cu130"}
+                         for c in side["calls"]]
+        side_path.write_text(json.dumps(side))
+    assert parity.main(common + ["--report_only", "--name", "elsewhere"]) == 0
+    data = json.loads((results / "elsewhere.json").read_text())
+    assert (data["gpu"], data["torch"], data["device"]) == ("NVIDIA H200", "2.11.0+cu130", "cuda")
+    assert (results / "elsewhere.md").read_text().startswith(
+        "# Accuracy parity on shapes: ENACT vs plain (NVIDIA H200)")
     # ... and refuses a folder without runs instead of training there
     assert parity.main(["--tiny", "--device", "cpu", "--detectors", "detr", "--out",
                         str(tmp_path / "empty"), "--results", str(results), "--report_only"]) == 2
