@@ -435,14 +435,14 @@ def run(opts, argv):
     start = time.time()
     deadline = start + 60 * opts.stop_after if opts.stop_after else None
     import torch  # only for the device's name
-    gpu = torch.cuda.get_device_name() if opts.device.startswith("cuda") else "cpu"
-    machine = {"gpu": gpu, "torch": torch.__version__}
+    here = {"gpu": torch.cuda.get_device_name() if opts.device.startswith("cuda") else "cpu",
+            "torch": torch.__version__}  # this process's machine, recorded with each call
     coco = ensure_data(opts)
     if opts.prepare_only:
         print(f"data ready: {coco}")
         return 0
     n_train = count_train_images(coco)
-    print(f"GPU: {gpu}  torch {torch.__version__}  data {coco} ({n_train} train images)  "
+    print(f"GPU: {here['gpu']}  torch {here['torch']}  data {coco} ({n_train} train images)  "
           f"budget {opts.minutes:g} min of training per run", flush=True)
     rows = []
     for det in detectors:
@@ -450,10 +450,9 @@ def run(opts, argv):
             print(f"{det} {variant}:", flush=True)
             rows.append(report_row(det, variant, n_train, opts) if opts.report_only else
                         train_within_budget(det, variant, coco, n_train, opts, deadline,
-                                            machine))
-    if opts.report_only:
-        machine = runs_machine(rows, machine)
-        gpu = machine["gpu"]
+                                            here))
+    machine = runs_machine(rows, here) if opts.report_only else here
+    gpu = machine["gpu"]
     aps = {d: {r["variant"]: r.get("AP_last") for r in rows if r["detector"] == d}
            for d in detectors}
     targets = ref.evaluate_parity(aps)
