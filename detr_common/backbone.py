@@ -144,7 +144,8 @@ _DETECTOR_PREFIXES = ("backbone.0.body.", "backbone.body.")
 def _resnet_state_dict(name: str, weights: str) -> dict:
     """State dict (torchvision key names) for ``weights`` = "imagenet" or a file path: a ResNet
     state_dict, or a detector checkpoint whose ``backbone.0.body.*`` / ``backbone.body.*``
-    entries are taken (e.g. a backbone trained by another detector on the same data)."""
+    entries are taken (e.g. a backbone trained by another detector on the same data); either
+    may have been saved from a DDP wrapper (every key under ``module.``)."""
     if weights == "imagenet":
         enum = getattr(torchvision.models, _WEIGHTS[name]).IMAGENET1K_V1
         try:
@@ -169,12 +170,15 @@ def _resnet_state_dict(name: str, weights: str) -> dict:
     if not isinstance(state, dict):
         raise RuntimeError(f"--backbone_weights {path}: expected a state_dict (dict of tensors), "
                            f"got {type(state).__name__}")
+    if state and all(k.startswith("module.") for k in state):
+        # saved from a DistributedDataParallel / DataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
     if any(k.startswith(_DETECTOR_PREFIXES) for k in state):
         # a detector checkpoint (ours or upstream): its backbone only
         state = {k: v for k, v in state.items() if k.startswith(_DETECTOR_PREFIXES)}
     out = {}
     for key, value in state.items():
-        for prefix in (*_DETECTOR_PREFIXES, "body.", "module."):
+        for prefix in (*_DETECTOR_PREFIXES, "body."):
             if key.startswith(prefix):
                 key = key[len(prefix):]
                 break

@@ -174,19 +174,27 @@ def test_local_weights_file(tmp_path):
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pth")
     with pytest.raises(RuntimeError, match="missing keys"):
         Backbone("resnet18", True, weights=str(tmp_path / "partial.pth"))
+    # a ResNet state_dict saved from a DataParallel / DDP wrapper
+    torch.save({f"module.{k}": v for k, v in reference.state_dict().items()},
+               tmp_path / "wrapped.pth")
+    bb = Backbone("resnet18", True, weights=str(tmp_path / "wrapped.pth"))
+    assert torch.equal(bb.body.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
 
 
-@pytest.mark.parametrize("prefix", ["backbone.0.body.", "backbone.body."])
+@pytest.mark.parametrize("prefix", ["backbone.0.body.", "backbone.body.",
+                                    "module.backbone.0.body.", "module.backbone.body."])
 def test_backbone_weights_from_a_detector_checkpoint(tmp_path, prefix):
     """A detector checkpoint ({model, args, ...}; DETR / Conditional DETR keys backbone.0.body.*,
-    Anchor DETR backbone.body.*) gives its backbone; the other entries are ignored, and the
-    weights load into a dilated trunk too (same shapes)."""
+    Anchor DETR backbone.body.*, either under module.* if saved from a DDP wrapper) gives its
+    backbone; the other entries are ignored, and the weights load into a dilated trunk too
+    (same shapes)."""
+    wrapper = "module." if prefix.startswith("module.") else ""
     torch.manual_seed(0)
     trained = Backbone("resnet18", True, weights="none", train_all=True)
     trained.train()(torch.randn(2, 3, 64, 64))  # running statistics away from (0, 1)
     model = {prefix + k: v for k, v in trained.body.state_dict().items()}
-    model["transformer.encoder.layers.0.linear1.weight"] = torch.zeros(8, 4)
-    model["class_embed.weight"] = torch.zeros(3, 8)
+    model[wrapper + "transformer.encoder.layers.0.linear1.weight"] = torch.zeros(8, 4)
+    model[wrapper + "class_embed.weight"] = torch.zeros(3, 8)
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": model, "args": argparse.Namespace(no_enact=True), "epoch": 3}, path)
     for dilation in (False, True):
