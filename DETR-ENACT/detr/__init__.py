@@ -2,8 +2,6 @@
 
 ``build(args) -> (model, criterion, postprocessor)``; see build() for the args it reads.
 """
-import torch
-
 from detr_common.backbone import Joiner, build_backbone
 from detr_common.criterion import build_criterion
 from detr_common.encoder import build_encoder_attention
@@ -21,7 +19,7 @@ _DEFAULTS = dict(num_queries=100, hidden_dim=256, nheads=8, enc_layers=6, dec_la
                  set_cost_class=1.0, set_cost_bbox=5.0, set_cost_giou=2.0, cls_loss_coef=1.0,
                  bbox_loss_coef=5.0, giou_loss_coef=2.0, eos_coef=0.1, backbone="resnet50",
                  dilation=False,
-                 lr_backbone=1e-5, backbone_weights="imagenet", device="cpu")
+                 lr_backbone=1e-5, backbone_weights="imagenet")
 
 
 def _with_defaults(args):
@@ -37,13 +35,14 @@ def _with_defaults(args):
 
 
 def build(args):
-    """-> (DETR model, SetCriterion, PostProcess), model and criterion on args.device.
+    """-> (DETR model, SetCriterion, PostProcess), on the CPU (the caller moves them, as for the
+    other two detectors).
 
     Reads: num_classes (required: max category id + 1), hidden_dim, nheads, enc_layers,
     dec_layers, dim_feedforward, dropout, num_queries, pre_norm, aux_loss, backbone, dilation,
     lr_backbone, backbone_weights, attn_impl, no_enact, enact_impl, smoothing_sigma,
     enact_row_breaks, enact_attn_dropout,
-    set_cost_class/bbox/giou, cls_loss_coef, bbox_loss_coef, giou_loss_coef, eos_coef, device.
+    set_cost_class/bbox/giou, cls_loss_coef, bbox_loss_coef, giou_loss_coef, eos_coef.
     """
     a = _with_defaults(args)
     if getattr(args, "num_classes", None) is None:
@@ -60,5 +59,4 @@ def build(args):
     model = DETR(backbone, transformer, num_classes=args.num_classes,
                  num_queries=a.num_queries, aux_loss=a.aux_loss)
     criterion = build_criterion(a, args.num_classes, class_loss="ce")
-    device = torch.device(a.device)
-    return model.to(device), criterion.to(device), PostProcess()
+    return model, criterion, PostProcess()
