@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from . import checkpoint  # noqa: F401  (weights_only loads may read our checkpoints' args)
+# (importing checkpoint also lets weights_only loads read our checkpoints' args)
+from .checkpoint import strip_ddp_prefix
 
 _LAYERS = ("layer1", "layer2", "layer3", "layer4")
 _STEM = ("conv1", "bn1", "relu", "maxpool")
@@ -170,9 +171,7 @@ def _resnet_state_dict(name: str, weights: str) -> dict:
     if not isinstance(state, dict):
         raise RuntimeError(f"--backbone_weights {path}: expected a state_dict (dict of tensors), "
                            f"got {type(state).__name__}")
-    if state and all(k.startswith("module.") for k in state):
-        # saved from a DistributedDataParallel / DataParallel wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = strip_ddp_prefix(state)  # saved from a DistributedDataParallel wrapper
     if any(k.startswith(_DETECTOR_PREFIXES) for k in state):
         # a detector checkpoint (ours or upstream): its backbone only
         state = {k: v for k, v in state.items() if k.startswith(_DETECTOR_PREFIXES)}

@@ -49,6 +49,11 @@ def load_checkpoint(path):
     return ckpt
 
 
+def strip_ddp_prefix(state: dict) -> dict:
+    """state_dict keys without DistributedDataParallel's / DataParallel's ``module.`` prefix."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
 def _describe_mismatch(path, model_state, ckpt_state, ckpt_args, args):
     missing = [k for k in model_state if k not in ckpt_state]
     unexpected = [k for k in ckpt_state if k not in model_state]

@@ -75,6 +75,10 @@ def get_args_parser(description, num_queries=100, **defaults):
                    help="sigma of ENACT's Gaussian smoothing (integer)")
     g.add_argument("--enact_row_breaks", action="store_true",
                    help="also start an ENACT region at every image row (off in the paper)")
+    g.add_argument("--enact_mode", choices=["paper_regions", "official_fixed_chunk"],
+                   default="paper_regions",
+                   help="ENACT's clusters: the paper's regions, or the official code's fixed "
+                        "chunks of the regions' mean length (compat; no --enact_row_breaks)")
     g.add_argument("--enact_attn_dropout", type=float, default=None,
                    help="dropout on ENACT's clustered attention weights (default: --dropout; "
                         "the official ENACT code applies none, i.e. 0)")

@@ -19,7 +19,7 @@ def build_encoder_attention(args) -> nn.Module:
     ``--no_enact``: standard multi-head attention (``--attn_impl sdpa|eager``), keys
     ``self_attn.{in_proj_weight,in_proj_bias,out_proj.*}``. Otherwise ENACT
     (``enact_cuda.ENACTAttention``, σ = ``--smoothing_sigma``, backend ``--enact_impl``), keys
-    ``self_attn.{W_q,W_k,W_v,W_o,W_prob}.*``. Attention dropout: ``--dropout``, for ENACT
+    ``self_attn.{W_q,W_k,W_v,W_o,W_prob}.*``; clusters ``--enact_mode``. Attention dropout: ``--dropout``, for ENACT
     ``--enact_attn_dropout`` where given.
     """
     if args.no_enact:
@@ -28,7 +28,8 @@ def build_encoder_attention(args) -> nn.Module:
     from enact_cuda import ENACTAttention
     return ENACTAttention(args.hidden_dim, args.nheads, sigma=args.smoothing_sigma,
                           dropout=enact_attention_dropout(args), impl=args.enact_impl,
-                          row_breaks=bool(getattr(args, "enact_row_breaks", False)))
+                          row_breaks=bool(getattr(args, "enact_row_breaks", False)),
+                          mode=getattr(args, "enact_mode", "paper_regions"))
 
 
 class TransformerEncoderLayer(nn.Module):

@@ -13,28 +13,30 @@ Public API
   the packed (total clusters x d) view with per-image offsets (B+1,).
 - clustered_attention(q (B,h,N,e), k (B,h,R,e), v (B,h,R,ev), key_padding_mask (B,R),
   dropout_p=0.0, impl="auto", scale=None) -> (B, h, N, ev).
-- ENACTAttention(d_model, nhead, sigma, dropout=0.0, impl="auto", row_breaks=False)
-  (src (B,N,d), pos, key_padding_mask (B,N), hw) -> (B, N, d).
-- ENACTClustering(d_model, sigma, impl="auto", row_breaks=False)
+- ENACTAttention(d_model, nhead, sigma, dropout=0.0, impl="auto", row_breaks=False,
+  mode="paper_regions") (src (B,N,d), pos, key_padding_mask (B,N), hw) -> (B, N, d);
+  mode="official_fixed_chunk": the official code's fixed chunks (`fixed_chunks`).
+- ENACTClustering(d_model, sigma, impl="auto", row_breaks=False, mode="paper_regions")
   (info_keys (B,N,d), tensors tuple, key_padding_mask, hw) -> Clusters (values = tuple).
 - backend_info() -> dict: which backend impl="auto" picks here and why.
 Lower-level pieces (mirrored by the CUDA backend): information_from_logits, gaussian_taps,
-regions, regions_from_steps, cluster_tensors, clustered_attention_torch.
+regions, regions_from_steps, cluster_tensors, fixed_chunks, clustered_attention_torch.
 """
 from __future__ import annotations
 
 import torch
 
 from .attention import clustered_attention, clustered_attention_torch, uses_cuda_kernel
-from .clustering import Clusters, PackedClusters, cluster, cluster_tensors, pack
+from .clustering import Clusters, PackedClusters, cluster, cluster_tensors, fixed_chunks, pack
 from .information import (check_sigma, cuda_backend_or_reason, gaussian_taps,
                           information_from_logits, regions, regions_from_steps, resolve_impl,
                           self_information)
-from .module import ENACTAttention, ENACTClustering
+from .module import MODES, ENACTAttention, ENACTClustering
 
 __all__ = [
     "self_information", "information_from_logits", "gaussian_taps", "check_sigma", "regions",
-    "regions_from_steps", "cluster", "cluster_tensors", "Clusters", "PackedClusters", "pack",
+    "regions_from_steps", "cluster", "cluster_tensors", "fixed_chunks", "Clusters",
+    "PackedClusters", "pack", "MODES",
     "clustered_attention", "clustered_attention_torch", "uses_cuda_kernel", "ENACTAttention",
     "ENACTClustering",
     "backend_info", "resolve_impl",

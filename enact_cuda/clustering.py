@@ -13,7 +13,7 @@ import torch
 
 from .information import regions, resolve_impl, cuda_backend_or_reason
 
-__all__ = ["Clusters", "PackedClusters", "cluster", "cluster_tensors", "pack"]
+__all__ = ["Clusters", "PackedClusters", "cluster", "cluster_tensors", "fixed_chunks", "pack"]
 
 TensorOrTuple = Union[torch.Tensor, tuple]
 
@@ -112,6 +112,36 @@ def cluster_tensors(tensors: Sequence[torch.Tensor], smoothed: torch.Tensor,
         acc = acc.index_add(0, flat, w.to(dtype)[:, None] * tf)
         out.append(acc[: B * R].reshape(B, R, *t.shape[2:]).to(t.dtype))
     return tuple(out)
+
+
+def fixed_chunks(counts: torch.Tensor, padding_mask: torch.Tensor | None, N: int):
+    """The official code's clusters (spec §2.1 steps 4-6), per image: fixed chunks of
+    c_b = round(L_b / R_b) consecutive pixels (round half to even, as Python's round) of the
+    image's compact sequence of L_b valid pixels, where R_b = counts[b] is its number of
+    regions; the r = L_b mod c_b leftover pixels are not clustered, floor(r / 2) at the start
+    and the rest at the end.
+
+    counts (B,) int64 regions per image; padding_mask (B, N) bool True = padding, or None ->
+    (region_index (B, N) int64: chunk of each pixel, -1 on padding and trimmed pixels;
+    chunks (B,) int64: M_b = L_b // c_b, 0 for a fully padded image).
+    The official code takes one c for the whole batch (the mean of L / R_b over its images)
+    and ignores the padding; per image with padding honoured, an image's chunks do not
+    depend on the batch it is in, and for a batch of one unpadded image the two agree.
+    """
+    B = counts.shape[0]
+    device = counts.device
+    if padding_mask is None:
+        valid = torch.ones(B, N, dtype=torch.bool, device=device)
+    else:
+        valid = ~padding_mask
+    lengths = valid.sum(1)
+    size = torch.round(lengths.double() / counts.clamp_min(1).double()).long().clamp_min(1)
+    chunks = lengths // size
+    front = (lengths - chunks * size) // 2
+    position = valid.long().cumsum(1) - 1 - front[:, None]  # rank among valid pixels - front
+    index = torch.div(position, size[:, None], rounding_mode="floor")
+    kept = valid & (position >= 0) & (index < chunks[:, None])
+    return torch.where(kept, index, torch.full_like(index, -1)), chunks
 
 
 def _num_clusters(counts: torch.Tensor) -> int:

@@ -10,6 +10,10 @@ plain one at initialisation.) The official code leaves torch's defaults; loading
 checkpoint overwrites all of them.
 Attention dropout (spec §6.16): `dropout` is applied to the attention weights in training
 (the official ClustAttn ignores its dropout argument).
+Clusters (spec §6.4): mode="paper_regions" (default) clusters each region of equal curvature
+sign; mode="official_fixed_chunk" keeps only the regions' mean length and clusters fixed
+chunks of that many pixels, as the official code does (`clustering.fixed_chunks`; a compat
+mode for its checkpoints and for comparisons; torch clustering on every backend).
 """
 from __future__ import annotations
 
@@ -17,11 +21,13 @@ import torch
 from torch import nn
 
 from .attention import clustered_attention, uses_cuda_kernel
-from .clustering import Clusters, _cluster_mask, _num_clusters, cluster_tensors
+from .clustering import Clusters, _cluster_mask, _num_clusters, cluster_tensors, fixed_chunks
 from .information import (check_sigma, cuda_backend_or_reason, information_from_logits, regions,
                           resolve_impl)
 
-__all__ = ["ENACTAttention", "ENACTClustering"]
+__all__ = ["ENACTAttention", "ENACTClustering", "MODES"]
+
+MODES = ("paper_regions", "official_fixed_chunk")
 
 
 def _linear(d_in: int, d_out: int) -> nn.Linear:
@@ -65,10 +71,17 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 class _ENACTRegions(nn.Module):
     """Shared part: W_prob, information, smoothing, regions, clustering, statistics."""
 
-    def __init__(self, d_model: int, sigma, impl: str, row_breaks: bool):
+    def __init__(self, d_model: int, sigma, impl: str = "auto", row_breaks: bool = False,
+                 mode: str = "paper_regions"):
         super().__init__()
         if impl not in ("auto", "cuda", "torch"):
             raise ValueError(f"impl must be 'auto', 'cuda' or 'torch', got {impl!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "official_fixed_chunk" and row_breaks:
+            raise ValueError("row_breaks does not apply to mode='official_fixed_chunk' (its "
+                             "chunks run over row ends, as in the official code)")
+        self.mode = mode
         self.d_model = int(d_model)
         self.sigma = check_sigma(sigma)
         self.impl = impl
@@ -91,7 +104,9 @@ class _ENACTRegions(nn.Module):
         (nothing waits for the GPU) — for no-grad forwards whose attention cost follows the mask.
         """
         backend = resolve_impl(self.impl, info_keys, *tensors)
-        cb = cuda_backend_or_reason()[0] if backend == "cuda" else None
+        # fixed chunks: torch clustering (the attention still takes the backend's kernel)
+        paper = self.mode == "paper_regions"
+        cb = cuda_backend_or_reason()[0] if backend == "cuda" and paper else None
         if cb is not None:
             # The fused kernels read rows of unit stride; a flattened (B, d, H, W) feature map
             # transposed to (B, N, d) (every detector's first encoder layer) is copied once
@@ -125,6 +140,8 @@ class _ENACTRegions(nn.Module):
             info = information_from_logits(z, key_padding_mask)
             smoothed, region_index, counts = regions(info, key_padding_mask, self.sigma,
                                                      self.row_breaks, hw)
+            if not paper:
+                region_index, counts = fixed_chunks(counts, key_padding_mask, z.shape[1])
             clustered = cluster_tensors(tensors, smoothed, region_index, _num_clusters(counts))
         R = clustered[0].shape[1]
         self._record(info, smoothed, counts, key_padding_mask, info_keys)
@@ -148,7 +165,7 @@ class _ENACTRegions(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, sigma={self.sigma}, impl={self.impl!r}, "
-                f"row_breaks={self.row_breaks}")
+                f"row_breaks={self.row_breaks}, mode={self.mode!r}")
 
 
 class ENACTAttention(_ENACTRegions):
@@ -164,11 +181,12 @@ class ENACTAttention(_ENACTRegions):
     pixels_per_image, mean_region_length), `information` and `smoothed_information` (B, N).
     Without autograd (eval) and with the CUDA attention kernel, the clusters are allocated at
     N rows so the forward never waits for the GPU (the kernel's cost follows the mask).
+    mode: "paper_regions" or "official_fixed_chunk" (module docstring).
     """
 
     def __init__(self, d_model: int, nhead: int, sigma, dropout: float = 0.0,
-                 impl: str = "auto", row_breaks: bool = False):
-        super().__init__(d_model, sigma, impl, row_breaks)
+                 impl: str = "auto", row_breaks: bool = False, mode: str = "paper_regions"):
+        super().__init__(d_model, sigma, impl, row_breaks, mode)
         if d_model % nhead != 0:
             raise ValueError(f"d_model={d_model} is not divisible by nhead={nhead}")
         self.nhead = int(nhead)

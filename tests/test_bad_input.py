@@ -38,6 +38,12 @@ def test_backbone_train_all_with_a_frozen_backbone(shapes_coco, tmp_path):
                     "--lr_backbone", "0"), "--backbone_train_all", "--lr_backbone > 0")
 
 
+def test_row_breaks_with_the_official_fixed_chunks(shapes_coco, tmp_path):
+    fails_with(detr(shapes_coco, tmp_path / "o", "--epochs", "1", "--enact_mode",
+                    "official_fixed_chunk", "--enact_row_breaks"),
+               "--enact_row_breaks", "paper_regions only")
+
+
 def test_missing_annotation_file(coco_copy, tmp_path):
     (coco_copy / "annotations" / "instances_val2017.json").unlink()
     fails_with(detr(coco_copy, tmp_path / "o", "--epochs", "1"), "instances_val2017.json")

@@ -394,3 +394,21 @@ def test_entrypoint_dispatch(tmp_path):
     assert proc.returncode == 2 and "no COCO at" in proc.stderr
     proc = _entrypoint("echo", "passthrough")
     assert proc.returncode == 0 and proc.stdout.strip() == "passthrough"
+
+
+def test_visualize_entropy_draws_the_official_fixed_chunks():
+    """A module in mode "official_fixed_chunk": the drawn clusters are its chunks (their count
+    is the forward's, each a run of consecutive pixels), not the paper regions."""
+    from enact_cuda import ENACTAttention, fixed_chunks, regions
+    torch.manual_seed(0)
+    hw = (5, 6)
+    mod = ENACTAttention(16, 4, sigma=1, impl="torch", mode="official_fixed_chunk").eval()
+    with torch.no_grad():
+        mod.W_prob.weight.mul_(10)
+        mod(torch.randn(1, 30, 16), torch.randn(1, 30, 16), None, hw)
+    maps = visualize.layer_maps(mod, None, hw)[0]
+    assert maps["count"] == int(mod.last_stats["clusters_per_image"][0])
+    _, paper_index, counts = regions(mod.information, None, mod.sigma)
+    chunk_index, _ = fixed_chunks(counts, None, 30)
+    assert np.array_equal(maps["regions"].reshape(-1), chunk_index[0].numpy())
+    assert not np.array_equal(maps["regions"].reshape(-1), paper_index[0].numpy())

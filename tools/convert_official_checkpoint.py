@@ -2,7 +2,8 @@
 """Convert a checkpoint of the OFFICIAL ENACT code into one this repository loads.
 
     python tools/convert_official_checkpoint.py official.pth converted.pth
-    python DETR-ENACT/main.py --coco_path COCO --resume converted.pth --eval
+    python DETR-ENACT/main.py --coco_path COCO --enact_mode official_fixed_chunk \
+        --resume converted.pth --eval
 
 The detector is recognised from the keys (or given with --detector). What changes (spec §2, §4):
 - DETR-ENACT / Conditional-DETR-ENACT: the official ClustAttn computes softmax(Q K^T) / d_h, we
@@ -18,9 +19,12 @@ The detector is recognised from the keys (or given with --detector). What change
   items 17-18), so expect a different AP than the official evaluation.
 - Everywhere: the model state only (a `module.` prefix is dropped); the optimizer state, whose
   parameter groups differ from ours, is not carried over. `epoch` is kept.
-What stays different for all three: our clusters are the paper's variable-length regions
-(the official code averages fixed chunks of the mean region length), and our encoder honours the
-padding mask, so the APs of a converted checkpoint can differ from the official figures.
+What stays different for all three: with --enact_mode official_fixed_chunk (the printed
+command) our clusters are the official code's fixed chunks of the mean region length, but with
+the chunk size per image rather than per batch, the padding mask honoured and the paper's 6σ+1
+Gaussian taps (official: 6σ-1); without it, the paper's variable-length regions. So the APs of
+a converted checkpoint can differ from the official figures (at batch 1 without padding only by
+the Gaussian taps, for DETR and Conditional DETR).
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from detr_common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from detr_common.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint,  # noqa: E402
+                                    strip_ddp_prefix)
 
 DETECTORS = ("detr", "conditional_detr", "anchor_detr")
 MAIN = {"detr": "DETR-ENACT/main.py", "conditional_detr": "Conditional-DETR-ENACT/main.py",
@@ -65,11 +70,6 @@ def _enact_layers(state, detector):
     if detector == "anchor_detr":
         return sorted({int(m.group(1)) for k in state if (m := _ANCHOR_ENACT.match(k))})
     return sorted({int(m.group(1)) for k in state if (m := _DETR_ENACT.match(k))})
-
-
-def strip_ddp_prefix(state):
-    """state_dict keys without DistributedDataParallel's ``module.`` prefix."""
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 def convert_state(state, detector: str, nheads: int, swap_qk: bool = False):
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         what += ", W_q <-> W_k"
     print(f"{detector}: {len(layers)} ENACT encoder layers converted ({what}) -> {dst}")
     print(f"evaluate: python {MAIN[detector]} --coco_path COCO{BACKBONE_FLAGS[detector]} "
-          f"--resume {dst} --eval")
+          f"--enact_mode official_fixed_chunk --resume {dst} --eval")
     return 0
 
 

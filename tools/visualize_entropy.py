@@ -87,8 +87,10 @@ class Capture:
 
 def layer_maps(module, key_padding_mask, hw):
     """After a forward: per batch row b, dict(information, smoothed (H, W) float numpy,
-    regions (H, W) int64 (-1 = padding), valid (H, W) bool, count int)."""
-    from enact_cuda import regions
+    regions (H, W) int64 (-1 = padding, or a pixel the official fixed chunks leave out),
+    valid (H, W) bool, count int); the module's clusters: regions, or fixed chunks in
+    mode "official_fixed_chunk"."""
+    from enact_cuda import fixed_chunks, regions
     info, smoothed = module.information, module.smoothed_information
     if info is None or smoothed is None:
         raise InferenceError("an ENACT layer kept no information maps after the forward pass")
@@ -99,8 +101,10 @@ def layer_maps(module, key_padding_mask, hw):
     region_index = getattr(module, "region_index", None)
     if region_index is None or tuple(region_index.shape) != tuple(info.shape):
         # The module keeps the unsmoothed information: the same regions as in its forward.
-        _, region_index, _ = regions(info, key_padding_mask, module.sigma, module.row_breaks,
-                                     (H, W))
+        _, region_index, counts = regions(info, key_padding_mask, module.sigma,
+                                          module.row_breaks, (H, W))
+        if getattr(module, "mode", "paper_regions") == "official_fixed_chunk":
+            region_index, _ = fixed_chunks(counts, key_padding_mask, H * W)
     mask = (torch.zeros_like(info, dtype=torch.bool) if key_padding_mask is None
             else key_padding_mask.bool())
     out = []

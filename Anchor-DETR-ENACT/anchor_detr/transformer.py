@@ -42,7 +42,7 @@ class AnchorTransformer(nn.Module):
                  num_query_position: int = 300, num_query_pattern: int = 3,
                  spatial_prior: str = "learned", enact: bool = True, sigma: int = 5,
                  enact_impl: str = "auto", row_breaks: bool = False, attn_impl: str = "sdpa",
-                 enact_attn_dropout: float | None = None):
+                 enact_attn_dropout: float | None = None, enact_mode: str = "paper_regions"):
         super().__init__()
         if spatial_prior not in SPATIAL_PRIORS:
             raise ValueError(f"unknown spatial prior {spatial_prior!r}; choose one of {SPATIAL_PRIORS}")
@@ -52,7 +52,8 @@ class AnchorTransformer(nn.Module):
         spatial = dict(d_model=d_model, nhead=nhead, d_ffn=dim_feedforward, dropout=dropout)
         self.encoder_layers = nn.ModuleList(
             EncoderLayerSpatial(**spatial, enact=enact, sigma=sigma, enact_impl=enact_impl,
-                                row_breaks=row_breaks, enact_attn_dropout=enact_attn_dropout)
+                                row_breaks=row_breaks, enact_attn_dropout=enact_attn_dropout,
+                                enact_mode=enact_mode)
             for _ in range(num_encoder_layers - n_level))
         self.encoder_layers_level = nn.ModuleList(
             EncoderLayerLevel(**spatial, attn_impl=attn_impl) for _ in range(n_level))
@@ -151,4 +152,5 @@ def build_transformer(args, num_classes: int) -> AnchorTransformer:
         enact_impl=getattr(args, "enact_impl", "auto"),
         row_breaks=getattr(args, "enact_row_breaks", False),
         attn_impl=getattr(args, "attn_impl", "sdpa"),
-        enact_attn_dropout=enact_attention_dropout(args))
+        enact_attn_dropout=enact_attention_dropout(args),
+        enact_mode=getattr(args, "enact_mode", "paper_regions"))
