@@ -19,8 +19,8 @@ def build_encoder_attention(args) -> nn.Module:
     ``--no_enact``: standard multi-head attention (``--attn_impl sdpa|eager``), keys
     ``self_attn.{in_proj_weight,in_proj_bias,out_proj.*}``. Otherwise ENACT
     (``enact_cuda.ENACTAttention``, σ = ``--smoothing_sigma``, backend ``--enact_impl``), keys
-    ``self_attn.{W_q,W_k,W_v,W_o,W_prob}.*``; clusters ``--enact_mode``. Attention dropout: ``--dropout``, for ENACT
-    ``--enact_attn_dropout`` where given.
+    ``self_attn.{W_q,W_k,W_v,W_o,W_prob}.*``; clusters ``--enact_mode``. Attention dropout:
+    ``--dropout``, for ENACT ``--enact_attn_dropout`` where given.
     """
     if args.no_enact:
         return EncoderSelfAttention(args.hidden_dim, args.nheads, dropout=args.dropout,
