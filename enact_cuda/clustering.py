@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence, Union
 
 import torch
 
-from .information import regions, resolve_impl, cuda_backend_or_reason
+from .information import _compaction, cuda_backend_or_reason, regions, resolve_impl
 
 __all__ = ["Clusters", "PackedClusters", "cluster", "cluster_tensors", "fixed_chunks", "pack"]
 
@@ -128,17 +128,11 @@ def fixed_chunks(counts: torch.Tensor, padding_mask: torch.Tensor | None, N: int
     and ignores the padding; per image with padding honoured, an image's chunks do not
     depend on the batch it is in, and for a batch of one unpadded image the two agree.
     """
-    B = counts.shape[0]
-    device = counts.device
-    if padding_mask is None:
-        valid = torch.ones(B, N, dtype=torch.bool, device=device)
-    else:
-        valid = ~padding_mask
-    lengths = valid.sum(1)
+    valid, rank, _, lengths = _compaction(padding_mask, counts.shape[0], N, counts.device)
     size = torch.round(lengths.double() / counts.clamp_min(1).double()).long().clamp_min(1)
     chunks = lengths // size
     front = (lengths - chunks * size) // 2
-    position = valid.long().cumsum(1) - 1 - front[:, None]  # rank among valid pixels - front
+    position = rank - front[:, None]
     index = torch.div(position, size[:, None], rounding_mode="floor")
     kept = valid & (position >= 0) & (index < chunks[:, None])
     return torch.where(kept, index, torch.full_like(index, -1)), chunks
