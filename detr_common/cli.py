@@ -118,6 +118,11 @@ def get_args_parser(description, num_queries=100, **defaults):
     return p
 
 
+def enact_mode(args) -> str:
+    """ENACT's clusters, --enact_mode ("paper_regions" for args saved before the flag)."""
+    return getattr(args, "enact_mode", "paper_regions")
+
+
 def enact_attention_dropout(args) -> float:
     """Dropout of ENACT's clustered attention weights: --enact_attn_dropout, else --dropout."""
     value = getattr(args, "enact_attn_dropout", None)

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from .attention import EncoderSelfAttention
-from .cli import enact_attention_dropout
+from .cli import enact_attention_dropout, enact_mode
 from .mlp import add_ffn_and_norms, feed_forward
 
 
@@ -29,7 +29,7 @@ def build_encoder_attention(args) -> nn.Module:
     return ENACTAttention(args.hidden_dim, args.nheads, sigma=args.smoothing_sigma,
                           dropout=enact_attention_dropout(args), impl=args.enact_impl,
                           row_breaks=bool(getattr(args, "enact_row_breaks", False)),
-                          mode=getattr(args, "enact_mode", "paper_regions"))
+                          mode=enact_mode(args))
 
 
 class TransformerEncoderLayer(nn.Module):

@@ -93,7 +93,7 @@ def _check_args(args):
         raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     if getattr(args, "backbone_train_all", False) and args.lr_backbone <= 0:
         raise UsageError("--backbone_train_all trains the backbone: it needs --lr_backbone > 0")
-    if getattr(args, "enact_mode", "paper_regions") != "paper_regions" and args.enact_row_breaks:
+    if args.enact_mode != "paper_regions" and args.enact_row_breaks:
         raise UsageError("--enact_row_breaks applies to --enact_mode paper_regions only (the "
                          "official fixed chunks run over row ends)")
 

@@ -103,7 +103,7 @@ def layer_maps(module, key_padding_mask, hw):
         # The module keeps the unsmoothed information: the same regions as in its forward.
         _, region_index, counts = regions(info, key_padding_mask, module.sigma,
                                           module.row_breaks, (H, W))
-        if getattr(module, "mode", "paper_regions") == "official_fixed_chunk":
+        if module.mode == "official_fixed_chunk":
             region_index, _ = fixed_chunks(counts, key_padding_mask, H * W)
     mask = (torch.zeros_like(info, dtype=torch.bool) if key_padding_mask is None
             else key_padding_mask.bool())

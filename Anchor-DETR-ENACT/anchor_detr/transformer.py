@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from detr_common.box_ops import inverse_sigmoid
-from detr_common.cli import enact_attention_dropout
+from detr_common.cli import enact_attention_dropout, enact_mode
 from detr_common.mlp import MLP
 from detr_common.position_encoding import sine_1d, sine_2d
 
@@ -153,4 +153,4 @@ def build_transformer(args, num_classes: int) -> AnchorTransformer:
         row_breaks=getattr(args, "enact_row_breaks", False),
         attn_impl=getattr(args, "attn_impl", "sdpa"),
         enact_attn_dropout=enact_attention_dropout(args),
-        enact_mode=getattr(args, "enact_mode", "paper_regions"))
+        enact_mode=enact_mode(args))
