@@ -25,7 +25,8 @@ attention.py); all tensors batch-first, masks bool with True = padding.
     dims 32 and 64, never materialising N x R; FlashAttention-style recomputing backward.
     Attention dropout uses a counter-based hash of (seed, b, h, query, key): the backward
     recomputes the forward's mask. The seed is drawn from torch's default CPU generator
-    (so torch.manual_seed makes runs repeatable; no device sync) unless `seed=` is given.
+    (so torch.manual_seed makes runs repeatable) unless `seed=` is given; it travels to the
+    kernels as a CPU int64 scalar tensor, never as a Python number read back from a tensor.
 
 Inputs the kernels do not cover fall back to the torch backend, documented per function:
 float64 inputs (gradcheck), attention dtypes other than fp32/bf16, or (q / k, value) head
@@ -278,16 +279,16 @@ class _ClusteredAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, dropout_p, scale, seed):
         out, lse = extension().attn_forward(q, k, v, key_padding_mask, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
-        ctx.dropout_p, ctx.scale, ctx.seed = dropout_p, scale, seed
+        ctx.save_for_backward(q, k, v, key_padding_mask, out, lse, seed)
+        ctx.dropout_p, ctx.scale = dropout_p, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, kpm, out, lse = ctx.saved_tensors
+        q, k, v, kpm, out, lse, seed = ctx.saved_tensors
         dq, dk, dv = extension().attn_backward(grad_out, q, k, v, kpm, out, lse, ctx.scale,
-                                               ctx.dropout_p, ctx.seed, DKDV_NSPLIT)
+                                               ctx.dropout_p, seed, DKDV_NSPLIT)
         return dq, dk, dv, None, None, None, None
 
 
@@ -295,9 +296,17 @@ def _unsupported(q, k, v) -> str:
     return kernel_gap((q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]))
 
 
-def _draw_seed() -> int:
-    # torch's default CPU generator: repeatable under torch.manual_seed, no GPU sync.
-    return int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is no dropout
+
+
+def _seed_tensor(dropout_p: float, seed: int | None) -> torch.Tensor:
+    """() int64 CPU tensor the kernels read the dropout seed from: `seed` if given, else a
+    draw from torch's default CPU generator (repeatable under torch.manual_seed)."""
+    if dropout_p == 0.0:
+        return _NO_SEED
+    if seed is not None:
+        return torch.tensor(int(seed), dtype=torch.int64)
+    return torch.randint(0, 2 ** 62, (), dtype=torch.int64)
 
 
 def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -325,13 +334,12 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    if dropout_p > 0.0 and seed is None:
-        seed = _draw_seed()
+    seed_t = _seed_tensor(dropout_p, seed)
     kpm = key_padding_mask.contiguous()
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _ClusteredAttention.apply(q, k, v, kpm, dropout_p, scale, int(seed or 0))
+        out, lse = _ClusteredAttention.apply(q, k, v, kpm, dropout_p, scale, seed_t)
     else:  # no autograd node (eval): the extension directly, less host time per call
-        out, lse = extension().attn_forward(q, k, v, kpm, scale, dropout_p, int(seed or 0))
+        out, lse = extension().attn_forward(q, k, v, kpm, scale, dropout_p, seed_t)
     return (out, lse) if return_lse else out
 
 

@@ -13,7 +13,8 @@ Attention dropout (spec §6.16): `dropout` is applied to the attention weights i
 Clusters (spec §6.4): mode="paper_regions" (default) clusters each region of equal curvature
 sign; mode="official_fixed_chunk" keeps only the regions' mean length and clusters fixed
 chunks of that many pixels, as the official code does (`clustering.fixed_chunks`; a compat
-mode for its checkpoints and for comparisons; torch clustering on every backend).
+mode for its checkpoints and for comparisons; on CUDA the regions' information and clustering
+kernels, unfused, since chunks, like regions, are runs of consecutive valid pixels).
 """
 from __future__ import annotations
 
@@ -104,10 +105,9 @@ class _ENACTRegions(nn.Module):
         (nothing waits for the GPU) — for no-grad forwards whose attention cost follows the mask.
         """
         backend = resolve_impl(self.impl, info_keys, *tensors)
-        # fixed chunks: torch clustering (the attention still takes the backend's kernel)
         paper = self.mode == "paper_regions"
-        cb = cuda_backend_or_reason()[0] if backend == "cuda" and paper else None
-        if cb is not None:
+        cb = cuda_backend_or_reason()[0] if backend == "cuda" else None
+        if cb is not None and paper:
             # The fused kernels read rows of unit stride; a flattened (B, d, H, W) feature map
             # transposed to (B, N, d) (every detector's first encoder layer) is copied once
             # here rather than falling back to the unfused path and its blocking R_max read.
@@ -115,7 +115,7 @@ class _ENACTRegions(nn.Module):
             unit = _unit_stride(info_keys)
             tensors = tuple(unit if t is info_keys else _unit_stride(t) for t in tensors)
             info_keys = unit
-        if cb is not None and cb.fused_supported(info_keys, tensors, self.sigma):
+        if cb is not None and paper and cb.fused_supported(info_keys, tensors, self.sigma):
             state = cb.fused_begin(info_keys, self.W_prob.weight, self.W_prob.bias,
                                    key_padding_mask, self.sigma, self.row_breaks, hw,
                                    read_rmax=not upper_bound)
@@ -134,15 +134,14 @@ class _ENACTRegions(nn.Module):
         if cb is not None:
             info, smoothed, region_index, counts = cb.information_regions(
                 z, key_padding_mask, self.sigma, self.row_breaks, hw)
-            clustered = cb.cluster_tensors(tensors, smoothed, region_index,
-                                           _num_clusters(counts))
         else:
             info = information_from_logits(z, key_padding_mask)
             smoothed, region_index, counts = regions(info, key_padding_mask, self.sigma,
                                                      self.row_breaks, hw)
-            if not paper:
-                region_index, counts = fixed_chunks(counts, key_padding_mask, z.shape[1])
-            clustered = cluster_tensors(tensors, smoothed, region_index, _num_clusters(counts))
+        if not paper:  # chunks are runs of consecutive pixels, like regions: same kernels
+            region_index, counts = fixed_chunks(counts, key_padding_mask, z.shape[1])
+        cluster_fn = cb.cluster_tensors if cb is not None else cluster_tensors
+        clustered = cluster_fn(tensors, smoothed, region_index, _num_clusters(counts))
         R = clustered[0].shape[1]
         self._record(info, smoothed, counts, key_padding_mask, info_keys)
         early = before_sync() if before_sync is not None else None

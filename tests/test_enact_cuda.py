@@ -487,13 +487,35 @@ def test_clustered_attention_dropout_matches_masked_reference(cb, dev, dtype, e,
     assert torch.equal(again, out_c.detach())
 
 
+def test_clustered_attention_drawn_seed_comes_from_torch_cpu_generator(cb, dev):
+    # Without seed= the kernels get a draw from torch's default CPU generator: the same
+    # forward and backward as passing that draw explicitly, repeatable under manual_seed.
+    B, h, N, R, e, p = 2, 4, 120, 30, 32, 0.3
+    q, k, v, kpm, go = _attn_inputs(B, h, N, R, e, torch.float32, dev, seed=21)
+    torch.manual_seed(5)
+    expected_seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+    torch.manual_seed(5)
+    drawn = _run_attn(cb.clustered_attention, q, k, v, kpm, go, dropout_p=p)
+    given = _run_attn(cb.clustered_attention, q, k, v, kpm, go, dropout_p=p, seed=expected_seed)
+    assert torch.equal(drawn[0], given[0])
+    for a, b in zip(drawn[1:], given[1:]):  # dk / dv may sum over query splits atomically
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    other = _run_attn(cb.clustered_attention, q, k, v, kpm, go, dropout_p=p)  # the next draw
+    assert not torch.equal(other[0], drawn[0])
+
+
 # ------------------------------------------------------------------ whole ENACT attention
-@pytest.mark.parametrize("nhead,d", [(8, 256), (4, 256)])
-def test_enact_attention_module_cuda_matches_torch(cb, dev, nhead, d):
+@pytest.mark.parametrize("nhead,d,mode", [(8, 256, "paper_regions"), (4, 256, "paper_regions"),
+                                          (8, 256, "official_fixed_chunk")])
+def test_enact_attention_module_cuda_matches_torch(cb, dev, monkeypatch, nhead, d, mode):
     torch.manual_seed(0)
     B, H, W = 4, 15, 21
-    m_cuda = enact_cuda.ENACTAttention(d, nhead, sigma=3, impl="cuda").to(dev)
-    m_torch = enact_cuda.ENACTAttention(d, nhead, sigma=3, impl="torch").to(dev)
+    m_cuda = enact_cuda.ENACTAttention(d, nhead, sigma=3, impl="cuda", mode=mode).to(dev)
+    m_torch = enact_cuda.ENACTAttention(d, nhead, sigma=3, impl="torch", mode=mode).to(dev)
+    kernel_calls = []
+    if mode == "official_fixed_chunk":  # the chunks go through the clustering kernel
+        kernel = cb.cluster_tensors
+        monkeypatch.setattr(cb, "cluster_tensors", lambda *a: kernel_calls.append(1) or kernel(*a))
     m_torch.load_state_dict(m_cuda.state_dict())
     gen = torch.Generator().manual_seed(1)
     src = torch.randn(B, H * W, d, generator=gen).to(dev)
@@ -519,6 +541,11 @@ def test_enact_attention_module_cuda_matches_torch(cb, dev, nhead, d):
         assert rel(pc[name], pt[name]) <= 5 * FP32_TOL, name
     assert torch.equal(m_cuda.last_stats["clusters_per_image"],
                        m_torch.last_stats["clusters_per_image"])
+    assert len(kernel_calls) == (1 if mode == "official_fixed_chunk" else 0)
+    if mode == "official_fixed_chunk":  # the case covers chunks trimmed at an image's start
+        _, _, counts = torch_regions(m_torch.information, mask, 3)
+        index, _ = enact_cuda.fixed_chunks(counts, mask, H * W)
+        assert (index[:, 0] == -1).any()
 
 
 def test_enact_attention_module_cuda_bf16_autocast(cb, dev):

@@ -219,8 +219,16 @@ void set_strides(int64_t (&s)[3], const at::Tensor& t) {
   s[2] = t.stride(2);
 }
 
+// The dropout seed arrives as a CPU int64 scalar tensor (host memory: reading it is no sync).
+uint64_t seed_value(const at::Tensor& seed) {
+  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "enact_cuda: the dropout seed must be a CPU int64 tensor with one element");
+  return static_cast<uint64_t>(*seed.data_ptr<int64_t>());
+}
+
 enact::AttnArgs attn_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor& kpm, double scale, double dropout_p, int64_t seed) {
+                          const at::Tensor& kpm, double scale, double dropout_p,
+                          const at::Tensor& seed) {
   enact::AttnArgs a{};
   a.q = q.data_ptr();
   a.k = k.data_ptr();
@@ -237,7 +245,7 @@ enact::AttnArgs attn_args(const at::Tensor& q, const at::Tensor& k, const at::Te
   a.EV = static_cast<int>(v.size(3));
   a.scale = static_cast<float>(scale);
   a.dropout_p = static_cast<float>(dropout_p);
-  a.seed = static_cast<uint64_t>(seed);
+  a.seed = seed_value(seed);
   return a;
 }
 
@@ -264,7 +272,7 @@ void check_attn_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 std::vector<at::Tensor> attn_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                      const at::Tensor& v_in, const at::Tensor& kpm_in, double scale,
-                                     double dropout_p, int64_t seed) {
+                                     double dropout_p, const at::Tensor& seed) {
   c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor q = prep_attn(q_in, "q"), k = prep_attn(k_in, "k"), v = prep_attn(v_in, "v");
   at::Tensor kpm = kpm_in.contiguous();
@@ -286,7 +294,7 @@ std::vector<at::Tensor> attn_backward(const at::Tensor& dout_in, const at::Tenso
                                       const at::Tensor& k_in, const at::Tensor& v_in,
                                       const at::Tensor& kpm_in, const at::Tensor& out_in,
                                       const at::Tensor& lse_in, double scale, double dropout_p,
-                                      int64_t seed, int64_t nsplit) {
+                                      const at::Tensor& seed, int64_t nsplit) {
   c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor q = prep_attn(q_in, "q"), k = prep_attn(k_in, "k"), v = prep_attn(v_in, "v");
   at::Tensor out = prep_attn(out_in, "out");
