@@ -13,8 +13,9 @@ to 50x76 (DC5), d = 256, 8 heads, padded batch with random valid sizes >= 75 %):
     made beforehand; GPU kernel time = the sum of the CUDA kernels (and memsets / copies) the
     profiler records per call;
   * whole layers (projections included): ENACTAttention (impl auto = fused CUDA clustering +
-    the per-dtype attention choice, and torch) vs a dense layer with the same projections
-    (SDPA / eager); bf16 runs under autocast; and the ENACT layer with its clusters computed
+    the per-dtype attention choice, the same in mode="official_fixed_chunk", and torch) vs a
+    dense layer with the same projections (SDPA / eager); bf16 runs under autocast; and the
+    ENACT layer with its clusters computed
     beforehand, so that the difference is ENACT's own work inside a layer, wall clock, where
     the host launches ahead of the GPU as in training (isolated, the overhead's small kernels
     and the autograd call are host-bound);
@@ -263,6 +264,9 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
         # flash SDPA for bfloat16 (AUTO_CUDA_ATTENTION_DTYPES)
         "enact_auto": enact_cuda.ENACTAttention(d, nh, sigma, impl="auto"),
         "enact_torch": enact_cuda.ENACTAttention(d, nh, sigma, impl="torch"),
+        # --enact_mode official_fixed_chunk: the same kernels unfused, chunks for regions
+        "enact_auto_fixed_chunk": enact_cuda.ENACTAttention(d, nh, sigma, impl="auto",
+                                                            mode="official_fixed_chunk"),
         "dense_sdpa": DenseLayer(d, nh, "sdpa"),
     }
     if not args.skip_eager:
@@ -333,6 +337,9 @@ def bench_size(args, cb, dtype, H, W, rows, summary):
         s["enact_layer_vs_dense_sdpa_memory_ratio"] = lc["peak_mb"] / max(ld["peak_mb"], 1e-9)
     if c and ds:
         s["fused_clustered_vs_dense_sdpa_core_speedup_fwdbwd"] = ds["fwdbwd_ms"] / c["fwdbwd_ms"]
+    lx = get("layer", "enact_auto_fixed_chunk")
+    if lc and lx:
+        s["enact_layer_regions_vs_fixed_chunk_speedup_fwdbwd"] = lx["fwdbwd_ms"] / lc["fwdbwd_ms"]
     summary.append(s)
 
 
@@ -434,14 +441,14 @@ def clustering_bandwidth(args, cb, copy_bw, nominal):
 
 
 def print_table(rows):
-    print("\n{:<7} {:>6} {:>5} {:<20} {:<12} {:>9} {:>11} {:>10}".format(
+    print("\n{:<7} {:>6} {:>5} {:<20} {:<22} {:>9} {:>11} {:>10}".format(
         "dtype", "HxW", "R", "op", "backend", "fwd ms", "fwd+bwd ms", "peak MiB"))
     for r in rows:
         if "error" in r:
-            print("{:<7} {:>6} {:>5} {:<20} {:<12} {}".format(
+            print("{:<7} {:>6} {:>5} {:<20} {:<22} {}".format(
                 r["dtype"], f"{r['H']}x{r['W']}", r["R_max"], r["op"], r["backend"], r["error"]))
             continue
-        print("{:<7} {:>6} {:>5} {:<20} {:<12} {:>9.3f} {:>11.3f} {:>10.1f}".format(
+        print("{:<7} {:>6} {:>5} {:<20} {:<22} {:>9.3f} {:>11.3f} {:>10.1f}".format(
             r["dtype"], f"{r['H']}x{r['W']}", r["R_max"], r["op"], r["backend"], r["fwd_ms"],
             r["fwdbwd_ms"], r["peak_mb"]))
 
