@@ -15,10 +15,9 @@ to 50x76 (DC5), d = 256, 8 heads, padded batch with random valid sizes >= 75 %):
   * whole layers (projections included): ENACTAttention (impl auto = fused CUDA clustering +
     the per-dtype attention choice, the same in mode="official_fixed_chunk", and torch) vs a
     dense layer with the same projections (SDPA / eager); bf16 runs under autocast; and the
-    ENACT layer with its clusters computed
-    beforehand, so that the difference is ENACT's own work inside a layer, wall clock, where
-    the host launches ahead of the GPU as in training (isolated, the overhead's small kernels
-    and the autograd call are host-bound);
+    ENACT layer with its clusters computed beforehand, so that the difference is ENACT's own
+    work inside a layer, wall clock, where the host launches ahead of the GPU as in training
+    (isolated, the overhead's small kernels and the autograd call are host-bound);
   * the clustering kernels' achieved memory bandwidth on a large input against the GPU's
     measured device-to-device copy bandwidth and its datasheet peak: whole calls (region
     bounds + sums) timed back to back, and the sum kernel alone from the profiler.
