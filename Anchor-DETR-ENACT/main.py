@@ -18,7 +18,7 @@ DEFAULTS = dict(backbone="resnet50", dilation=True, batch_size=4, lr=5e-5, lr_ba
 
 
 def get_parser():
-    parser = get_args_parser("Anchor DETR with ENACT", **DEFAULTS)
+    parser = get_args_parser("Anchor DETR with ENACT", enact_attention=False, **DEFAULTS)
     g = parser.add_argument_group("Anchor DETR")
     g.add_argument("--no_dilation", dest="dilation", action="store_false",
                    help="plain C5 backbone instead of DC5 (dilation default: %(default)s)")

@@ -11,7 +11,18 @@ from pathlib import Path
 
 import torch
 
+from .cli import enact_attention_numerics, enact_mode
+
 log = logging.getLogger(__name__)
+
+# ENACT settings that change what the weights compute but not their shapes:
+# name -> value for args that lack it (saved before the flag, or a detector without it).
+_ENACT_SETTINGS = {
+    "enact_mode": enact_mode,
+    "enact_row_breaks": lambda a: bool(getattr(a, "enact_row_breaks", False)),
+    "enact_attn_numerics": enact_attention_numerics,
+    "smoothing_sigma": lambda a: getattr(a, "smoothing_sigma", None),
+}
 
 
 class CheckpointError(RuntimeError):
@@ -92,12 +103,32 @@ def load_model_state(model, path, ckpt, args):
     model.load_state_dict(state, strict=True)
 
 
+def enact_setting_changes(ckpt_args, args) -> list:
+    """["--flag: checkpoint X, this run Y", ...] for the ENACT settings (clusters, attention
+    numerics, sigma) in which ``args`` differ from the checkpoint's saved args; [] when either
+    has no ENACT or the checkpoint has no args."""
+    if (ckpt_args is None or getattr(ckpt_args, "no_enact", True)
+            or getattr(args, "no_enact", True)):
+        return []
+    changes = []
+    for name, value in _ENACT_SETTINGS.items():
+        before, now = value(ckpt_args), value(args)
+        if before is not None and now is not None and before != now:
+            changes.append(f"--{name}: checkpoint {before}, this run {now}")
+    return changes
+
+
 def load_weights(model, path, detector, args):
     """Load a checkpoint of ``detector`` whose weights fit ``model`` exactly; returns the
-    checkpoint dict (for the optimizer / scheduler state of a resume)."""
+    checkpoint dict (for the optimizer / scheduler state of a resume). Warns when the run's
+    ENACT settings differ from those the weights were trained with (the weights still fit)."""
     ckpt = load_checkpoint(path)
     check_detector(path, ckpt, detector)
     load_model_state(model, path, ckpt, args)
+    changes = enact_setting_changes(ckpt.get("args"), args)
+    if changes:
+        log.warning("%s was trained with other ENACT settings (the weights fit, the results "
+                    "may not): %s", path, "; ".join(changes))
     return ckpt
 
 

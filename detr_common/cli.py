@@ -16,11 +16,13 @@ def _int_list(text):
 COCO_TRAIN_SIZES = list(range(480, 801, 32))
 
 
-def get_args_parser(description, num_queries=100, **defaults):
+def get_args_parser(description, num_queries=100, enact_attention=True, **defaults):
     """Return the shared parser; ``defaults`` override the generic defaults below.
 
     ``num_queries=None`` leaves out ``--num_queries`` (Anchor DETR counts its queries as
-    anchors x patterns with flags of its own)."""
+    anchors x patterns with flags of its own). ``enact_attention=False`` leaves out
+    ``--enact_attn_numerics`` (Anchor DETR's ENACT only clusters for its row-column
+    attention)."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
@@ -82,6 +84,11 @@ def get_args_parser(description, num_queries=100, **defaults):
     g.add_argument("--enact_attn_dropout", type=float, default=None,
                    help="dropout on ENACT's clustered attention weights (default: --dropout; "
                         "the official ENACT code applies none, i.e. 0)")
+    if enact_attention:
+        g.add_argument("--enact_attn_numerics", choices=["standard", "official"],
+                       default="standard",
+                       help="ENACT's attention: softmax(QK^T / sqrt(d_h)), or the official "
+                            "code's softmax(QK^T) / d_h (compat, for training as it did)")
 
     g = p.add_argument_group("matcher and loss")
     g.add_argument("--set_cost_class", type=float, default=1.0)
@@ -121,6 +128,12 @@ def get_args_parser(description, num_queries=100, **defaults):
 def enact_mode(args) -> str:
     """ENACT's clusters, --enact_mode ("paper_regions" for args saved before the flag)."""
     return getattr(args, "enact_mode", "paper_regions")
+
+
+def enact_attention_numerics(args) -> str:
+    """ENACT's attention numerics, --enact_attn_numerics ("standard" where the flag is absent:
+    args saved before it, or Anchor DETR)."""
+    return getattr(args, "enact_attn_numerics", "standard")
 
 
 def enact_attention_dropout(args) -> float:

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from .attention import EncoderSelfAttention
-from .cli import enact_attention_dropout, enact_mode
+from .cli import enact_attention_dropout, enact_attention_numerics, enact_mode
 from .mlp import add_ffn_and_norms, feed_forward
 
 
@@ -19,7 +19,8 @@ def build_encoder_attention(args) -> nn.Module:
     ``--no_enact``: standard multi-head attention (``--attn_impl sdpa|eager``), keys
     ``self_attn.{in_proj_weight,in_proj_bias,out_proj.*}``. Otherwise ENACT
     (``enact_cuda.ENACTAttention``, σ = ``--smoothing_sigma``, backend ``--enact_impl``), keys
-    ``self_attn.{W_q,W_k,W_v,W_o,W_prob}.*``; clusters ``--enact_mode``. Attention dropout:
+    ``self_attn.{W_q,W_k,W_v,W_o,W_prob}.*``; clusters ``--enact_mode``, attention
+    ``--enact_attn_numerics``. Attention dropout:
     ``--dropout``, for ENACT ``--enact_attn_dropout`` where given.
     """
     if args.no_enact:
@@ -29,7 +30,7 @@ def build_encoder_attention(args) -> nn.Module:
     return ENACTAttention(args.hidden_dim, args.nheads, sigma=args.smoothing_sigma,
                           dropout=enact_attention_dropout(args), impl=args.enact_impl,
                           row_breaks=bool(getattr(args, "enact_row_breaks", False)),
-                          mode=enact_mode(args))
+                          mode=enact_mode(args), numerics=enact_attention_numerics(args))
 
 
 class TransformerEncoderLayer(nn.Module):

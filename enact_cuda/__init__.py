@@ -14,8 +14,9 @@ Public API
 - clustered_attention(q (B,h,N,e), k (B,h,R,e), v (B,h,R,ev), key_padding_mask (B,R),
   dropout_p=0.0, impl="auto", scale=None) -> (B, h, N, ev).
 - ENACTAttention(d_model, nhead, sigma, dropout=0.0, impl="auto", row_breaks=False,
-  mode="paper_regions") (src (B,N,d), pos, key_padding_mask (B,N), hw) -> (B, N, d);
-  mode="official_fixed_chunk": the official code's fixed chunks (`fixed_chunks`).
+  mode="paper_regions", numerics="standard") (src (B,N,d), pos, key_padding_mask (B,N), hw)
+  -> (B, N, d); mode="official_fixed_chunk": the official code's fixed chunks
+  (`fixed_chunks`); numerics="official": the official softmax(Q K^T) / d_h.
 - ENACTClustering(d_model, sigma, impl="auto", row_breaks=False, mode="paper_regions")
   (info_keys (B,N,d), tensors tuple, key_padding_mask, hw) -> Clusters (values = tuple).
 - backend_info() -> dict: which backend impl="auto" picks here and why.
@@ -31,12 +32,12 @@ from .clustering import Clusters, PackedClusters, cluster, cluster_tensors, fixe
 from .information import (check_sigma, cuda_backend_or_reason, gaussian_taps,
                           information_from_logits, regions, regions_from_steps, resolve_impl,
                           self_information)
-from .module import MODES, ENACTAttention, ENACTClustering
+from .module import MODES, NUMERICS, ENACTAttention, ENACTClustering
 
 __all__ = [
     "self_information", "information_from_logits", "gaussian_taps", "check_sigma", "regions",
     "regions_from_steps", "cluster", "cluster_tensors", "fixed_chunks", "Clusters",
-    "PackedClusters", "pack", "MODES",
+    "PackedClusters", "pack", "MODES", "NUMERICS",
     "clustered_attention", "clustered_attention_torch", "uses_cuda_kernel", "ENACTAttention",
     "ENACTClustering",
     "backend_info", "resolve_impl",

@@ -15,6 +15,11 @@ sign; mode="official_fixed_chunk" keeps only the regions' mean length and cluste
 chunks of that many pixels, as the official code does (`clustering.fixed_chunks`; a compat
 mode for its checkpoints and for comparisons; on CUDA the regions' information and clustering
 kernels, unfused, since chunks, like regions, are runs of consecutive valid pixels).
+Attention numerics (spec §2.1, §6.2): numerics="standard" (default) is softmax(Q K^T / sqrt(d_h));
+numerics="official" is the official DETR / Conditional DETR ClustAttn's softmax(Q K^T) / d_h (no
+temperature, each row of weights summing to 1 / d_h), for training as the official code did. The
+two are the same function of the weights up to W_q <- sqrt(d_h) W_q, W_o <- W_o / d_h (what
+tools/convert_official_checkpoint.py folds in), but they train differently.
 """
 from __future__ import annotations
 
@@ -26,9 +31,10 @@ from .clustering import Clusters, _cluster_mask, _num_clusters, cluster_tensors,
 from .information import (check_sigma, cuda_backend_or_reason, information_from_logits, regions,
                           resolve_impl)
 
-__all__ = ["ENACTAttention", "ENACTClustering", "MODES"]
+__all__ = ["ENACTAttention", "ENACTClustering", "MODES", "NUMERICS"]
 
 MODES = ("paper_regions", "official_fixed_chunk")
+NUMERICS = ("standard", "official")
 
 
 def _linear(d_in: int, d_out: int) -> nn.Linear:
@@ -180,16 +186,21 @@ class ENACTAttention(_ENACTRegions):
     pixels_per_image, mean_region_length), `information` and `smoothed_information` (B, N).
     Without autograd (eval) and with the CUDA attention kernel, the clusters are allocated at
     N rows so the forward never waits for the GPU (the kernel's cost follows the mask).
-    mode: "paper_regions" or "official_fixed_chunk" (module docstring).
+    mode: "paper_regions" or "official_fixed_chunk"; numerics: "standard" or "official"
+    (module docstring).
     """
 
     def __init__(self, d_model: int, nhead: int, sigma, dropout: float = 0.0,
-                 impl: str = "auto", row_breaks: bool = False, mode: str = "paper_regions"):
+                 impl: str = "auto", row_breaks: bool = False, mode: str = "paper_regions",
+                 numerics: str = "standard"):
         super().__init__(d_model, sigma, impl, row_breaks, mode)
         if d_model % nhead != 0:
             raise ValueError(f"d_model={d_model} is not divisible by nhead={nhead}")
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
         self.nhead = int(nhead)
         self.dropout = float(dropout)
+        self.numerics = numerics
         self.W_q, self.W_k, self.W_v, self.W_o = _attention_projections(d_model)
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor | None = None,
@@ -213,12 +224,17 @@ class ENACTAttention(_ENACTRegions):
         q = q.view(B, N, h, e).transpose(1, 2)
         k = self.W_k(ck).view(B, R, h, e).transpose(1, 2)
         v = self.W_v(cv).view(B, R, h, e).transpose(1, 2)
+        official = self.numerics == "official"
         out = clustered_attention(q, k, v, cluster_mask,
-                                  dropout_p=self.dropout if self.training else 0.0, impl=impl)
+                                  dropout_p=self.dropout if self.training else 0.0, impl=impl,
+                                  scale=1.0 if official else None)
+        if official:
+            out = out / e  # softmax(Q K^T) / d_h
         return self.W_o(out.transpose(1, 2).reshape(B, N, d))
 
     def extra_repr(self) -> str:
-        return f"nhead={self.nhead}, dropout={self.dropout}, " + super().extra_repr()
+        return (f"nhead={self.nhead}, dropout={self.dropout}, numerics={self.numerics!r}, "
+                + super().extra_repr())
 
 
 class ENACTClustering(_ENACTRegions):

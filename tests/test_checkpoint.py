@@ -79,6 +79,34 @@ def test_enact_mismatch_hint(tmp_path):
         ck.load_model_state(tiny_model(), path, ckpt, argparse.Namespace(no_enact=False))
 
 
+def test_other_enact_settings_warn_on_load(tmp_path, caplog):
+    """Settings that change what ENACT computes but not the weights' shapes: the weights load,
+    with one warning naming each difference; none for equal settings or plain detectors."""
+    path = tmp_path / "c.pth"
+    trained = argparse.Namespace(no_enact=False, enact_mode="official_fixed_chunk",
+                                 enact_row_breaks=False, smoothing_sigma=3)  # saved before
+    ck.save_checkpoint({"model": tiny_model().state_dict(), "args": trained}, path)  # numerics
+    now = argparse.Namespace(no_enact=False, enact_mode="paper_regions", enact_row_breaks=True,
+                             smoothing_sigma=3, enact_attn_numerics="official")
+    with caplog.at_level("WARNING", logger=ck.log.name):
+        ck.load_weights(tiny_model(), path, "detr", now)
+    (record,) = caplog.records
+    assert str(path) in record.message and record.message.endswith(
+        "--enact_mode: checkpoint official_fixed_chunk, this run paper_regions; "
+        "--enact_row_breaks: checkpoint False, this run True; "
+        "--enact_attn_numerics: checkpoint standard, this run official")
+    caplog.clear()
+    same = argparse.Namespace(**vars(trained), enact_attn_numerics="standard")
+    plain = argparse.Namespace(**{**vars(now), "no_enact": True})
+    with caplog.at_level("WARNING", logger=ck.log.name):
+        for args in (same, plain):
+            ck.load_weights(tiny_model(), path, "detr", args)
+    assert not caplog.records
+    assert ck.enact_setting_changes(trained, argparse.Namespace(**{**vars(same),
+                                                                   "smoothing_sigma": 5})) == \
+        ["--smoothing_sigma: checkpoint 3, this run 5"]
+
+
 def test_pretrained_reinitialises_a_different_class_head(tmp_path):
     source = tiny_model(7)
     path = tmp_path / "c.pth"

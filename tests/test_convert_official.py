@@ -1,6 +1,6 @@
 """tools/convert_official_checkpoint.py: the official ClustAttn numerics folded into our weights
 (checked against an independent implementation of spec §2.1), key handling, Anchor's in_proj
-slots, and clear errors."""
+slots, and clear errors; --enact_attn_numerics official, the same numerics kept at training."""
 import argparse
 import importlib.util
 import math
@@ -64,6 +64,70 @@ def test_folded_numerics_equal_the_official_attention():
     m.load_state_dict({k[len(prefix):]: v for k, v in official.items()})
     raw = m.attend(m.W_q(q_in), ck, cv, torch.zeros(B, R, dtype=torch.bool), impl="torch")
     assert not torch.allclose(raw, ref, atol=1e-3)
+
+
+def test_official_numerics_equal_the_official_attention_and_the_folded_weights():
+    """ENACTAttention(numerics="official") with the official weights: the attention equals the
+    independent official formula, and the whole layer (clusters, padding, gradients) equals the
+    standard-numerics layer with the converted weights (spec §7's acceptance test)."""
+    import enact_cuda
+    torch.manual_seed(0)
+    d, nhead, B, H, W, R = 64, 4, 2, 5, 7, 6
+    gen = torch.Generator().manual_seed(3)
+    official = {}
+    for name in ("W_q", "W_k", "W_v", "W_o"):
+        official[name + ".weight"] = torch.randn(d, d, dtype=torch.float64, generator=gen) / 8
+        official[name + ".bias"] = torch.randn(d, dtype=torch.float64, generator=gen) / 4
+    official["W_prob.weight"] = torch.randn(1, d, dtype=torch.float64, generator=gen)
+    official["W_prob.bias"] = torch.zeros(1, dtype=torch.float64)
+    m_off = enact_cuda.ENACTAttention(d, nhead, sigma=1, impl="torch", numerics="official")
+    m_off.double().load_state_dict(official)
+
+    q_in = torch.randn(B, H * W, d, dtype=torch.float64, generator=gen)
+    ck, cv = (torch.randn(B, R, d, dtype=torch.float64, generator=gen) for _ in range(2))
+    got = m_off.attend(m_off.W_q(q_in), ck, cv, torch.zeros(B, R, dtype=torch.bool),
+                       impl="torch")
+    assert torch.allclose(got, official_clustattn(q_in, ck, cv, official, nhead),
+                          atol=1e-10, rtol=1e-9)
+
+    prefix = "transformer.encoder.layers.0.self_attn."
+    folded = conv.convert_state({prefix + k: v for k, v in official.items()}, "detr", nhead)
+    m_std = enact_cuda.ENACTAttention(d, nhead, sigma=1, impl="torch").double()
+    m_std.load_state_dict({k[len(prefix):]: v for k, v in folded.items()})
+    src, pos = (torch.randn(B, H * W, d, dtype=torch.float64, generator=gen) for _ in range(2))
+    mask = torch.zeros(B, H * W, dtype=torch.bool)
+    mask[1, -2 * W:] = True  # image 1 is padded: two rows
+    results = []
+    for m in (m_off, m_std):
+        x = src.clone().requires_grad_(True)
+        out = m(x, pos, mask, (H, W))
+        out.square().sum().backward()
+        results.append((out, x.grad))
+    (out_off, grad_off), (out_std, grad_std) = results
+    assert torch.allclose(out_off, out_std, atol=1e-10, rtol=1e-9)
+    assert torch.allclose(grad_off, grad_std, atol=1e-10, rtol=1e-9)
+    # the official weights under standard numerics compute something else (the test can fail)
+    m_std.load_state_dict(official)
+    assert not torch.allclose(m_std(src, pos, mask, (H, W)), out_off, atol=1e-3)
+
+
+@pytest.mark.parametrize("folder", ["DETR-ENACT", "Conditional-DETR-ENACT"])
+def test_enact_attn_numerics_flag_reaches_every_encoder_layer(folder):
+    main = load_main(folder)
+    for flags, numerics in (((), "standard"), (("--enact_attn_numerics", "official"), "official")):
+        args = main.get_parser().parse_args([*TINY, "--enc_layers", "2", *flags])
+        args.num_classes = 5
+        model = main.DETECTOR.build(args)[0]
+        assert [layer.self_attn.numerics for layer in model.transformer.encoder.layers] == \
+            [numerics] * 2
+
+
+def test_anchor_detr_has_no_enact_attn_numerics(capsys):
+    """Anchor DETR's ENACT only clusters for its row-column attention: the flag is refused."""
+    main = load_main("Anchor-DETR-ENACT")
+    with pytest.raises(SystemExit):
+        main.get_parser().parse_args(["--enact_attn_numerics", "official"])
+    assert "unrecognized arguments: --enact_attn_numerics" in capsys.readouterr().err
 
 
 def build_model(detector):

@@ -505,13 +505,17 @@ def test_clustered_attention_drawn_seed_comes_from_torch_cpu_generator(cb, dev):
 
 
 # ------------------------------------------------------------------ whole ENACT attention
-@pytest.mark.parametrize("nhead,d,mode", [(8, 256, "paper_regions"), (4, 256, "paper_regions"),
-                                          (8, 256, "official_fixed_chunk")])
-def test_enact_attention_module_cuda_matches_torch(cb, dev, monkeypatch, nhead, d, mode):
+@pytest.mark.parametrize("nhead,d,mode,numerics", [
+    (8, 256, "paper_regions", "standard"), (4, 256, "paper_regions", "standard"),
+    (8, 256, "official_fixed_chunk", "standard"), (8, 256, "paper_regions", "official")])
+def test_enact_attention_module_cuda_matches_torch(cb, dev, monkeypatch, nhead, d, mode,
+                                                   numerics):
     torch.manual_seed(0)
     B, H, W = 4, 15, 21
-    m_cuda = enact_cuda.ENACTAttention(d, nhead, sigma=3, impl="cuda", mode=mode).to(dev)
-    m_torch = enact_cuda.ENACTAttention(d, nhead, sigma=3, impl="torch", mode=mode).to(dev)
+    m_cuda = enact_cuda.ENACTAttention(d, nhead, sigma=3, impl="cuda", mode=mode,
+                                       numerics=numerics).to(dev)
+    m_torch = enact_cuda.ENACTAttention(d, nhead, sigma=3, impl="torch", mode=mode,
+                                        numerics=numerics).to(dev)
     kernel_calls = []
     if mode == "official_fixed_chunk":  # the chunks go through the clustering kernel
         kernel = cb.cluster_tensors
