@@ -11,6 +11,7 @@ import torch
 
 from _cli import TINY, load_main, without
 from detr_common.checkpoint import load_weights, save_checkpoint
+from detr_common.data.collate import pad_images
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location(
@@ -130,14 +131,14 @@ def test_anchor_detr_has_no_enact_attn_numerics(capsys):
     assert "unrecognized arguments: --enact_attn_numerics" in capsys.readouterr().err
 
 
-def build_model(detector):
+def build_model(detector, *more_flags):
     main = load_main(FOLDERS[detector])
     flags, extra = TINY, []
     if detector == "anchor_detr":
         flags = without(flags, "--num_queries")
         extra = ["--num_query_position", "6", "--num_query_pattern", "2"]
     args = main.get_parser().parse_args(["--coco_path", "unused", "--enact_impl", "torch",
-                                         *flags, *extra])
+                                         *flags, *extra, *more_flags])
     args.num_classes = 7
     torch.manual_seed(1)
     model, _, _ = main.DETECTOR.build(args)
@@ -185,6 +186,35 @@ def test_converted_official_checkpoint_loads_into_our_model(detector, tmp_path, 
         assert torch.allclose(v.float(), state[k].float(), atol=1e-6), k
 
 
+def test_kept_numerics_with_the_official_flag_predict_as_the_folded_weights(tmp_path, capsys):
+    """--keep_numerics + --enact_attn_numerics official and the default folding + standard
+    numerics are the same Conditional DETR: equal predictions on the same images."""
+    model, args = build_model("conditional_detr")
+    official = {"model": to_official(model.state_dict(), "conditional_detr", args.nheads),
+                "args": argparse.Namespace(nheads=args.nheads)}  # d_h for the folding
+    src, folded, kept = tmp_path / "official.pth", tmp_path / "folded.pth", tmp_path / "kept.pth"
+    save_checkpoint(official, src)
+    assert conv.main([str(src), str(folded)]) == 0
+    assert "--enact_attn_numerics" not in capsys.readouterr().out
+    assert conv.main([str(src), str(kept), "--keep_numerics"]) == 0
+    out = capsys.readouterr().out
+    assert "numerics kept" in out and "--enact_attn_numerics official --resume" in out
+
+    std, std_args = build_model("conditional_detr")
+    off, off_args = build_model("conditional_detr", "--enact_attn_numerics", "official")
+    load_weights(std, folded, "conditional_detr", std_args)
+    load_weights(off, kept, "conditional_detr", off_args)
+    q = "transformer.encoder.layers.0.self_attn.W_q.weight"
+    assert torch.equal(off.state_dict()[q], official["model"]["module." + q])
+    assert not torch.allclose(std.state_dict()[q], off.state_dict()[q])
+    torch.manual_seed(2)
+    images = pad_images([torch.randn(3, 64, 80), torch.randn(3, 48, 64)])
+    with torch.no_grad():
+        preds = [m.eval()(images) for m in (std, off)]
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.allclose(preds[0][key], preds[1][key], atol=1e-5), key
+
+
 def test_anchor_slots_swap_back():
     d = 4
     w = torch.arange(5 * d, dtype=torch.float32)[:, None].repeat(1, d)  # row i holds i
@@ -224,6 +254,11 @@ def test_clear_errors(tmp_path, capsys):
     assert "no ENACT parameters" in capsys.readouterr().err and not (tmp_path / "out.pth").exists()
     assert conv.main([str(tmp_path / "plain.pth"), str(tmp_path / "plain.pth")]) == 2
     assert "overwrite" in capsys.readouterr().err
+    anchor = {"model": {"transformer.encoder_layers.0.ENACT.W_prob.weight": torch.ones(1, 4)}}
+    save_checkpoint(anchor, tmp_path / "anchor.pth")
+    assert conv.main([str(tmp_path / "anchor.pth"), str(tmp_path / "out.pth"),
+                      "--keep_numerics"]) == 2
+    assert "--keep_numerics applies to DETR / Conditional DETR" in capsys.readouterr().err
     save_checkpoint({"model": {"foo.weight": torch.zeros(1)}}, tmp_path / "odd.pth")
     assert conv.main([str(tmp_path / "odd.pth"), str(tmp_path / "out.pth")]) == 2
     assert "match none of" in capsys.readouterr().err

@@ -11,6 +11,8 @@ The detector is recognised from the keys (or given with --detector). What change
   exact on the same clusters: W_q, b_q <- sqrt(d_h) W_q, b_q and W_o <- W_o / d_h (b_o kept).
   --swap_qk first exchanges W_q and W_k: DETR-ENACT code before 2024-08-12 used them the other
   way round, so a released checkpoint may need it (spec §2.5; try both on a val subset).
+  --keep_numerics leaves W_q / W_o as they are, for runs with --enact_attn_numerics official
+  (the official numerics kept, e.g. to fine-tune as the official code trained).
 - Anchor-DETR-ENACT: the official encoder uses the in_proj slices S0 / S1 for the clustered
   row / column keys and S2 / S3 for the queries (upstream's and ours are the other way round),
   so they are swapped back (S0 <-> S2, S1 <-> S3) in every encoder layer with ENACT.
@@ -72,10 +74,12 @@ def _enact_layers(state, detector):
     return sorted({int(m.group(1)) for k in state if (m := _DETR_ENACT.match(k))})
 
 
-def convert_state(state, detector: str, nheads: int, swap_qk: bool = False):
+def convert_state(state, detector: str, nheads: int, swap_qk: bool = False,
+                  keep_numerics: bool = False):
     """Official ENACT model state (keys without a ``module.`` prefix) -> ours (a new dict;
     tensors of untouched keys shared). nheads: attention heads of the encoder
-    (d_h = d_model / nheads)."""
+    (d_h = d_model / nheads). keep_numerics: DETR / Conditional DETR weights not folded (for
+    --enact_attn_numerics official)."""
     layers = _enact_layers(state, detector)
     if not layers:
         raise CheckpointError(f"no ENACT parameters (W_prob) in this {detector} checkpoint: a "
@@ -85,11 +89,11 @@ def convert_state(state, detector: str, nheads: int, swap_qk: bool = False):
         if detector == "anchor_detr":
             _swap_anchor_slices(out, n)
         else:
-            _fold_official_numerics(out, n, nheads, swap_qk)
+            _fold_official_numerics(out, n, nheads, swap_qk, keep_numerics)
     return out
 
 
-def _fold_official_numerics(state, n, nheads, swap_qk):
+def _fold_official_numerics(state, n, nheads, swap_qk, keep_numerics=False):
     p = f"transformer.encoder.layers.{n}.self_attn."
     d = state[p + "W_q.weight"].shape[0]
     if d % nheads:
@@ -99,6 +103,8 @@ def _fold_official_numerics(state, n, nheads, swap_qk):
         for t in ("weight", "bias"):
             q, k = p + f"W_q.{t}", p + f"W_k.{t}"
             state[q], state[k] = state[k], state[q]
+    if keep_numerics:
+        return
     root = math.sqrt(d_h)
     state[p + "W_q.weight"] = state[p + "W_q.weight"] * root
     state[p + "W_q.bias"] = state[p + "W_q.bias"] * root
@@ -131,6 +137,9 @@ def get_parser():
                    help="encoder attention heads when the checkpoint's args do not say (8)")
     p.add_argument("--swap_qk", action="store_true",
                    help="exchange W_q and W_k (DETR-ENACT before 2024-08-12; spec §2.5)")
+    p.add_argument("--keep_numerics", action="store_true",
+                   help="DETR / Conditional DETR: do not fold the official attention numerics "
+                        "into W_q / W_o; use the result with --enact_attn_numerics official")
     return p
 
 
@@ -143,24 +152,31 @@ def main(argv=None) -> int:
         ckpt = load_checkpoint(src)
         state = strip_ddp_prefix(ckpt["model"])
         detector = opts.detector or detect_detector(state)
-        if opts.swap_qk and detector == "anchor_detr":
-            raise CheckpointError("--swap_qk applies to DETR / Conditional DETR checkpoints")
+        for flag in ("swap_qk", "keep_numerics"):
+            if getattr(opts, flag) and detector == "anchor_detr":
+                raise CheckpointError(f"--{flag} applies to DETR / Conditional DETR checkpoints")
         nheads = nheads_of(ckpt, opts.nheads)
-        model = convert_state(state, detector, nheads, opts.swap_qk)
+        model = convert_state(state, detector, nheads, opts.swap_qk, opts.keep_numerics)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     layers = _enact_layers(model, detector)
     save_checkpoint({"model": model, "detector": detector, "epoch": ckpt.get("epoch"),
                      "converted_from": str(src),
-                     "conversion": {"swap_qk": opts.swap_qk, "nheads": nheads}}, dst)
-    what = ("in_proj slices swapped back" if detector == "anchor_detr" else
-            "official attention numerics folded into W_q / W_o")
+                     "conversion": {"swap_qk": opts.swap_qk, "nheads": nheads,
+                                    "keep_numerics": opts.keep_numerics}}, dst)
+    if detector == "anchor_detr":
+        what = "in_proj slices swapped back"
+    elif opts.keep_numerics:
+        what = "official attention numerics kept"
+    else:
+        what = "official attention numerics folded into W_q / W_o"
     if opts.swap_qk:
         what += ", W_q <-> W_k"
+    numerics = " --enact_attn_numerics official" if opts.keep_numerics else ""
     print(f"{detector}: {len(layers)} ENACT encoder layers converted ({what}) -> {dst}")
     print(f"evaluate: python {MAIN[detector]} --coco_path COCO{BACKBONE_FLAGS[detector]} "
-          f"--enact_mode official_fixed_chunk --resume {dst} --eval")
+          f"--enact_mode official_fixed_chunk{numerics} --resume {dst} --eval")
     return 0
 
 
