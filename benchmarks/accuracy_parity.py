@@ -103,6 +103,10 @@ def get_parser():
                         "--enact_extra=--enact_row_breaks)")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: write the report from the runs already in --out")
+    p.add_argument("--command", default=None,
+                   help="the report's command field instead of this command line (e.g. with "
+                        "--report_only: the steps that trained the runs, pretraining included)")
+    p.add_argument("--note", default="", help="a line of context for the report")
     p.add_argument("--prepare_only", action="store_true",
                    help="only generate the shapes data under --out (if absent) and exit")
     p.add_argument("--tiny", action="store_true",
@@ -382,6 +386,7 @@ def markdown(meta, rows, targets, chart):
              f"{meta['train_sizes']}, eval size {meta['eval_size']}, max size "
              f"{meta['max_img_size']}" + (f", `{meta['extra']}`" if meta["extra"] else "")
              + (f"; ENACT runs also `{meta['enact_extra']}`" if meta.get("enact_extra") else ""),
+             *([f"- note: {meta['note']}"] if meta.get("note") else []),
              "",
              "Columns: epochs trained within the budget; after lr drop = those of them at "
              "the dropped learning rate (main.py --lr_drop; until then AP is still climbing "
@@ -464,8 +469,9 @@ def run(opts, argv):
                         f"shapes, {opts.minutes:g} min per run, {gpu}")
     meta = {"gpu": gpu, "torch": machine["torch"],
             "device": "cpu" if gpu == "cpu" else "cuda",
-            "command": shlex.join(["python", "benchmarks/accuracy_parity.py",
-                                   *(argv if argv is not None else sys.argv[1:])]),
+            "command": opts.command or shlex.join(["python", "benchmarks/accuracy_parity.py",
+                                                   *(argv if argv is not None
+                                                     else sys.argv[1:])]),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "data": str(coco), "n_train": n_train, "minutes": opts.minutes,
             "plain_attn": opts.plain_attn, "backbone_weights": opts.backbone_weights,
@@ -474,6 +480,8 @@ def run(opts, argv):
             "enact_extra": opts.enact_extra,
             "labels": detector_labels(run_flags(detectors[0], "enact", coco, opts)),
             "tiny": opts.tiny, "wall_s": time.time() - start}
+    if opts.note:
+        meta["note"] = opts.note
     (results / f"{stem}.json").write_text(json.dumps(
         {**meta, "rows": rows, "targets": targets, "chart": str(chart) if chart else None},
         indent=1))

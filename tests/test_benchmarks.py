@@ -386,9 +386,14 @@ def test_accuracy_parity_tiny_cpu(tmp_path, capsys):
 
     # --report_only: trains nothing, reports each run as it stands (its last stop reason)
     logs_before = (runs / "detr_enact" / "log.txt").read_text()
-    assert parity.main(common + ["--report_only", "--name", "report"]) == 0
+    assert parity.main(common + ["--report_only", "--name", "report", "--command",
+                                 "step 1; step 2", "--note", "two calls"]) == 0
     assert (runs / "detr_enact" / "log.txt").read_text() == logs_before
-    rows = json.loads((results / "report.json").read_text())["rows"]
+    data = json.loads((results / "report.json").read_text())
+    assert (data["command"], data["note"]) == ("step 1; step 2", "two calls")
+    md = (results / "report.md").read_text()
+    assert "command: `step 1; step 2`" in md and "\n- note: two calls\n" in md
+    rows = data["rows"]
     assert [(r["variant"], r["epochs"], r["stopped_by"]) for r in rows] == [
         ("plain", 1, "budget"), ("enact", 2, "max_epochs")]
     assert {(r["gpu"], r["torch"]) for r in rows} == {("cpu", torch.__version__)}
