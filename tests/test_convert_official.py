@@ -177,6 +177,8 @@ def test_converted_official_checkpoint_loads_into_our_model(detector, tmp_path, 
     assert conv.main([str(src), str(dst)]) == 0  # detector recognised from the keys
     out = capsys.readouterr().out
     assert out.startswith(f"{detector}: ") and f"{FOLDERS[detector]}/main.py" in out
+    if detector != "anchor_detr":  # TINY: hidden 32, 4 heads
+        assert "with d_h = 8: 4 heads" in out
 
     fresh, _ = build_model(detector)
     torch.nn.init.constant_(next(fresh.parameters()), 0.0)

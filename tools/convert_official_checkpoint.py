@@ -89,11 +89,13 @@ def convert_state(state, detector: str, nheads: int, swap_qk: bool = False,
         if detector == "anchor_detr":
             _swap_anchor_slices(out, n)
         else:
-            _fold_official_numerics(out, n, nheads, swap_qk, keep_numerics)
+            _convert_attention(out, n, nheads, swap_qk, keep_numerics)
     return out
 
 
-def _fold_official_numerics(state, n, nheads, swap_qk, keep_numerics=False):
+def _convert_attention(state, n, nheads, swap_qk, keep_numerics=False):
+    """One DETR / Conditional DETR ENACT layer in place: W_q <-> W_k if swap_qk, then the
+    official numerics folded into W_q / W_o unless keep_numerics."""
     p = f"transformer.encoder.layers.{n}.self_attn."
     d = state[p + "W_q.weight"].shape[0]
     if d % nheads:
@@ -170,7 +172,10 @@ def main(argv=None) -> int:
     elif opts.keep_numerics:
         what = "official attention numerics kept"
     else:
-        what = "official attention numerics folded into W_q / W_o"
+        d_model = model[f"transformer.encoder.layers.{layers[0]}.self_attn.W_q.weight"].shape[0]
+        d_h = d_model // nheads
+        what = (f"official attention numerics folded into W_q / W_o with d_h = {d_h}: {nheads} "
+                f"heads, give --nheads if the model had another number")
     if opts.swap_qk:
         what += ", W_q <-> W_k"
     numerics = " --enact_attn_numerics official" if opts.keep_numerics else ""
