@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import enact_attention_numerics, enact_mode
+from .cli import enact_attention_numerics, enact_mode, enact_row_breaks
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 # name -> value for args that lack it (saved before the flag, or a detector without it).
 _ENACT_SETTINGS = {
     "enact_mode": enact_mode,
-    "enact_row_breaks": lambda a: bool(getattr(a, "enact_row_breaks", False)),
+    "enact_row_breaks": enact_row_breaks,
     "enact_attn_numerics": enact_attention_numerics,
     "smoothing_sigma": lambda a: getattr(a, "smoothing_sigma", None),
 }

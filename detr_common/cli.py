@@ -130,6 +130,11 @@ def enact_mode(args) -> str:
     return getattr(args, "enact_mode", "paper_regions")
 
 
+def enact_row_breaks(args) -> bool:
+    """--enact_row_breaks (False for args saved before the flag)."""
+    return bool(getattr(args, "enact_row_breaks", False))
+
+
 def enact_attention_numerics(args) -> str:
     """ENACT's attention numerics, --enact_attn_numerics ("standard" where the flag is absent:
     args saved before it, or Anchor DETR)."""

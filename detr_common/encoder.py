@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from .attention import EncoderSelfAttention
-from .cli import enact_attention_dropout, enact_attention_numerics, enact_mode
+from .cli import enact_attention_dropout, enact_attention_numerics, enact_mode, enact_row_breaks
 from .mlp import add_ffn_and_norms, feed_forward
 
 
@@ -29,7 +29,7 @@ def build_encoder_attention(args) -> nn.Module:
     from enact_cuda import ENACTAttention
     return ENACTAttention(args.hidden_dim, args.nheads, sigma=args.smoothing_sigma,
                           dropout=enact_attention_dropout(args), impl=args.enact_impl,
-                          row_breaks=bool(getattr(args, "enact_row_breaks", False)),
+                          row_breaks=enact_row_breaks(args),
                           mode=enact_mode(args), numerics=enact_attention_numerics(args))
 
 

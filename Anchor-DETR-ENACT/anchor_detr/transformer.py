@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from detr_common.box_ops import inverse_sigmoid
-from detr_common.cli import enact_attention_dropout, enact_mode
+from detr_common.cli import enact_attention_dropout, enact_mode, enact_row_breaks
 from detr_common.mlp import MLP
 from detr_common.position_encoding import sine_1d, sine_2d
 
@@ -150,7 +150,7 @@ def build_transformer(args, num_classes: int) -> AnchorTransformer:
         num_query_pattern=args.num_query_pattern, spatial_prior=args.spatial_prior,
         enact=not args.no_enact, sigma=args.smoothing_sigma,
         enact_impl=getattr(args, "enact_impl", "auto"),
-        row_breaks=getattr(args, "enact_row_breaks", False),
+        row_breaks=enact_row_breaks(args),
         attn_impl=getattr(args, "attn_impl", "sdpa"),
         enact_attn_dropout=enact_attention_dropout(args),
         enact_mode=enact_mode(args))
