@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import enact_attention_numerics, enact_mode, enact_row_breaks
+from .cli import enact_attention_numerics, enact_gauss_taps, enact_mode, enact_row_breaks
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 _ENACT_SETTINGS = {
     "enact_mode": enact_mode,
     "enact_row_breaks": enact_row_breaks,
+    "enact_gauss_taps": enact_gauss_taps,
     "enact_attn_numerics": enact_attention_numerics,
     "smoothing_sigma": lambda a: getattr(a, "smoothing_sigma", None),
 }
@@ -104,9 +105,9 @@ def load_model_state(model, path, ckpt, args):
 
 
 def enact_setting_changes(ckpt_args, args) -> list:
-    """["--flag: checkpoint X, this run Y", ...] for the ENACT settings (clusters, attention
-    numerics, sigma) in which ``args`` differ from the checkpoint's saved args; [] when either
-    has no ENACT or the checkpoint has no args."""
+    """["--flag: checkpoint X, this run Y", ...] for the ENACT settings (clusters, Gaussian,
+    attention numerics, sigma) in which ``args`` differ from the checkpoint's saved args; []
+    when either has no ENACT or the checkpoint has no args."""
     if (ckpt_args is None or getattr(ckpt_args, "no_enact", True)
             or getattr(args, "no_enact", True)):
         return []

@@ -81,6 +81,9 @@ def get_args_parser(description, num_queries=100, enact_attention=True, **defaul
                    default="paper_regions",
                    help="ENACT's clusters: the paper's regions, or the official code's fixed "
                         "chunks of the regions' mean length (compat; no --enact_row_breaks)")
+    g.add_argument("--enact_gauss_taps", choices=["paper", "code"], default="paper",
+                   help="length of ENACT's Gaussian: the paper's 6 sigma + 1 taps, or the "
+                        "official code's 6 sigma - 1 (compat, for its checkpoints)")
     g.add_argument("--enact_attn_dropout", type=float, default=None,
                    help="dropout on ENACT's clustered attention weights (default: --dropout; "
                         "the official ENACT code applies none, i.e. 0)")
@@ -133,6 +136,11 @@ def enact_mode(args) -> str:
 def enact_row_breaks(args) -> bool:
     """--enact_row_breaks (False for args saved before the flag)."""
     return bool(getattr(args, "enact_row_breaks", False))
+
+
+def enact_gauss_taps(args) -> str:
+    """--enact_gauss_taps ("paper" for args saved before the flag)."""
+    return getattr(args, "enact_gauss_taps", "paper")
 
 
 def enact_attention_numerics(args) -> str:

@@ -9,7 +9,8 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from .attention import EncoderSelfAttention
-from .cli import enact_attention_dropout, enact_attention_numerics, enact_mode, enact_row_breaks
+from .cli import (enact_attention_dropout, enact_attention_numerics, enact_gauss_taps, enact_mode,
+                  enact_row_breaks)
 from .mlp import add_ffn_and_norms, feed_forward
 
 
@@ -19,8 +20,8 @@ def build_encoder_attention(args) -> nn.Module:
     ``--no_enact``: standard multi-head attention (``--attn_impl sdpa|eager``), keys
     ``self_attn.{in_proj_weight,in_proj_bias,out_proj.*}``. Otherwise ENACT
     (``enact_cuda.ENACTAttention``, σ = ``--smoothing_sigma``, backend ``--enact_impl``), keys
-    ``self_attn.{W_q,W_k,W_v,W_o,W_prob}.*``; clusters ``--enact_mode``, attention
-    ``--enact_attn_numerics``. Attention dropout:
+    ``self_attn.{W_q,W_k,W_v,W_o,W_prob}.*``; clusters ``--enact_mode``, Gaussian
+    ``--enact_gauss_taps``, attention ``--enact_attn_numerics``. Attention dropout:
     ``--dropout``, for ENACT ``--enact_attn_dropout`` where given.
     """
     if args.no_enact:
@@ -30,7 +31,8 @@ def build_encoder_attention(args) -> nn.Module:
     return ENACTAttention(args.hidden_dim, args.nheads, sigma=args.smoothing_sigma,
                           dropout=enact_attention_dropout(args), impl=args.enact_impl,
                           row_breaks=enact_row_breaks(args),
-                          mode=enact_mode(args), numerics=enact_attention_numerics(args))
+                          mode=enact_mode(args), numerics=enact_attention_numerics(args),
+                          gauss_taps=enact_gauss_taps(args))
 
 
 class TransformerEncoderLayer(nn.Module):

@@ -8,16 +8,18 @@ Public API
 - self_information(keys (B,N,d), weight (1,d), bias (1,)|None, padding_mask (B,N)|None)
   -> (B, N) base-2 self-information, 0 on padding.
 - cluster(keys (B,N,d), values (B,N,dv) | tuple, information (B,N), padding_mask, sigma,
-  row_breaks=False, hw=None, impl="auto") -> Clusters(keys (B,R,d), values (B,R,dv) | tuple,
-  key_padding_mask (B,R), region_index (B,N)); `pack(clusters)` / `clusters.packed()` gives
-  the packed (total clusters x d) view with per-image offsets (B+1,).
+  row_breaks=False, hw=None, impl="auto", gauss_taps="paper") -> Clusters(keys (B,R,d),
+  values (B,R,dv) | tuple, key_padding_mask (B,R), region_index (B,N)); `pack(clusters)` /
+  `clusters.packed()` gives the packed (total clusters x d) view with per-image offsets (B+1,).
 - clustered_attention(q (B,h,N,e), k (B,h,R,e), v (B,h,R,ev), key_padding_mask (B,R),
   dropout_p=0.0, impl="auto", scale=None) -> (B, h, N, ev).
 - ENACTAttention(d_model, nhead, sigma, dropout=0.0, impl="auto", row_breaks=False,
-  mode="paper_regions", numerics="standard") (src (B,N,d), pos, key_padding_mask (B,N), hw)
-  -> (B, N, d); mode="official_fixed_chunk": the official code's fixed chunks
-  (`fixed_chunks`); numerics="official": the official softmax(Q K^T) / d_h.
-- ENACTClustering(d_model, sigma, impl="auto", row_breaks=False, mode="paper_regions")
+  mode="paper_regions", numerics="standard", gauss_taps="paper") (src (B,N,d), pos,
+  key_padding_mask (B,N), hw) -> (B, N, d); mode="official_fixed_chunk": the official code's
+  fixed chunks (`fixed_chunks`); numerics="official": the official softmax(Q K^T) / d_h;
+  gauss_taps="code": the official code's 6 sigma - 1 Gaussian taps (paper: 6 sigma + 1).
+- ENACTClustering(d_model, sigma, impl="auto", row_breaks=False, mode="paper_regions",
+  gauss_taps="paper")
   (info_keys (B,N,d), tensors tuple, key_padding_mask, hw) -> Clusters (values = tuple).
 - backend_info() -> dict: which backend impl="auto" picks here and why.
 Lower-level pieces (mirrored by the CUDA backend): information_from_logits, gaussian_taps,
@@ -29,7 +31,7 @@ import torch
 
 from .attention import clustered_attention, clustered_attention_torch, uses_cuda_kernel
 from .clustering import Clusters, PackedClusters, cluster, cluster_tensors, fixed_chunks, pack
-from .information import (check_sigma, cuda_backend_or_reason, gaussian_taps,
+from .information import (GAUSS_TAPS, check_sigma, cuda_backend_or_reason, gaussian_taps,
                           information_from_logits, regions, regions_from_steps, resolve_impl,
                           self_information)
 from .module import MODES, NUMERICS, ENACTAttention, ENACTClustering
@@ -37,7 +39,7 @@ from .module import MODES, NUMERICS, ENACTAttention, ENACTClustering
 __all__ = [
     "self_information", "information_from_logits", "gaussian_taps", "check_sigma", "regions",
     "regions_from_steps", "cluster", "cluster_tensors", "fixed_chunks", "Clusters",
-    "PackedClusters", "pack", "MODES", "NUMERICS",
+    "PackedClusters", "pack", "MODES", "NUMERICS", "GAUSS_TAPS",
     "clustered_attention", "clustered_attention_torch", "uses_cuda_kernel", "ENACTAttention",
     "ENACTClustering",
     "backend_info", "resolve_impl",

@@ -150,13 +150,14 @@ def _cluster_mask(counts: torch.Tensor, R: int) -> torch.Tensor:
 
 def cluster(keys: torch.Tensor, values: TensorOrTuple, information: torch.Tensor,
             padding_mask: torch.Tensor | None, sigma, row_breaks: bool = False, hw=None,
-            impl: str = "auto") -> Clusters:
+            impl: str = "auto", gauss_taps: str = "paper") -> Clusters:
     """Cluster keys and values with ENACT's information regions.
 
     keys (B, N, d); values (B, N, d_v) or a tuple of such (clustered with the same regions);
     information (B, N) UNSMOOTHED self-information (e.g. from `self_information`);
     padding_mask (B, N) bool True = padding, or None; sigma: integer Gaussian sigma;
-    row_breaks: also start a region at every valid row start (needs hw=(H, W)).
+    row_breaks: also start a region at every valid row start (needs hw=(H, W));
+    gauss_taps: "paper" (6 sigma + 1 taps) or "code" (6 sigma - 1).
     Returns Clusters(keys (B, R, d), values (B, R, d_v) or tuple, key_padding_mask (B, R),
     region_index (B, N)) with R = max_b R_b (one host read of counts.max()).
     """
@@ -165,7 +166,8 @@ def cluster(keys: torch.Tensor, values: TensorOrTuple, information: torch.Tensor
     backend = resolve_impl(impl, keys, *vals, information)
     cb = cuda_backend_or_reason()[0] if backend == "cuda" else None
     region_fn = getattr(cb, "regions", None) or regions
-    smoothed, region_index, counts = region_fn(information, padding_mask, sigma, row_breaks, hw)
+    smoothed, region_index, counts = region_fn(information, padding_mask, sigma, row_breaks, hw,
+                                               gauss_taps)
     R = _num_clusters(counts)
     fn = cb.cluster_tensors if cb is not None else cluster_tensors
     out = fn((keys,) + vals, smoothed, region_index, R)

@@ -3,15 +3,15 @@
 Same signatures and semantics as the torch backend (information.py, clustering.py,
 attention.py); all tensors batch-first, masks bool with True = padding.
 
-- information_regions(z (B,N), padding_mask (B,N)|None, sigma, row_breaks, hw)
+- information_regions(z (B,N), padding_mask (B,N)|None, sigma, row_breaks, hw, gauss_taps)
     -> (information, smoothed, region_index, counts): ONE fused kernel per direction
     (softmax over valid pixels, +1e-8, -p log2 p, Gaussian smoothing, [-1,2,-1] curvature,
     step, region scan); differentiable w.r.t. z (through information and smoothed).
-- regions(information, padding_mask, sigma, row_breaks, hw) -> (smoothed, region_index,
+- regions(information, padding_mask, sigma, row_breaks, hw, gauss_taps) -> (smoothed, region_index,
     counts): the same kernel starting from the information (differentiable w.r.t. it).
 - cluster_tensors(tensors, smoothed, region_index, num_clusters) -> tuple of (B, R, d_t):
     region-softmax weighted sums, exact backward into the tensors and into `smoothed`.
-- fused_begin(keys, weight, bias, padding_mask, sigma, row_breaks, hw) -> FusedState and
+- fused_begin(keys, weight, bias, padding_mask, sigma, row_breaks, hw, gauss_taps) -> FusedState and
   fused_finish(state, keys, tensors) -> (clustered tensors, key_padding_mask): the whole ENACT
   clustering path (W_prob logits -> information -> regions -> clusters of every tensor) as ONE
   C++ autograd node: forward = 1 memset + 1 launch, the R_max read (4 bytes into pinned memory
@@ -41,7 +41,7 @@ import torch
 
 from . import build
 from .attention import kernel_gap
-from .information import check_sigma
+from .information import check_sigma, taps_half_width
 
 __all__ = ["information_regions", "regions", "cluster_tensors", "clustered_attention",
            "dropout_keep_mask", "extension", "fused_supported", "fused_begin", "fused_finish",
@@ -83,11 +83,11 @@ class _InfoRegions(torch.autograd.Function):
     """mode 0: x = logits z; mode 1: x = unsmoothed information."""
 
     @staticmethod
-    def forward(ctx, x, mask, sigma, row_breaks, width, mode):
+    def forward(ctx, x, mask, sigma, half, row_breaks, width, mode):
         info, smoothed, region_index, counts = extension().info_forward(
-            x, mask, sigma, row_breaks, width, mode)
+            x, mask, sigma, half, row_breaks, width, mode)
         ctx.save_for_backward(x, mask)
-        ctx.sigma, ctx.mode = sigma, mode
+        ctx.sigma, ctx.half, ctx.mode = sigma, half, mode
         ctx.mark_non_differentiable(region_index, counts)
         ctx.set_materialize_grads(False)
         if mode == 1:
@@ -102,13 +102,13 @@ class _InfoRegions(torch.autograd.Function):
         else:
             g_info, g_sm = None, grads[0]
         if g_info is None and g_sm is None:
-            return None, None, None, None, None, None
-        gx = extension().info_backward(x, mask, g_info, g_sm, ctx.sigma, ctx.mode)
-        return gx, None, None, None, None, None
+            return None, None, None, None, None, None, None
+        gx = extension().info_backward(x, mask, g_info, g_sm, ctx.sigma, ctx.half, ctx.mode)
+        return gx, None, None, None, None, None, None
 
 
 def information_regions(z: torch.Tensor, padding_mask: torch.Tensor | None, sigma,
-                        row_breaks: bool = False, hw=None):
+                        row_breaks: bool = False, hw=None, gauss_taps: str = "paper"):
     """z (B, N) W_prob logits -> (information, smoothed, region_index, counts).
 
     information / smoothed (B, N) float32 (0 on padding); region_index (B, N) int64, -1 on
@@ -116,30 +116,32 @@ def information_regions(z: torch.Tensor, padding_mask: torch.Tensor | None, sigm
     float64 z uses the torch backend (the kernel computes in float32).
     """
     s = check_sigma(sigma)
+    half = taps_half_width(s, gauss_taps)
     if z.dim() != 2:
         raise ValueError(f"information_regions: z must be (B, N), got {tuple(z.shape)}")
     mask = _check_mask(padding_mask, z.shape, "information_regions")
     if z.dtype == torch.float64:
         from .information import information_from_logits, regions as torch_regions
         info = information_from_logits(z, padding_mask)
-        return (info,) + tuple(torch_regions(info, padding_mask, s, row_breaks, hw))
+        return (info,) + tuple(torch_regions(info, padding_mask, s, row_breaks, hw, gauss_taps))
     width = _row_width(hw, z.shape[1], row_breaks)
-    return _InfoRegions.apply(z.float().contiguous(), mask, s, bool(row_breaks), width, 0)
+    return _InfoRegions.apply(z.float().contiguous(), mask, s, half, bool(row_breaks), width, 0)
 
 
 def regions(information: torch.Tensor, padding_mask: torch.Tensor | None, sigma,
-            row_breaks: bool = False, hw=None):
+            row_breaks: bool = False, hw=None, gauss_taps: str = "paper"):
     """information (B, N) unsmoothed -> (smoothed, region_index, counts), as the torch
     backend's `regions` (float64 input uses it)."""
     s = check_sigma(sigma)
+    half = taps_half_width(s, gauss_taps)
     if information.dim() != 2:
         raise ValueError(f"regions: information must be (B, N), got {tuple(information.shape)}")
     mask = _check_mask(padding_mask, information.shape, "regions")
     if information.dtype == torch.float64:
         from .information import regions as torch_regions
-        return torch_regions(information, padding_mask, s, row_breaks, hw)
+        return torch_regions(information, padding_mask, s, row_breaks, hw, gauss_taps)
     width = _row_width(hw, information.shape[1], row_breaks)
-    return _InfoRegions.apply(information.float().contiguous(), mask, s, bool(row_breaks),
+    return _InfoRegions.apply(information.float().contiguous(), mask, s, half, bool(row_breaks),
                               width, 1)
 
 
@@ -242,18 +244,20 @@ def fused_supported(keys: torch.Tensor, tensors: Sequence[torch.Tensor], sigma) 
 
 def fused_begin(keys: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 padding_mask: torch.Tensor | None, sigma, row_breaks: bool = False,
-                hw=None, read_rmax: bool = True) -> FusedState:
+                hw=None, read_rmax: bool = True, gauss_taps: str = "paper") -> FusedState:
     """Launch the fused forward: logits z = keys @ weight.T + bias, information, smoothing,
     regions, region bounds and statistics (one kernel); R_max is read asynchronously (not at
     all with read_rmax=False, for fused_finish(upper_bound=True)).
     keys (B, N, d); weight (1, d) (cast to float32 if needed); bias (1,) or None; padding_mask
-    (B, N) bool or None. Returns at once; fused_finish waits for R_max."""
+    (B, N) bool or None; gauss_taps "paper" / "code" (information.gaussian_taps). Returns at once;
+    fused_finish waits for R_max."""
     s = check_sigma(sigma)
+    half = taps_half_width(s, gauss_taps)
     width = _row_width(hw, keys.shape[1], row_breaks)
     mask = _check_mask(padding_mask, keys.shape[:2], "fused_begin")
     w = weight if weight.dtype == torch.float32 else weight.float()
     b = None if bias is None else (bias if bias.dtype == torch.float32 else bias.float())
-    pending = extension().fused_begin(keys, w, b, mask, s, bool(row_breaks), width,
+    pending = extension().fused_begin(keys, w, b, mask, s, half, bool(row_breaks), width,
                                       bool(read_rmax))
     return FusedState(pending, w, b)
 

@@ -27,6 +27,8 @@ __all__ = [
     "self_information",
     "information_from_logits",
     "gaussian_taps",
+    "taps_half_width",
+    "GAUSS_TAPS",
     "check_sigma",
     "regions",
     "regions_from_steps",
@@ -35,6 +37,9 @@ __all__ = [
 ]
 
 EPS = 1e-8  # added to the softmax output before the log (spec §1.2, code placement)
+# Gaussian kernel lengths (spec §1.3, §7 gauss_taps): the paper's 6 sigma + 1 taps, or the
+# official code's 6 sigma - 1.
+GAUSS_TAPS = ("paper", "code")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,15 +102,27 @@ def check_sigma(sigma) -> int:
     return value
 
 
-def gaussian_taps(sigma, dtype=torch.float32, device=None) -> torch.Tensor:
-    """The paper's Gaussian kernel, (6*sigma + 1,) taps for t = -3*sigma..3*sigma.
+def taps_half_width(sigma, gauss_taps: str = "paper") -> int:
+    """T such that the Gaussian kernel covers t = -T..T: 3 sigma for the paper's 6 sigma + 1
+    taps (gauss_taps="paper"), 3 sigma - 1 for the official code's 6 sigma - 1 ("code")."""
+    s = check_sigma(sigma)
+    if gauss_taps not in GAUSS_TAPS:
+        raise ValueError(f"gauss_taps must be one of {', '.join(GAUSS_TAPS)}, got {gauss_taps!r}")
+    return 3 * s if gauss_taps == "paper" else 3 * s - 1
+
+
+def gaussian_taps(sigma, dtype=torch.float32, device=None,
+                  gauss_taps: str = "paper") -> torch.Tensor:
+    """The Gaussian kernel, (2T + 1,) taps for t = -T..T, T = taps_half_width(sigma, gauss_taps):
+    6 sigma + 1 taps (the paper) or 6 sigma - 1 (the official code; spec §1.3 / §6.11).
 
     g(t) = exp(-t^2 / (2 sigma^2)) / (sigma * sqrt(2 pi)), the paper's formula with its missing
-    minus sign restored; NOT renormalised (sums to ~0.9973). Symmetric, so correlation ==
-    convolution. (The official code uses 6*sigma - 1 taps; spec §1.3 / §6.11.)
+    minus sign restored; NOT renormalised (sums to ~0.9973 for the paper's taps, ~0.9956 /
+    ~0.9963 for the code's at sigma 3 / 5). Symmetric, so correlation == convolution.
     """
     s = check_sigma(sigma)
-    t = torch.arange(-3 * s, 3 * s + 1, device=device, dtype=torch.float64)
+    half = taps_half_width(s, gauss_taps)
+    t = torch.arange(-half, half + 1, device=device, dtype=torch.float64)
     g = torch.exp(-t * t / (2.0 * s * s)) / (s * math.sqrt(2.0 * math.pi))
     return g.to(dtype)
 
@@ -195,7 +212,7 @@ def regions_from_steps(step: torch.Tensor, padding_mask: torch.Tensor | None,
 
 
 def regions(information: torch.Tensor, padding_mask: torch.Tensor | None, sigma,
-            row_breaks: bool = False, hw=None):
+            row_breaks: bool = False, hw=None, gauss_taps: str = "paper"):
     """Smooth the information and cut each image's sequence into regions (spec §1.3-§1.5).
 
     information (B, N) unsmoothed self-information; padding_mask (B, N) bool or None.
@@ -208,11 +225,13 @@ def regions(information: torch.Tensor, padding_mask: torch.Tensor | None, sigma,
       counts (B,) int64: R_b (0 for a fully padded image).
     Curvature = [-1, 2, -1] same conv (zero padded) of the smoothed compact sequence,
     step = curvature > 0, region start where the step changes, at position 0, and with
-    row_breaks at every valid row start (needs hw=(H, W)). Fully vectorised, no host sync.
+    row_breaks at every valid row start (needs hw=(H, W)). gauss_taps: the Gaussian's
+    length, "paper" (6 sigma + 1) or "code" (6 sigma - 1). Fully vectorised, no host sync.
     """
     if information.dim() != 2:
         raise ValueError(f"regions: information must be (B, N), got {tuple(information.shape)}")
     s = check_sigma(sigma)
+    half = taps_half_width(s, gauss_taps)
     B, N = information.shape
     if padding_mask is not None:
         _check_mask(padding_mask, information.shape, "regions")
@@ -230,8 +249,9 @@ def regions(information: torch.Tensor, padding_mask: torch.Tensor | None, sigma,
         # Compact: valid pixels first, raster order; zero beyond each image's length, so the
         # "same" convolution below zero-pads every image at its own ends.
         info_c = _compact(information, dest)
-        taps = gaussian_taps(s, dtype=information.dtype, device=information.device)
-        smoothed_c = F.conv1d(info_c[:, None, :], taps[None, None, :], padding=3 * s)[:, 0, :]
+        kernel = gaussian_taps(s, dtype=information.dtype, device=information.device,
+                              gauss_taps=gauss_taps)
+        smoothed_c = F.conv1d(info_c[:, None, :], kernel[None, None, :], padding=half)[:, 0, :]
         smoothed_c = smoothed_c * in_length.to(smoothed_c.dtype)  # nothing leaks past the end
 
     with torch.no_grad():  # boundaries are piecewise constant: no gradient (spec §1.5)

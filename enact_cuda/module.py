@@ -20,6 +20,8 @@ numerics="official" is the official DETR / Conditional DETR ClustAttn's softmax(
 temperature, each row of weights summing to 1 / d_h), for training as the official code did. The
 two are the same function of the weights up to W_q <- sqrt(d_h) W_q, W_o <- W_o / d_h (what
 tools/convert_official_checkpoint.py folds in), but they train differently.
+Gaussian (spec §1.3, §6.11): gauss_taps="paper" (default) smooths with the paper's 6 sigma + 1
+taps, "code" with the official code's 6 sigma - 1 (same formula, both unnormalised).
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from torch import nn
 
 from .attention import clustered_attention, uses_cuda_kernel
 from .clustering import Clusters, _cluster_mask, _num_clusters, cluster_tensors, fixed_chunks
-from .information import (check_sigma, cuda_backend_or_reason, information_from_logits, regions,
-                          resolve_impl)
+from .information import (GAUSS_TAPS, check_sigma, cuda_backend_or_reason,
+                          information_from_logits, regions, resolve_impl)
 
 __all__ = ["ENACTAttention", "ENACTClustering", "MODES", "NUMERICS"]
 
@@ -79,16 +81,20 @@ class _ENACTRegions(nn.Module):
     """Shared part: W_prob, information, smoothing, regions, clustering, statistics."""
 
     def __init__(self, d_model: int, sigma, impl: str = "auto", row_breaks: bool = False,
-                 mode: str = "paper_regions"):
+                 mode: str = "paper_regions", gauss_taps: str = "paper"):
         super().__init__()
         if impl not in ("auto", "cuda", "torch"):
             raise ValueError(f"impl must be 'auto', 'cuda' or 'torch', got {impl!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if gauss_taps not in GAUSS_TAPS:
+            raise ValueError(f"gauss_taps must be one of {', '.join(GAUSS_TAPS)}, "
+                             f"got {gauss_taps!r}")
         if mode == "official_fixed_chunk" and row_breaks:
             raise ValueError("row_breaks does not apply to mode='official_fixed_chunk' (its "
                              "chunks run over row ends, as in the official code)")
         self.mode = mode
+        self.gauss_taps = gauss_taps
         self.d_model = int(d_model)
         self.sigma = check_sigma(sigma)
         self.impl = impl
@@ -124,7 +130,7 @@ class _ENACTRegions(nn.Module):
         if cb is not None and paper and cb.fused_supported(info_keys, tensors, self.sigma):
             state = cb.fused_begin(info_keys, self.W_prob.weight, self.W_prob.bias,
                                    key_padding_mask, self.sigma, self.row_breaks, hw,
-                                   read_rmax=not upper_bound)
+                                   read_rmax=not upper_bound, gauss_taps=self.gauss_taps)
             early = before_sync() if before_sync is not None else None
             clustered, cluster_mask = cb.fused_finish(state, info_keys, tensors, upper_bound)
             pend = state.pending
@@ -139,11 +145,11 @@ class _ENACTRegions(nn.Module):
             z = z.float()  # autocast gives bf16 logits; the entropy needs fp32 (~1e-3 bits)
         if cb is not None:
             info, smoothed, region_index, counts = cb.information_regions(
-                z, key_padding_mask, self.sigma, self.row_breaks, hw)
+                z, key_padding_mask, self.sigma, self.row_breaks, hw, self.gauss_taps)
         else:
             info = information_from_logits(z, key_padding_mask)
             smoothed, region_index, counts = regions(info, key_padding_mask, self.sigma,
-                                                     self.row_breaks, hw)
+                                                     self.row_breaks, hw, self.gauss_taps)
         if not paper:  # chunks are runs of consecutive pixels, like regions: same kernels
             region_index, counts = fixed_chunks(counts, key_padding_mask, z.shape[1])
         cluster_fn = cb.cluster_tensors if cb is not None else cluster_tensors
@@ -170,7 +176,8 @@ class _ENACTRegions(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, sigma={self.sigma}, impl={self.impl!r}, "
-                f"row_breaks={self.row_breaks}, mode={self.mode!r}")
+                f"row_breaks={self.row_breaks}, mode={self.mode!r}, "
+                f"gauss_taps={self.gauss_taps!r}")
 
 
 class ENACTAttention(_ENACTRegions):
@@ -186,14 +193,14 @@ class ENACTAttention(_ENACTRegions):
     pixels_per_image, mean_region_length), `information` and `smoothed_information` (B, N).
     Without autograd (eval) and with the CUDA attention kernel, the clusters are allocated at
     N rows so the forward never waits for the GPU (the kernel's cost follows the mask).
-    mode: "paper_regions" or "official_fixed_chunk"; numerics: "standard" or "official"
-    (module docstring).
+    mode: "paper_regions" or "official_fixed_chunk"; numerics: "standard" or "official";
+    gauss_taps: "paper" or "code" (module docstring).
     """
 
     def __init__(self, d_model: int, nhead: int, sigma, dropout: float = 0.0,
                  impl: str = "auto", row_breaks: bool = False, mode: str = "paper_regions",
-                 numerics: str = "standard"):
-        super().__init__(d_model, sigma, impl, row_breaks, mode)
+                 numerics: str = "standard", gauss_taps: str = "paper"):
+        super().__init__(d_model, sigma, impl, row_breaks, mode, gauss_taps)
         if d_model % nhead != 0:
             raise ValueError(f"d_model={d_model} is not divisible by nhead={nhead}")
         if numerics not in NUMERICS:

@@ -177,6 +177,11 @@ def test_converted_official_checkpoint_loads_into_our_model(detector, tmp_path, 
     assert conv.main([str(src), str(dst)]) == 0  # detector recognised from the keys
     out = capsys.readouterr().out
     assert out.startswith(f"{detector}: ") and f"{FOLDERS[detector]}/main.py" in out
+    # the printed command is one the detector's parser takes: the official code's clusters
+    command = out.split("evaluate: python ")[1].split()
+    printed = load_main(FOLDERS[detector]).get_parser().parse_args(command[1:])
+    assert (printed.enact_mode, printed.enact_gauss_taps, printed.eval) == (
+        "official_fixed_chunk", "code", True)
     if detector != "anchor_detr":  # TINY: hidden 32, 4 heads
         assert "with d_h = 8: 4 heads" in out
 

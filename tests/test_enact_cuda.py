@@ -109,7 +109,8 @@ INFO_CASES = [
 
 
 @pytest.mark.parametrize("B,H,W,sigma,row_breaks,padded", INFO_CASES)
-def test_information_regions_matches_torch(cb, dev, B, H, W, sigma, row_breaks, padded):
+@pytest.mark.parametrize("taps", ["paper", "code"])
+def test_information_regions_matches_torch(cb, dev, B, H, W, sigma, row_breaks, padded, taps):
     gen = torch.Generator().manual_seed(B * 1000 + H * W + sigma)
     N = H * W
     z = (torch.randn(B, N, generator=gen) * 2.0).to(dev)
@@ -117,9 +118,10 @@ def test_information_regions_matches_torch(cb, dev, B, H, W, sigma, row_breaks, 
     z1 = z.clone().requires_grad_(True)
     z2 = z.clone().requires_grad_(True)
 
-    info_c, sm_c, ri_c, cnt_c = cb.information_regions(z1, mask, sigma, row_breaks, (H, W))
+    info_c, sm_c, ri_c, cnt_c = cb.information_regions(z1, mask, sigma, row_breaks, (H, W),
+                                                       gauss_taps=taps)
     info_t = information_from_logits(z2, mask)
-    sm_t, ri_t, cnt_t = torch_regions(info_t, mask, sigma, row_breaks, (H, W))
+    sm_t, ri_t, cnt_t = torch_regions(info_t, mask, sigma, row_breaks, (H, W), gauss_taps=taps)
 
     assert info_c.dtype == torch.float32 and sm_c.shape == (B, N) and cnt_c.shape == (B,)
     assert rel(info_c, info_t) <= FP32_TOL
@@ -193,8 +195,8 @@ def test_information_regions_large_n_uses_scratch(cb, dev):
     assert rel(z1.grad, z2.grad) <= FP32_TOL
 
 
-@pytest.mark.parametrize("row_breaks", [False, True])
-def test_regions_from_information_matches_torch(cb, dev, row_breaks):
+@pytest.mark.parametrize("row_breaks,taps", [(False, "paper"), (True, "paper"), (False, "code")])
+def test_regions_from_information_matches_torch(cb, dev, row_breaks, taps):
     gen = torch.Generator().manual_seed(11)
     B, H, W = 5, 19, 23
     info = (torch.rand(B, H * W, generator=gen) * 0.05).to(dev)
@@ -202,8 +204,8 @@ def test_regions_from_information_matches_torch(cb, dev, row_breaks):
     info = info.masked_fill(mask, 0.0)
     i1 = info.clone().requires_grad_(True)
     i2 = info.clone().requires_grad_(True)
-    sm_c, ri_c, cnt_c = cb.regions(i1, mask, 3, row_breaks, (H, W))
-    sm_t, ri_t, cnt_t = torch_regions(i2, mask, 3, row_breaks, (H, W))
+    sm_c, ri_c, cnt_c = cb.regions(i1, mask, 3, row_breaks, (H, W), gauss_taps=taps)
+    sm_t, ri_t, cnt_t = torch_regions(i2, mask, 3, row_breaks, (H, W), gauss_taps=taps)
     assert rel(sm_c, sm_t) <= FP32_TOL
     assert_same_regions(ri_c, ri_t, sm_t.detach(), mask)
     g = torch.randn(B, H * W, generator=gen).to(dev)
@@ -505,17 +507,21 @@ def test_clustered_attention_drawn_seed_comes_from_torch_cpu_generator(cb, dev):
 
 
 # ------------------------------------------------------------------ whole ENACT attention
-@pytest.mark.parametrize("nhead,d,mode,numerics", [
-    (8, 256, "paper_regions", "standard"), (4, 256, "paper_regions", "standard"),
-    (8, 256, "official_fixed_chunk", "standard"), (8, 256, "paper_regions", "official")])
+@pytest.mark.parametrize("nhead,d,mode,numerics,taps", [
+    (8, 256, "paper_regions", "standard", "paper"),
+    (4, 256, "paper_regions", "standard", "paper"),
+    (8, 256, "official_fixed_chunk", "standard", "paper"),
+    (8, 256, "paper_regions", "official", "paper"),
+    (8, 256, "paper_regions", "standard", "code"),        # the fused path with 6 sigma - 1 taps
+    (8, 256, "official_fixed_chunk", "official", "code")])  # the official code's clustering
 def test_enact_attention_module_cuda_matches_torch(cb, dev, monkeypatch, nhead, d, mode,
-                                                   numerics):
+                                                   numerics, taps):
     torch.manual_seed(0)
     B, H, W = 4, 15, 21
     m_cuda = enact_cuda.ENACTAttention(d, nhead, sigma=3, impl="cuda", mode=mode,
-                                       numerics=numerics).to(dev)
+                                       numerics=numerics, gauss_taps=taps).to(dev)
     m_torch = enact_cuda.ENACTAttention(d, nhead, sigma=3, impl="torch", mode=mode,
-                                        numerics=numerics).to(dev)
+                                        numerics=numerics, gauss_taps=taps).to(dev)
     kernel_calls = []
     if mode == "official_fixed_chunk":  # the chunks go through the clustering kernel
         kernel = cb.cluster_tensors
@@ -547,7 +553,7 @@ def test_enact_attention_module_cuda_matches_torch(cb, dev, monkeypatch, nhead, 
                        m_torch.last_stats["clusters_per_image"])
     if mode == "official_fixed_chunk":  # one clustering kernel call, some chunks front-trimmed
         assert len(kernel_calls) == 1
-        _, _, counts = torch_regions(m_torch.information, mask, 3)
+        _, _, counts = torch_regions(m_torch.information, mask, 3, gauss_taps=taps)
         index, _ = enact_cuda.fixed_chunks(counts, mask, H * W)
         assert (index[:, 0] == -1).any()
 
@@ -581,12 +587,13 @@ FUSED_CASES = [
 ]
 
 
-def _fused_reference(cb, keys, tensors, w, b, mask, sigma, row_breaks, hw, ri_fixed=None):
+def _fused_reference(cb, keys, tensors, w, b, mask, sigma, row_breaks, hw, ri_fixed=None,
+                     taps="paper"):
     """Torch backend chain on float32 logits; region_index may be fixed to the fused one
     (boundaries within rounding of a zero curvature may legitimately differ)."""
     z = torch.nn.functional.linear(keys.float(), w, b).squeeze(-1)
     info = information_from_logits(z, mask)
-    sm, ri, cnt = torch_regions(info, mask, sigma, row_breaks, hw)
+    sm, ri, cnt = torch_regions(info, mask, sigma, row_breaks, hw, gauss_taps=taps)
     if ri_fixed is not None:
         ri = ri_fixed
         cnt = (ri.max(1).values + 1).clamp_min(0)
@@ -595,9 +602,11 @@ def _fused_reference(cb, keys, tensors, w, b, mask, sigma, row_breaks, hw, ri_fi
     return info, sm, ri, cnt, outs
 
 
-@pytest.mark.parametrize("B,H,W,sigma,row_breaks,padded,kd,dims,alias,dtype", FUSED_CASES)
+@pytest.mark.parametrize("B,H,W,sigma,row_breaks,padded,kd,dims,alias,dtype,taps", [
+    *(case + ("paper",) for case in FUSED_CASES),
+    FUSED_CASES[0] + ("code",), FUSED_CASES[3] + ("code",), FUSED_CASES[6] + ("code",)])
 def test_fused_clustering_matches_torch(cb, dev, B, H, W, sigma, row_breaks, padded, kd, dims,
-                                        alias, dtype):
+                                        alias, dtype, taps):
     gen = torch.Generator().manual_seed(B * 7 + H * W + kd + len(dims))
     N = H * W
     mask = make_mask(B, H, W, dev, gen=gen, empty_image=padded and B > 8) if padded else None
@@ -616,14 +625,14 @@ def test_fused_clustering_matches_torch(cb, dev, B, H, W, sigma, row_breaks, pad
         tensors = ([keys] if alias else []) + oth
         if fused:
             assert cb.fused_supported(keys, tensors, sigma)
-            st = cb.fused_begin(keys, ws, bs, mask, sigma, row_breaks, (H, W))
+            st = cb.fused_begin(keys, ws, bs, mask, sigma, row_breaks, (H, W), gauss_taps=taps)
             outs, kpm = cb.fused_finish(st, keys, tensors)
             p = st.pending
             extra = (p.information, p.smoothed, p.region_index, p.counts, p.stats, kpm,
                      p.r_max())
         else:
             info, sm, ri, cnt, outs = _fused_reference(cb, keys, tensors, ws, bs, mask, sigma,
-                                                       row_breaks, (H, W), ri_fixed)
+                                                       row_breaks, (H, W), ri_fixed, taps)
             extra = (info, sm, ri, cnt)
         R = outs[0].shape[1]
         loss = sum((o.float() * g.to(dev).expand(B, R, -1)).sum() for o, g in zip(outs, grads))

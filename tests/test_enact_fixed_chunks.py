@@ -46,19 +46,26 @@ def test_fixed_chunks_follow_each_images_valid_pixels():
 
 
 def official_forward(mod, src, pos):
-    """Spec §2.1 for one unpadded image at a time, literally: regions counted, c = Python
-    round(N / R), trim floor(r/2) in front and the rest at the end, reshape the kept sequence
-    into M = N // c chunks, softmax of the smoothed information in each chunk, weighted sums
-    of keys (src + pos) and values (src), then standard per-head attention of all N queries.
-    The smoothing is this implementation's (the official kernel has 6σ-1 taps)."""
+    """Spec §2.1 for one unpadded image at a time, literally: information, smoothing with the
+    official code's 6σ-1 unnormalised Gaussian taps ("same", zero padded), [-1, 2, -1]
+    curvature, step > 0, R = 1 + number of step changes, c = Python round(N / R), trim
+    floor(r/2) in front and the rest at the end, reshape the kept sequence into M = N // c
+    chunks, softmax of the smoothed information in each chunk, weighted sums of keys
+    (src + pos) and values (src), then standard per-head attention of all N queries."""
     B, N, d = src.shape
-    h, e = mod.nhead, d // mod.nhead
+    h, e, s = mod.nhead, d // mod.nhead, mod.sigma
+    t = torch.arange(-(3 * s - 1), 3 * s, dtype=src.dtype)
+    gauss = torch.exp(-t * t / (2 * s * s)) / (s * math.sqrt(2 * math.pi))
     out = torch.zeros_like(src)
     for b in range(B):
         keys = src[b] + pos[b]
         p = torch.softmax(keys @ mod.W_prob.weight[0] + mod.W_prob.bias[0], 0) + 1e-8
-        smoothed, _, counts = regions((-p * torch.log2(p))[None], None, mod.sigma)
-        c = round(N / int(counts[0]))
+        info = -p * torch.log2(p)
+        smoothed = torch.nn.functional.conv1d(info.view(1, 1, N), gauss.view(1, 1, -1),
+                                              padding=3 * s - 1).view(1, N)
+        laplace = torch.tensor([-1.0, 2.0, -1.0], dtype=src.dtype).view(1, 1, 3)
+        step = torch.nn.functional.conv1d(smoothed.view(1, 1, N), laplace, padding=1).view(N) > 0
+        c = round(N / (1 + int((step[1:] != step[:-1]).sum())))
         M, r = N // c, N % c
         kept = slice(r // 2, r // 2 + M * c)
         w = torch.softmax(smoothed[0, kept].reshape(M, c), 1)
@@ -71,10 +78,14 @@ def official_forward(mod, src, pos):
     return out
 
 
-def test_attention_matches_the_official_algorithm():
+@pytest.mark.parametrize("sigma", [1, 3])
+def test_attention_matches_the_official_algorithm(sigma):
+    """mode="official_fixed_chunk" with gauss_taps="code" is the official clustering (with the
+    standard numerics); the paper's taps are not."""
     torch.manual_seed(0)
     B, H, W, d = 3, 5, 7, 8
-    mod = ENACTAttention(d, 2, sigma=1, impl="torch", mode="official_fixed_chunk").double()
+    mod = ENACTAttention(d, 2, sigma=sigma, impl="torch", mode="official_fixed_chunk",
+                         gauss_taps="code").double()
     with torch.no_grad():
         mod.W_prob.weight.mul_(20)  # information that varies, so region counts differ
         for lin in (mod.W_q, mod.W_k, mod.W_v, mod.W_o, mod.W_prob):
@@ -82,11 +93,14 @@ def test_attention_matches_the_official_algorithm():
     src = torch.randn(B, H * W, d, dtype=torch.float64)
     pos = torch.randn(B, H * W, d, dtype=torch.float64)
     out = mod(src, pos, None, (H, W))
-    assert torch.allclose(out, official_forward(mod, src, pos), atol=1e-10)
+    official = official_forward(mod, src, pos)
+    assert torch.allclose(out, official, atol=1e-10)
     # the statistics report the chunks: M_b = N // c_b clusters per image
-    _, _, counts = regions(mod.information, None, mod.sigma)
+    _, _, counts = regions(mod.information, None, mod.sigma, gauss_taps="code")
     sizes = [round(H * W / int(r)) for r in counts]
     assert mod.last_stats["clusters_per_image"].tolist() == [H * W // c for c in sizes]
+    mod.gauss_taps = "paper"
+    assert not torch.allclose(mod(src, pos, None, (H, W)), official, atol=1e-6)
 
 
 def test_fixed_chunks_are_batch_invariant_and_differentiable():
@@ -157,3 +171,18 @@ def test_enact_mode_reaches_each_detector(folder):
     images = pad_images([torch.randn(3, 64, 64), torch.randn(3, 48, 64)])
     out = model.train()(images)
     assert torch.isfinite(out["pred_boxes"]).all()
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_enact_gauss_taps_reaches_each_detector(folder):
+    """--enact_gauss_taps code builds every ENACT module of the detector with the official
+    code's Gaussian (default: the paper's)."""
+    main = load_main(folder)
+    base = without(TINY, "--num_queries") if folder == "Anchor-DETR-ENACT" else TINY
+    taps = {}
+    for flags in ((), ("--enact_gauss_taps", "code")):
+        args = main.get_parser().parse_args([*base, "--num_classes", "5", *flags])
+        model = main.DETECTOR.build(args)[0]
+        taps[flags] = {m.gauss_taps for m in model.modules()
+                       if isinstance(m, (ENACTAttention, ENACTClustering))}
+    assert taps == {(): {"paper"}, ("--enact_gauss_taps", "code"): {"code"}}

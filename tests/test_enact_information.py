@@ -28,11 +28,13 @@ def ref_information(z, mask):
     return out
 
 
-def ref_regions(info, mask, sigma, row_breaks=False, hw=None):
-    """Per image, on plain python floats: compact valid pixels, smooth, curvature, step, scan."""
+def ref_regions(info, mask, sigma, row_breaks=False, hw=None, half=None):
+    """Per image, on plain python floats: compact valid pixels, smooth (taps t = -half..half,
+    default 3 sigma), curvature, step, scan."""
     B, N = info.shape
+    half = 3 * sigma if half is None else half
     taps = {t: math.exp(-t * t / (2.0 * sigma * sigma)) / (sigma * math.sqrt(2 * math.pi))
-            for t in range(-3 * sigma, 3 * sigma + 1)}
+            for t in range(-half, half + 1)}
     smoothed = torch.zeros(B, N, dtype=torch.float64)
     region_index = torch.full((B, N), -1, dtype=torch.int64)
     counts = []
@@ -83,6 +85,21 @@ def test_gaussian_taps_hand_values():
     # not renormalised
     assert torch.allclose(g3.sum(), torch.tensor(0.9985340010, dtype=torch.float64), atol=1e-9)
     assert gaussian_taps(5).shape == (31,)
+
+
+def test_gaussian_taps_of_the_official_code():
+    """gauss_taps="code": t = -(3 sigma - 1)..3 sigma - 1, the same unnormalised values (spec
+    §1.3: 17 taps summing to 0.99558 for sigma 3, 29 summing to 0.99633 for sigma 5)."""
+    for sigma, n, total in ((3, 17, 0.99558), (5, 29, 0.99633)):
+        code = gaussian_taps(sigma, dtype=torch.float64, gauss_taps="code")
+        assert code.shape == (n,)
+        assert torch.allclose(code, gaussian_taps(sigma, dtype=torch.float64)[1:-1])
+        assert torch.allclose(code.sum(), torch.tensor(total, dtype=torch.float64), atol=5e-6)
+    assert gaussian_taps(1, gauss_taps="code").shape == (5,)
+    with pytest.raises(ValueError, match="gauss_taps must be one of paper, code"):
+        gaussian_taps(3, gauss_taps="official")
+    with pytest.raises(ValueError, match="gauss_taps"):
+        regions(torch.rand(1, 8), None, 3, gauss_taps="6s-1")
 
 
 @pytest.mark.parametrize("bad", [2.5, 0, -1, True, "3", None])
@@ -213,6 +230,21 @@ def test_regions_match_reference(name, B, H, W, sizes, sigma, row_breaks):
     assert torch.equal(ridx, rridx)
     assert torch.equal(counts, rcounts)
     assert ridx.dtype == torch.int64 and counts.dtype == torch.int64
+
+
+@pytest.mark.parametrize("sigma", [1, 3])
+def test_regions_with_the_official_codes_taps_match_reference(sigma):
+    g = torch.Generator().manual_seed(5 + sigma)
+    B, H, W = 4, 9, 13
+    info = torch.rand(B, H * W, generator=g, dtype=torch.float64) * 0.05
+    mask = box_mask(B, H, W, [(9, 13), (5, 7), (9, 4), (2, 13)])
+    info = info.masked_fill(mask, 0.0)
+    sm, ridx, counts = regions(info, mask, sigma, gauss_taps="code")
+    rsm, rridx, rcounts = ref_regions(info, mask, sigma, half=3 * sigma - 1)
+    assert torch.allclose(sm, rsm, atol=1e-15)
+    assert torch.equal(ridx, rridx) and torch.equal(counts, rcounts)
+    # and the paper's taps smooth differently (the test sees the switch)
+    assert not torch.allclose(regions(info, mask, sigma)[0], sm, atol=1e-6)
 
 
 def test_regions_of_a_single_spike_hand_computed():

@@ -102,7 +102,7 @@ def layer_maps(module, key_padding_mask, hw):
     if region_index is None or tuple(region_index.shape) != tuple(info.shape):
         # The module keeps the unsmoothed information: the same regions as in its forward.
         _, region_index, counts = regions(info, key_padding_mask, module.sigma,
-                                          module.row_breaks, (H, W))
+                                          module.row_breaks, (H, W), module.gauss_taps)
         if module.mode == "official_fixed_chunk":
             region_index, _ = fixed_chunks(counts, key_padding_mask, H * W)
     mask = (torch.zeros_like(info, dtype=torch.bool) if key_padding_mask is None

@@ -35,7 +35,8 @@ class EncoderLayerSpatial(nn.Module):
     With ``enact`` the layer owns ``ENACT`` = enact_cuda.ENACTClustering (only W_prob): the
     information comes from the row keys src + pe_x, and the row keys, column keys and values are
     clustered with the same regions (per image, padding excluded; ``enact_mode``
-    "official_fixed_chunk": the official code's fixed chunks). Every pixel keeps its own
+    "official_fixed_chunk": the official code's fixed chunks; ``gauss_taps`` "code": the
+    official code's 6 sigma - 1 Gaussian taps). Every pixel keeps its own
     row/column queries; attention is RCDA.forward_clustered (one joint softmax), whose attention
     dropout is ``enact_attn_dropout`` (None: ``dropout``).
     After a forward with ENACT, ``ENACT.last_stats`` holds detached (B,) float tensors
@@ -44,7 +45,8 @@ class EncoderLayerSpatial(nn.Module):
 
     def __init__(self, d_model: int, nhead: int, d_ffn: int, dropout: float, enact: bool = False,
                  sigma: int = 5, enact_impl: str = "auto", row_breaks: bool = False,
-                 enact_attn_dropout: float | None = None, enact_mode: str = "paper_regions"):
+                 enact_attn_dropout: float | None = None, enact_mode: str = "paper_regions",
+                 gauss_taps: str = "paper"):
         super().__init__()
         attn_dropout = dropout if not enact or enact_attn_dropout is None else enact_attn_dropout
         self.self_attn = RCDA(d_model, nhead, dropout=attn_dropout)
@@ -55,7 +57,7 @@ class EncoderLayerSpatial(nn.Module):
         if enact:
             from enact_cuda import ENACTClustering
             self.ENACT = ENACTClustering(d_model, sigma, impl=enact_impl, row_breaks=row_breaks,
-                                         mode=enact_mode)
+                                         mode=enact_mode, gauss_taps=gauss_taps)
         else:
             self.ENACT = None
 

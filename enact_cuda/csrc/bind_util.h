@@ -66,6 +66,13 @@ inline void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "enact_cuda: ", name, " must be a CUDA tensor");
 }
 
+// sigma in [1, 64]; the Gaussian half-width taps_half = 3 sigma (paper) or 3 sigma - 1 (code).
+inline void check_taps(int64_t sigma, int64_t taps_half) {
+  TORCH_CHECK(sigma >= 1 && sigma <= 64, "enact_cuda: sigma must be in [1, 64]");
+  TORCH_CHECK(taps_half == 3 * sigma || taps_half == 3 * sigma - 1,
+              "enact_cuda: taps_half must be 3 sigma or 3 sigma - 1");
+}
+
 inline at::Tensor float_contig(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 inline std::optional<at::Tensor> check_mask(const std::optional<at::Tensor>& mask, int64_t B, int64_t N,

@@ -14,10 +14,11 @@ namespace {
 constexpr int kInfoStaticSmem = 2048;  // taps + reduction buffers, with margin
 
 std::vector<at::Tensor> info_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& mask_in,
-                                     int64_t sigma, bool row_breaks, int64_t W, int64_t mode) {
+                                     int64_t sigma, int64_t taps_half, bool row_breaks, int64_t W,
+                                     int64_t mode) {
   check_cuda(x_in, "z");
   TORCH_CHECK(x_in.dim() == 2, "enact_cuda: z / information must be (B, N)");
-  TORCH_CHECK(sigma >= 1 && sigma <= 64, "enact_cuda: sigma must be in [1, 64]");
+  check_taps(sigma, taps_half);
   TORCH_CHECK(mode == 0 || mode == 1, "enact_cuda: mode must be 0 or 1");
   TORCH_CHECK(x_in.size(1) < (1LL << 31), "enact_cuda: N too large");
   c10::cuda::CUDAGuard guard(x_in.device());
@@ -42,6 +43,7 @@ std::vector<at::Tensor> info_forward(const at::Tensor& x_in, const std::optional
   a.B = static_cast<int>(B);
   a.N = static_cast<int>(N);
   a.sigma = static_cast<int>(sigma);
+  a.taps_half = static_cast<int>(taps_half);
   a.row_breaks = row_breaks ? 1 : 0;
   a.W = static_cast<int>(W);
   a.mode = static_cast<int>(mode);
@@ -51,8 +53,10 @@ std::vector<at::Tensor> info_forward(const at::Tensor& x_in, const std::optional
 
 at::Tensor info_backward(const at::Tensor& x_in, const std::optional<at::Tensor>& mask_in,
                          const std::optional<at::Tensor>& grad_info,
-                         const std::optional<at::Tensor>& grad_sm, int64_t sigma, int64_t mode) {
+                         const std::optional<at::Tensor>& grad_sm, int64_t sigma,
+                         int64_t taps_half, int64_t mode) {
   check_cuda(x_in, "z");
+  check_taps(sigma, taps_half);
   c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = float_contig(x_in);
   const int64_t B = x.size(0), N = x.size(1);
@@ -74,6 +78,7 @@ at::Tensor info_backward(const at::Tensor& x_in, const std::optional<at::Tensor>
   a.B = static_cast<int>(B);
   a.N = static_cast<int>(N);
   a.sigma = static_cast<int>(sigma);
+  a.taps_half = static_cast<int>(taps_half);
   a.mode = static_cast<int>(mode);
   ENACT_CHECK_CUDA(enact::info_backward(a, limit, c10::cuda::getCurrentCUDAStream()));
   return gx;

@@ -23,6 +23,7 @@ struct InfoFwdArgs {
   int64_t* counts_out;   // (B,)
   float* scratch;        // nullptr, or (B, 3N) floats when the compact arrays do not fit smem
   int B, N, sigma, row_breaks, W, mode;
+  int taps_half;         // the Gaussian covers t = -taps_half..taps_half (3 sigma or 3 sigma - 1)
 };
 cudaError_t info_forward(const InfoFwdArgs& a, int smem_limit, cudaStream_t stream);
 size_t info_forward_smem_bytes(int N, int sigma);
@@ -35,6 +36,7 @@ struct InfoBwdArgs {
   float* grad_x;           // (B, N)
   float* scratch;          // nullptr or (B, 4N)
   int B, N, sigma, mode;
+  int taps_half;           // as InfoFwdArgs::taps_half
 };
 cudaError_t info_backward(const InfoBwdArgs& a, int smem_limit, cudaStream_t stream);
 size_t info_backward_smem_bytes(int N, int sigma);
@@ -121,6 +123,7 @@ struct FusedFwdArgs {
   int* rmax;                   // (1,) zero on entry; max_b R_b on exit
   float* scratch;              // nullptr, or (B, 3N) floats when the compact arrays exceed smem
   int B, N, sigma, row_breaks, W;
+  int taps_half;               // as InfoFwdArgs::taps_half
 };
 cudaError_t fused_forward(const FusedFwdArgs& a, DType key_dtype, bool vec, int smem_limit,
                           cudaStream_t stream);

@@ -31,7 +31,7 @@ constexpr int kGradUnroll = 4;
 // base: 3N floats (shared memory or global scratch). taps synced by the caller.
 __device__ __noinline__ void image_part(const FusedFwdArgs& a, int b, float* base,
                                         const float* taps, float* fbuf, int* ibuf) {
-  const int N = a.N, tid = threadIdx.x, nt = blockDim.x, T = 3 * a.sigma;
+  const int N = a.N, tid = threadIdx.x, nt = blockDim.x, T = a.taps_half;
   float* hb = base;                                  // z, then information, then region ids
   float* sb = base + N;                              // smoothed
   int* cidx = reinterpret_cast<int*>(base + 2 * N);  // compact -> pixel
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kFwdThreads) fused_fwd_kernel(FusedFwdArgs a) 
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  make_taps(taps, a.sigma);
+  make_taps(taps, a.sigma, a.taps_half);
   __syncthreads();
   float* base = a.scratch ? a.scratch + off * 3 : reinterpret_cast<float*>(dyn_smem4);
   image_part(a, b, base, taps, fbuf, ibuf);
@@ -271,7 +271,7 @@ size_t fused_forward_smem_bytes(int N) { return static_cast<size_t>(N) * 12; }
 cudaError_t fused_forward(const FusedFwdArgs& a, DType key_dtype, bool vec, int smem_limit,
                           cudaStream_t stream) {
   if (a.B == 0 || a.N == 0) return cudaSuccess;
-  if (a.sigma < 1 || 3 * a.sigma > kMaxTapHalf) return cudaErrorInvalidValue;
+  if (!taps_ok(a.sigma, a.taps_half)) return cudaErrorInvalidValue;
   switch (key_dtype) {
     case DType::kFloat: return fwd_t<float>(a, vec, smem_limit, stream);
     case DType::kBFloat16: return fwd_t<__nv_bfloat16>(a, vec, smem_limit, stream);

@@ -1,10 +1,11 @@
 // Fused ENACT clustering path (see fused.cu): a C++ autograd Function, so the whole chain
 // (W_prob logits -> information -> regions -> clusters of all tensors) is ONE autograd node with
 // few launches and no Python in its forward or backward:
-//   fused_begin(keys, w, bias, mask, sigma, row_breaks, W) -> FusedPending: one memset, ONE
-//     kernel launch (logits + information + regions + bounds + region statistics), then R_max is
-//     copied (4 bytes, non-blocking) into pinned host memory behind an event; nothing waits yet,
-//     so the caller can launch work that does not depend on R_max (e.g. the query projection).
+//   fused_begin(keys, w, bias, mask, sigma, taps_half, row_breaks, W) -> FusedPending: one
+//     memset, ONE kernel launch (logits + information + regions + bounds + region
+//     statistics), then R_max is copied (4 bytes, non-blocking) into pinned host memory behind
+//     an event; nothing waits yet, so the caller can launch work that does not depend on
+//     R_max (e.g. the query projection).
 //   fused_finish(pending, keys, tensors, w, bias, alias, upper_bound) -> [clustered tensors...,
 //     key mask]: waits on the event (the one device->host read), ONE launch clusters every
 //     tensor and writes the key padding mask. Differentiable w.r.t. keys, tensors, w and bias.
@@ -95,7 +96,7 @@ struct FusedPending {
   at::Tensor fws, iws, pinned, mask;
   cudaEvent_t event = nullptr;
   int device = 0;
-  int64_t B = 0, N = 0, d = 0, sigma = 0, r_max = -1;
+  int64_t B = 0, N = 0, d = 0, sigma = 0, taps_half = 0, r_max = -1;
 
   // R_max = max(max_b R_b, 1): waits for the forward kernel (the one device->host read).
   int64_t R() {
@@ -122,13 +123,14 @@ using torch::autograd::variable_list;
 std::shared_ptr<FusedPending> fused_begin(const at::Tensor& keys, const at::Tensor& weight,
                                           const std::optional<at::Tensor>& bias,
                                           const std::optional<at::Tensor>& mask_in,
-                                          int64_t sigma, bool row_breaks, int64_t W,
+                                          int64_t sigma, int64_t taps_half, bool row_breaks,
+                                          int64_t W,
                                           bool read_rmax) {
   check_keys(keys);
   c10::cuda::CUDAGuard guard(keys.device());
   const int64_t B = keys.size(0), N = keys.size(1), d = keys.size(2);
   TORCH_CHECK(N < (1LL << 30) && B < (1LL << 30), "enact_cuda: B or N too large");
-  TORCH_CHECK(sigma >= 1 && sigma <= 64, "enact_cuda: sigma must be in [1, 64]");
+  check_taps(sigma, taps_half);
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.numel() == d && weight.is_contiguous() &&
                   weight.device() == keys.device(),
               "enact_cuda: W_prob weight must be float32, contiguous, d elements, on the keys' device");
@@ -145,6 +147,7 @@ std::shared_ptr<FusedPending> fused_begin(const at::Tensor& keys, const at::Tens
   p->N = N;
   p->d = d;
   p->sigma = sigma;
+  p->taps_half = taps_half;
   const Layout lay{B, N};
   const auto fopt = keys.options().dtype(at::kFloat);
   p->info = at::empty({B, N}, fopt);
@@ -186,6 +189,7 @@ std::shared_ptr<FusedPending> fused_begin(const at::Tensor& keys, const at::Tens
   a.B = static_cast<int>(B);
   a.N = static_cast<int>(N);
   a.sigma = static_cast<int>(sigma);
+  a.taps_half = static_cast<int>(taps_half);
   a.row_breaks = row_breaks ? 1 : 0;
   a.W = static_cast<int>(W);
   ENACT_CHECK_CUDA(enact::fused_forward(a, dtype_of(keys), key_vec_ok(keys), limit, stream));
@@ -250,6 +254,7 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     ctx->saved_data["n"] = static_cast<int64_t>(n);
     ctx->saved_data["alias"] = alias;
     ctx->saved_data["sigma"] = p->sigma;
+    ctx->saved_data["taps_half"] = p->taps_half;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["mask"] = p->mask;
     ctx->mark_non_differentiable({kpm});
@@ -264,6 +269,7 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     const bool alias = ctx->saved_data["alias"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const int64_t sigma = ctx->saved_data["sigma"].toInt();
+    const int64_t taps_half = ctx->saved_data["taps_half"].toInt();
     variable_list result(static_cast<size_t>(n) + 6);  // keys, tensors.., w, bias, pending, alias,
                                                        // upper_bound
     bool any = false;
@@ -332,6 +338,7 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     ib.B = static_cast<int>(B);
     ib.N = static_cast<int>(N);
     ib.sigma = static_cast<int>(sigma);
+    ib.taps_half = static_cast<int>(taps_half);
     ib.mode = 0;
     ENACT_CHECK_CUDA(enact::info_backward(ib, limit, stream));
 

@@ -4,7 +4,8 @@
 // scan (any padding pattern works); everything after that runs on the compact sequence of
 // length L held in shared memory (or in a global scratch buffer when L does not fit):
 //   mode 0 (logits): p = softmax(z over valid), p~ = p + 1e-8, H = -p~ log2 p~
-//   smoothed = same-length zero-padded conv of H with the 6*sigma+1 Gaussian taps
+//   smoothed = same-length zero-padded conv of H with the Gaussian taps t = -T..T
+//     (T = 3 sigma: the paper's 6 sigma + 1 taps; 3 sigma - 1: the official code's 6 sigma - 1)
 //   curvature = (2 s_j - s_{j-1}) - s_{j+1} (zero padded), step = curvature > 0
 //   region start: j == 0, step change, or (row_breaks) j % valid_width == 0
 //   region id = inclusive scan of starts - 1; counts = number of starts.
@@ -26,7 +27,7 @@ __global__ void __launch_bounds__(kInfoThreads) info_fwd_kernel(InfoFwdArgs a) {
   __shared__ int ibuf[32];
 
   const int b = blockIdx.x, N = a.N;
-  const int T = 3 * a.sigma;
+  const int T = a.taps_half;
   float* base = a.scratch ? a.scratch + static_cast<int64_t>(b) * 3 * N
                           : reinterpret_cast<float*>(dyn_smem4);
   float* hb = base;                                // compact input, then information
@@ -39,7 +40,7 @@ __global__ void __launch_bounds__(kInfoThreads) info_fwd_kernel(InfoFwdArgs a) {
   float* sm_out = a.smoothed_out + static_cast<int64_t>(b) * N;
   int64_t* reg_out = a.region_out + static_cast<int64_t>(b) * N;
 
-  make_taps(taps, a.sigma);
+  make_taps(taps, a.sigma, T);
 
   int first_row;
   const int L = compact_image(N, m, a.row_breaks != 0, a.W, [&](int i) { return x[i]; }, cidx, hb,
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(kInfoThreads) info_bwd_kernel(InfoBwdArgs a) {
   __shared__ int ibuf[32];
 
   const int b = blockIdx.x, N = a.N, tid = threadIdx.x, nt = blockDim.x;
-  const int T = 3 * a.sigma;
+  const int T = a.taps_half;
   float* base = a.scratch ? a.scratch + static_cast<int64_t>(b) * 4 * N
                           : reinterpret_cast<float*>(dyn_smem4);
   float* xb = base;                                  // compact input (then p)
@@ -73,7 +74,7 @@ __global__ void __launch_bounds__(kInfoThreads) info_bwd_kernel(InfoBwdArgs a) {
   const float* g_sm = a.grad_sm ? a.grad_sm + off : nullptr;
   float* gx = a.grad_x + off;
 
-  make_taps(taps, a.sigma);
+  make_taps(taps, a.sigma, T);
 
   int first_row;  // unused: the backward needs no row breaks
   const int L = compact_pixels(
@@ -115,6 +116,7 @@ size_t info_backward_smem_bytes(int N, int /*sigma*/) { return static_cast<size_
 
 cudaError_t info_forward(const InfoFwdArgs& a, int smem_limit, cudaStream_t stream) {
   if (a.B == 0) return cudaSuccess;
+  if (!taps_ok(a.sigma, a.taps_half)) return cudaErrorInvalidValue;
   const size_t smem = a.scratch ? 0 : info_forward_smem_bytes(a.N, a.sigma);
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(info_fwd_kernel,
@@ -127,6 +129,7 @@ cudaError_t info_forward(const InfoFwdArgs& a, int smem_limit, cudaStream_t stre
 
 cudaError_t info_backward(const InfoBwdArgs& a, int smem_limit, cudaStream_t stream) {
   if (a.B == 0) return cudaSuccess;
+  if (!taps_ok(a.sigma, a.taps_half)) return cudaErrorInvalidValue;
   const size_t smem = a.scratch ? 0 : info_backward_smem_bytes(a.N, a.sigma);
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(info_bwd_kernel,

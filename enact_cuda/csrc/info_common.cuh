@@ -9,12 +9,17 @@
 
 namespace enact {
 
-constexpr int kMaxTapHalf = 192;  // 3 * sigma <= 192  (sigma <= 64)
+constexpr int kMaxTapHalf = 192;  // T <= 3 * sigma <= 192  (sigma <= 64)
 
-// Taps g(t) = exp(-t^2 / (2 s^2)) / (s sqrt(2 pi)) for t = 0..3s, computed in double and
+// Host check of (sigma, T): T = 3 sigma (the paper's 6 sigma + 1 taps) or 3 sigma - 1 (the
+// official code's 6 sigma - 1).
+__host__ __device__ inline bool taps_ok(int sigma, int T) {
+  return sigma >= 1 && 3 * sigma <= kMaxTapHalf && (T == 3 * sigma || T == 3 * sigma - 1);
+}
+
+// Taps g(t) = exp(-t^2 / (2 s^2)) / (s sqrt(2 pi)) for t = 0..T, computed in double and
 // rounded to float (as the torch backend does), written to shared memory. Callers sync after.
-__device__ __forceinline__ void make_taps(float* taps, int sigma) {
-  const int T = 3 * sigma;
+__device__ __forceinline__ void make_taps(float* taps, int sigma, int T) {
   const double s = static_cast<double>(sigma);
   const double norm = s * 2.5066282746310002;  // s * sqrt(2 pi)
   for (int t = threadIdx.x; t <= T; t += blockDim.x) {
@@ -116,7 +121,7 @@ __device__ __forceinline__ void information_in_place(float* hb, int L, const int
   __syncthreads();
 }
 
-// Step 3 (block-wide): sb = gauss * hb (compact, T = 3 sigma), also written to out[cidx[j]].
+// Step 3 (block-wide): sb = gauss * hb (compact, taps -T..T), also written to out[cidx[j]].
 // Ends synced.
 __device__ __forceinline__ void smooth_compact(const float* hb, float* sb, const float* taps,
                                                int L, int T, const int* cidx, float* out) {
