@@ -21,6 +21,7 @@ _ENACT_SETTINGS = {
     "enact_mode": enact_mode,
     "enact_row_breaks": enact_row_breaks,
     "enact_gauss_taps": enact_gauss_taps,
+    "enact_padding": lambda a: getattr(a, "enact_padding", "honour"),
     "enact_attn_numerics": enact_attention_numerics,
     "smoothing_sigma": lambda a: getattr(a, "smoothing_sigma", None),
 }
@@ -106,7 +107,7 @@ def load_model_state(model, path, ckpt, args):
 
 def enact_setting_changes(ckpt_args, args) -> list:
     """["--flag: checkpoint X, this run Y", ...] for the ENACT settings (clusters, Gaussian,
-    attention numerics, sigma) in which ``args`` differ from the checkpoint's saved args; []
+    padding, attention numerics, sigma) in which ``args`` differ from the checkpoint's saved args; []
     when either has no ENACT or the checkpoint has no args."""
     if (ckpt_args is None or getattr(ckpt_args, "no_enact", True)
             or getattr(args, "no_enact", True)):

@@ -84,6 +84,10 @@ def get_args_parser(description, num_queries=100, enact_attention=True, **defaul
     g.add_argument("--enact_gauss_taps", choices=["paper", "code"], default="paper",
                    help="length of ENACT's Gaussian: the paper's 6 sigma + 1 taps, or the "
                         "official code's 6 sigma - 1 (compat, for its checkpoints)")
+    g.add_argument("--enact_padding", choices=["honour", "ignore"], default="honour",
+                   help="ENACT's key-padding mask: honoured (each image clustered alone), or "
+                        "ignored as in the official code (padded pixels clustered too, one "
+                        "fixed-chunk size per batch; compat, for its checkpoints)")
     g.add_argument("--enact_attn_dropout", type=float, default=None,
                    help="dropout on ENACT's clustered attention weights (default: --dropout; "
                         "the official ENACT code applies none, i.e. 0)")
@@ -141,6 +145,11 @@ def enact_row_breaks(args) -> bool:
 def enact_gauss_taps(args) -> str:
     """--enact_gauss_taps ("paper" for args saved before the flag)."""
     return getattr(args, "enact_gauss_taps", "paper")
+
+
+def enact_honours_padding(args) -> bool:
+    """--enact_padding honour (True for args saved before the flag)."""
+    return getattr(args, "enact_padding", "honour") == "honour"
 
 
 def enact_attention_numerics(args) -> str:

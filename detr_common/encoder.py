@@ -9,8 +9,8 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from .attention import EncoderSelfAttention
-from .cli import (enact_attention_dropout, enact_attention_numerics, enact_gauss_taps, enact_mode,
-                  enact_row_breaks)
+from .cli import (enact_attention_dropout, enact_attention_numerics, enact_gauss_taps,
+                  enact_honours_padding, enact_mode, enact_row_breaks)
 from .mlp import add_ffn_and_norms, feed_forward
 
 
@@ -21,7 +21,8 @@ def build_encoder_attention(args) -> nn.Module:
     ``self_attn.{in_proj_weight,in_proj_bias,out_proj.*}``. Otherwise ENACT
     (``enact_cuda.ENACTAttention``, σ = ``--smoothing_sigma``, backend ``--enact_impl``), keys
     ``self_attn.{W_q,W_k,W_v,W_o,W_prob}.*``; clusters ``--enact_mode``, Gaussian
-    ``--enact_gauss_taps``, attention ``--enact_attn_numerics``. Attention dropout:
+    ``--enact_gauss_taps``, padding ``--enact_padding``, attention ``--enact_attn_numerics``.
+    Attention dropout:
     ``--dropout``, for ENACT ``--enact_attn_dropout`` where given.
     """
     if args.no_enact:
@@ -32,7 +33,8 @@ def build_encoder_attention(args) -> nn.Module:
                           dropout=enact_attention_dropout(args), impl=args.enact_impl,
                           row_breaks=enact_row_breaks(args),
                           mode=enact_mode(args), numerics=enact_attention_numerics(args),
-                          gauss_taps=enact_gauss_taps(args))
+                          gauss_taps=enact_gauss_taps(args),
+                          honour_mask=enact_honours_padding(args))
 
 
 class TransformerEncoderLayer(nn.Module):

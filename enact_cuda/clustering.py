@@ -114,7 +114,8 @@ def cluster_tensors(tensors: Sequence[torch.Tensor], smoothed: torch.Tensor,
     return tuple(out)
 
 
-def fixed_chunks(counts: torch.Tensor, padding_mask: torch.Tensor | None, N: int):
+def fixed_chunks(counts: torch.Tensor, padding_mask: torch.Tensor | None, N: int,
+                 per_batch: bool = False):
     """The official code's clusters (spec §2.1 steps 4-6), per image: fixed chunks of
     c_b = round(L_b / R_b) consecutive pixels (round half to even, as Python's round) of the
     image's compact sequence of L_b valid pixels, where R_b = counts[b] is its number of
@@ -124,12 +125,16 @@ def fixed_chunks(counts: torch.Tensor, padding_mask: torch.Tensor | None, N: int
     counts (B,) int64 regions per image; padding_mask (B, N) bool True = padding, or None ->
     (region_index (B, N) int64: chunk of each pixel, -1 on padding and trimmed pixels;
     chunks (B,) int64: M_b = L_b // c_b, 0 for a fully padded image).
-    The official code takes one c for the whole batch (the mean of L / R_b over its images)
-    and ignores the padding; per image with padding honoured, an image's chunks do not
-    depend on the batch it is in, and for a batch of one unpadded image the two agree.
+    The official code takes one c for the whole batch, round(mean_b N / R_b), and ignores the
+    padding: per_batch=True with padding_mask=None does that. Per image with padding honoured
+    (the default), an image's chunks do not depend on the batch it is in; for a batch of one
+    unpadded image the two agree.
     """
     valid, rank, _, lengths = _compaction(padding_mask, counts.shape[0], N, counts.device)
-    size = torch.round(lengths.double() / counts.clamp_min(1).double()).long().clamp_min(1)
+    length_per_region = lengths.double() / counts.clamp_min(1).double()
+    if per_batch:
+        length_per_region = length_per_region.mean().expand_as(length_per_region)
+    size = torch.round(length_per_region).long().clamp_min(1)
     chunks = lengths // size
     front = (lengths - chunks * size) // 2
     position = rank - front[:, None]

@@ -22,6 +22,11 @@ two are the same function of the weights up to W_q <- sqrt(d_h) W_q, W_o <- W_o 
 tools/convert_official_checkpoint.py folds in), but they train differently.
 Gaussian (spec §1.3, §6.11): gauss_taps="paper" (default) smooths with the paper's 6 sigma + 1
 taps, "code" with the official code's 6 sigma - 1 (same formula, both unnormalised).
+Padding (spec §2.1 step 9, §6.3): honour_mask=True (default) clusters each image's valid pixels
+only. honour_mask=False is the official code's handling: the key-padding mask is ignored, so
+padded pixels enter the information softmax, the regions and the clusters (the attention keys),
+and fixed chunks take one size for the whole batch, round(mean_b N / R_b); an image's output
+then depends on the batch it is in.
 """
 from __future__ import annotations
 
@@ -81,7 +86,8 @@ class _ENACTRegions(nn.Module):
     """Shared part: W_prob, information, smoothing, regions, clustering, statistics."""
 
     def __init__(self, d_model: int, sigma, impl: str = "auto", row_breaks: bool = False,
-                 mode: str = "paper_regions", gauss_taps: str = "paper"):
+                 mode: str = "paper_regions", gauss_taps: str = "paper",
+                 honour_mask: bool = True):
         super().__init__()
         if impl not in ("auto", "cuda", "torch"):
             raise ValueError(f"impl must be 'auto', 'cuda' or 'torch', got {impl!r}")
@@ -95,6 +101,7 @@ class _ENACTRegions(nn.Module):
                              "chunks run over row ends, as in the official code)")
         self.mode = mode
         self.gauss_taps = gauss_taps
+        self.honour_mask = bool(honour_mask)
         self.d_model = int(d_model)
         self.sigma = check_sigma(sigma)
         self.impl = impl
@@ -116,6 +123,8 @@ class _ENACTRegions(nn.Module):
         R = N cluster rows, zero and masked beyond each image's count, and no read of R_max
         (nothing waits for the GPU) — for no-grad forwards whose attention cost follows the mask.
         """
+        if not self.honour_mask:
+            key_padding_mask = None  # the official code's padding handling (module docstring)
         backend = resolve_impl(self.impl, info_keys, *tensors)
         paper = self.mode == "paper_regions"
         cb = cuda_backend_or_reason()[0] if backend == "cuda" else None
@@ -151,7 +160,8 @@ class _ENACTRegions(nn.Module):
             smoothed, region_index, counts = regions(info, key_padding_mask, self.sigma,
                                                      self.row_breaks, hw, self.gauss_taps)
         if not paper:  # chunks are runs of consecutive pixels, like regions: same kernels
-            region_index, counts = fixed_chunks(counts, key_padding_mask, z.shape[1])
+            region_index, counts = fixed_chunks(counts, key_padding_mask, z.shape[1],
+                                                per_batch=not self.honour_mask)
         cluster_fn = cb.cluster_tensors if cb is not None else cluster_tensors
         clustered = cluster_fn(tensors, smoothed, region_index, _num_clusters(counts))
         R = clustered[0].shape[1]
@@ -177,7 +187,7 @@ class _ENACTRegions(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, sigma={self.sigma}, impl={self.impl!r}, "
                 f"row_breaks={self.row_breaks}, mode={self.mode!r}, "
-                f"gauss_taps={self.gauss_taps!r}")
+                f"gauss_taps={self.gauss_taps!r}, honour_mask={self.honour_mask}")
 
 
 class ENACTAttention(_ENACTRegions):
@@ -194,13 +204,14 @@ class ENACTAttention(_ENACTRegions):
     Without autograd (eval) and with the CUDA attention kernel, the clusters are allocated at
     N rows so the forward never waits for the GPU (the kernel's cost follows the mask).
     mode: "paper_regions" or "official_fixed_chunk"; numerics: "standard" or "official";
-    gauss_taps: "paper" or "code" (module docstring).
+    gauss_taps: "paper" or "code"; honour_mask: False = the official padding handling (module
+    docstring).
     """
 
     def __init__(self, d_model: int, nhead: int, sigma, dropout: float = 0.0,
                  impl: str = "auto", row_breaks: bool = False, mode: str = "paper_regions",
-                 numerics: str = "standard", gauss_taps: str = "paper"):
-        super().__init__(d_model, sigma, impl, row_breaks, mode, gauss_taps)
+                 numerics: str = "standard", gauss_taps: str = "paper", honour_mask: bool = True):
+        super().__init__(d_model, sigma, impl, row_breaks, mode, gauss_taps, honour_mask)
         if d_model % nhead != 0:
             raise ValueError(f"d_model={d_model} is not divisible by nhead={nhead}")
         if numerics not in NUMERICS:
@@ -251,7 +262,8 @@ class ENACTClustering(_ENACTRegions):
     (B, N, d_t), key_padding_mask (B, N) or None, hw, upper_bound) -> Clusters(keys=None,
     values=tuple of (B, R, d_t), key_padding_mask (B, R), region_index (B, N)). Same
     attributes as ENACTAttention after a forward (last_stats, information,
-    smoothed_information). upper_bound=True lets the fused CUDA path return R = N rows (zero
+    smoothed_information); the same constructor (mode, gauss_taps, honour_mask, as in
+    ENACTAttention). upper_bound=True lets the fused CUDA path return R = N rows (zero
     and masked beyond each image's count) without waiting for the GPU; pass it only when the
     consumer's cost follows the mask (enact_cuda.uses_cuda_kernel).
     """

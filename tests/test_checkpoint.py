@@ -88,7 +88,7 @@ def test_other_enact_settings_warn_on_load(tmp_path, caplog):
     ck.save_checkpoint({"model": tiny_model().state_dict(), "args": trained}, path)  # numerics
     now = argparse.Namespace(no_enact=False, enact_mode="paper_regions", enact_row_breaks=True,
                              smoothing_sigma=3, enact_attn_numerics="official",
-                             enact_gauss_taps="code")
+                             enact_gauss_taps="code", enact_padding="ignore")
     with caplog.at_level("WARNING", logger=ck.log.name):
         ck.load_weights(tiny_model(), path, "detr", now)
     (record,) = caplog.records
@@ -96,6 +96,7 @@ def test_other_enact_settings_warn_on_load(tmp_path, caplog):
         "--enact_mode: checkpoint official_fixed_chunk, this run paper_regions; "
         "--enact_row_breaks: checkpoint False, this run True; "
         "--enact_gauss_taps: checkpoint paper, this run code; "
+        "--enact_padding: checkpoint honour, this run ignore; "
         "--enact_attn_numerics: checkpoint standard, this run official")
     caplog.clear()
     same = argparse.Namespace(**vars(trained), enact_attn_numerics="standard")

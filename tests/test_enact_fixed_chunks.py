@@ -45,30 +45,43 @@ def test_fixed_chunks_follow_each_images_valid_pixels():
     assert chunks.tolist() == [2, 2, 0]
 
 
+def test_fixed_chunks_per_batch_take_one_size():
+    """per_batch=True: c = round(mean_b N / R_b) for every image (the official code)."""
+    alone, _ = fixed_chunks(torch.tensor([3, 2]), None, 8)  # c = 3 and 4
+    assert alone.tolist() == [[-1, 0, 0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 1, 1, 1, 1]]
+    shared, chunks = fixed_chunks(torch.tensor([3, 2]), None, 8, per_batch=True)  # 3.33 -> 3
+    assert shared.tolist() == [[-1, 0, 0, 0, 1, 1, 1, -1]] * 2 and chunks.tolist() == [2, 2]
+
+
 def official_forward(mod, src, pos):
-    """Spec §2.1 for one unpadded image at a time, literally: information, smoothing with the
-    official code's 6σ-1 unnormalised Gaussian taps ("same", zero padded), [-1, 2, -1]
-    curvature, step > 0, R = 1 + number of step changes, c = Python round(N / R), trim
-    floor(r/2) in front and the rest at the end, reshape the kept sequence into M = N // c
-    chunks, softmax of the smoothed information in each chunk, weighted sums of keys
-    (src + pos) and values (src), then standard per-head attention of all N queries."""
+    """Spec §2.1 on a batch, literally (no padding mask: every pixel counts): per image
+    information, smoothing with the official code's 6σ-1 unnormalised Gaussian taps ("same",
+    zero padded), [-1, 2, -1] curvature, step > 0, R_b = 1 + number of step changes; one
+    c = Python round(mean_b N / R_b) for the batch; per image trim floor(r/2) in front and the
+    rest at the end, reshape the kept sequence into M = N // c chunks, softmax of the smoothed
+    information in each chunk, weighted sums of keys (src + pos) and values (src), then
+    standard per-head attention of all N queries."""
     B, N, d = src.shape
     h, e, s = mod.nhead, d // mod.nhead, mod.sigma
     t = torch.arange(-(3 * s - 1), 3 * s, dtype=src.dtype)
     gauss = torch.exp(-t * t / (2 * s * s)) / (s * math.sqrt(2 * math.pi))
+    laplace = torch.tensor([-1.0, 2.0, -1.0], dtype=src.dtype).view(1, 1, 3)
+    smoothed, lengths = [], []
+    for b in range(B):
+        p = torch.softmax((src[b] + pos[b]) @ mod.W_prob.weight[0] + mod.W_prob.bias[0], 0) + 1e-8
+        info = -p * torch.log2(p)
+        sm = torch.nn.functional.conv1d(info.view(1, 1, N), gauss.view(1, 1, -1),
+                                        padding=3 * s - 1).view(N)
+        step = torch.nn.functional.conv1d(sm.view(1, 1, N), laplace, padding=1).view(N) > 0
+        smoothed.append(sm)
+        lengths.append(N / (1 + int((step[1:] != step[:-1]).sum())))
+    c = round(sum(lengths) / B)
+    M, r = N // c, N % c
+    kept = slice(r // 2, r // 2 + M * c)
     out = torch.zeros_like(src)
     for b in range(B):
         keys = src[b] + pos[b]
-        p = torch.softmax(keys @ mod.W_prob.weight[0] + mod.W_prob.bias[0], 0) + 1e-8
-        info = -p * torch.log2(p)
-        smoothed = torch.nn.functional.conv1d(info.view(1, 1, N), gauss.view(1, 1, -1),
-                                              padding=3 * s - 1).view(1, N)
-        laplace = torch.tensor([-1.0, 2.0, -1.0], dtype=src.dtype).view(1, 1, 3)
-        step = torch.nn.functional.conv1d(smoothed.view(1, 1, N), laplace, padding=1).view(N) > 0
-        c = round(N / (1 + int((step[1:] != step[:-1]).sum())))
-        M, r = N // c, N % c
-        kept = slice(r // 2, r // 2 + M * c)
-        w = torch.softmax(smoothed[0, kept].reshape(M, c), 1)
+        w = torch.softmax(smoothed[b][kept].reshape(M, c), 1)
         K = (w[..., None] * keys[kept].reshape(M, c, d)).sum(1)
         V = (w[..., None] * src[b][kept].reshape(M, c, d)).sum(1)
         q, k, v = mod.W_q(keys), mod.W_k(K), mod.W_v(V)
@@ -78,29 +91,56 @@ def official_forward(mod, src, pos):
     return out
 
 
-@pytest.mark.parametrize("sigma", [1, 3])
-def test_attention_matches_the_official_algorithm(sigma):
-    """mode="official_fixed_chunk" with gauss_taps="code" is the official clustering (with the
-    standard numerics); the paper's taps are not."""
-    torch.manual_seed(0)
-    B, H, W, d = 3, 5, 7, 8
-    mod = ENACTAttention(d, 2, sigma=sigma, impl="torch", mode="official_fixed_chunk",
-                         gauss_taps="code").double()
+def _official_like_module(sigma, **kwargs):
+    mod = ENACTAttention(8, 2, sigma=sigma, impl="torch", mode="official_fixed_chunk",
+                         gauss_taps="code", **kwargs).double()
     with torch.no_grad():
         mod.W_prob.weight.mul_(20)  # information that varies, so region counts differ
         for lin in (mod.W_q, mod.W_k, mod.W_v, mod.W_o, mod.W_prob):
             lin.bias.normal_()
-    src = torch.randn(B, H * W, d, dtype=torch.float64)
-    pos = torch.randn(B, H * W, d, dtype=torch.float64)
+    return mod
+
+
+@pytest.mark.parametrize("sigma", [1, 3])
+def test_attention_matches_the_official_algorithm_per_image(sigma):
+    """mode="official_fixed_chunk" with gauss_taps="code" is the official clustering (with the
+    standard numerics) for an image alone; the paper's taps are not."""
+    torch.manual_seed(0)
+    B, H, W = 3, 5, 7
+    mod = _official_like_module(sigma)
+    src = torch.randn(B, H * W, 8, dtype=torch.float64)
+    pos = torch.randn(B, H * W, 8, dtype=torch.float64)
     out = mod(src, pos, None, (H, W))
-    official = official_forward(mod, src, pos)
+    official = torch.cat([official_forward(mod, src[b:b + 1], pos[b:b + 1]) for b in range(B)])
     assert torch.allclose(out, official, atol=1e-10)
     # the statistics report the chunks: M_b = N // c_b clusters per image
     _, _, counts = regions(mod.information, None, mod.sigma, gauss_taps="code")
     sizes = [round(H * W / int(r)) for r in counts]
     assert mod.last_stats["clusters_per_image"].tolist() == [H * W // c for c in sizes]
+    assert len(set(sizes)) > 1  # so one batch-wide size would differ (next test)
     mod.gauss_taps = "paper"
     assert not torch.allclose(mod(src, pos, None, (H, W)), official, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [1, 3])
+def test_ignored_padding_matches_the_official_algorithm_on_a_padded_batch(sigma):
+    """honour_mask=False: the mask is ignored and the batch shares one chunk size, as in the
+    official code; with the mask honoured (default) the padded batch gives other outputs.
+    (Seed 0: the images' own chunk sizes differ, see the test above.)"""
+    torch.manual_seed(0)
+    B, H, W = 3, 5, 7
+    mod = _official_like_module(sigma, honour_mask=False)
+    src = torch.randn(B, H * W, 8, dtype=torch.float64)
+    pos = torch.randn(B, H * W, 8, dtype=torch.float64)
+    mask = torch.zeros(B, H, W, dtype=torch.bool)
+    mask[1, 3:], mask[2, :, 4:] = True, True
+    mask = mask.flatten(1)
+    official = official_forward(mod, src, pos)
+    assert torch.allclose(mod(src, pos, mask, (H, W)), official, atol=1e-10)
+    assert torch.equal(mod.last_stats["pixels_per_image"], torch.full((B,), float(H * W)))
+    mod.honour_mask = True
+    assert not torch.allclose(mod(src, pos, mask, (H, W)), official, atol=1e-6)
+    assert not torch.allclose(mod(src, pos, None, (H, W)), official, atol=1e-6)  # per image c
 
 
 def test_fixed_chunks_are_batch_invariant_and_differentiable():
@@ -174,15 +214,15 @@ def test_enact_mode_reaches_each_detector(folder):
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_enact_gauss_taps_reaches_each_detector(folder):
-    """--enact_gauss_taps code builds every ENACT module of the detector with the official
-    code's Gaussian (default: the paper's)."""
+def test_enact_gauss_taps_and_padding_reach_each_detector(folder):
+    """--enact_gauss_taps code / --enact_padding ignore build every ENACT module of the
+    detector with the official code's Gaussian / padding handling (default: ours)."""
     main = load_main(folder)
     base = without(TINY, "--num_queries") if folder == "Anchor-DETR-ENACT" else TINY
-    taps = {}
-    for flags in ((), ("--enact_gauss_taps", "code")):
+    built = {}
+    for flags in ((), ("--enact_gauss_taps", "code", "--enact_padding", "ignore")):
         args = main.get_parser().parse_args([*base, "--num_classes", "5", *flags])
         model = main.DETECTOR.build(args)[0]
-        taps[flags] = {m.gauss_taps for m in model.modules()
-                       if isinstance(m, (ENACTAttention, ENACTClustering))}
-    assert taps == {(): {"paper"}, ("--enact_gauss_taps", "code"): {"code"}}
+        built[flags] = {(m.gauss_taps, m.honour_mask) for m in model.modules()
+                        if isinstance(m, (ENACTAttention, ENACTClustering))}
+    assert list(built.values()) == [{("paper", True)}, {("code", False)}]

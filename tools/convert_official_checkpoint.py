@@ -3,7 +3,7 @@
 
     python tools/convert_official_checkpoint.py official.pth converted.pth
     python DETR-ENACT/main.py --coco_path COCO --enact_mode official_fixed_chunk \
-        --enact_gauss_taps code --resume converted.pth --eval
+        --enact_gauss_taps code --enact_padding ignore --resume converted.pth --eval
 
 The detector is recognised from the keys (or given with --detector). What changes (spec §2, §4):
 - DETR-ENACT / Conditional-DETR-ENACT: the official ClustAttn computes softmax(Q K^T) / d_h, we
@@ -21,13 +21,12 @@ The detector is recognised from the keys (or given with --detector). What change
   items 17-18), so expect a different AP than the official evaluation.
 - Everywhere: the model state only (a `module.` prefix is dropped); the optimizer state, whose
   parameter groups differ from ours, is not carried over. `epoch` is kept.
-What stays different for all three: with --enact_mode official_fixed_chunk and
---enact_gauss_taps code (the printed command) our clusters are the official code's fixed chunks
-of the mean region length, smoothed with its 6σ-1 Gaussian taps, but with the chunk size per
-image rather than per batch and the padding mask honoured; without them, the paper's
-variable-length regions and 6σ+1 taps. So the APs of a converted checkpoint can differ from the
-official figures, except for DETR and Conditional DETR at batch 1 (no padding), where the
-clusters are the official ones.
+Clusters: the printed command's --enact_mode official_fixed_chunk --enact_gauss_taps code
+--enact_padding ignore gives the official code's clusters (fixed chunks of the mean region
+length, one chunk size per batch, its 6σ-1 Gaussian taps, padded pixels included), so a
+converted DETR or Conditional DETR computes what the official code computed. Without those
+flags our defaults apply (the paper's variable-length regions, 6σ+1 taps, padding excluded),
+and the APs differ from the official figures.
 """
 from __future__ import annotations
 
@@ -182,8 +181,8 @@ def main(argv=None) -> int:
     numerics = " --enact_attn_numerics official" if opts.keep_numerics else ""
     print(f"{detector}: {len(layers)} ENACT encoder layers converted ({what}) -> {dst}")
     print(f"evaluate: python {MAIN[detector]} --coco_path COCO{BACKBONE_FLAGS[detector]} "
-          f"--enact_mode official_fixed_chunk --enact_gauss_taps code{numerics} --resume {dst} "
-          f"--eval")
+          f"--enact_mode official_fixed_chunk --enact_gauss_taps code --enact_padding ignore"
+          f"{numerics} --resume {dst} --eval")
     return 0
 
 

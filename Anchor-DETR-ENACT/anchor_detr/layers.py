@@ -36,7 +36,8 @@ class EncoderLayerSpatial(nn.Module):
     information comes from the row keys src + pe_x, and the row keys, column keys and values are
     clustered with the same regions (per image, padding excluded; ``enact_mode``
     "official_fixed_chunk": the official code's fixed chunks; ``gauss_taps`` "code": the
-    official code's 6 sigma - 1 Gaussian taps). Every pixel keeps its own
+    official code's 6 sigma - 1 Gaussian taps; ``honour_mask`` False: padded pixels clustered
+    too). Every pixel keeps its own
     row/column queries; attention is RCDA.forward_clustered (one joint softmax), whose attention
     dropout is ``enact_attn_dropout`` (None: ``dropout``).
     After a forward with ENACT, ``ENACT.last_stats`` holds detached (B,) float tensors
@@ -46,7 +47,7 @@ class EncoderLayerSpatial(nn.Module):
     def __init__(self, d_model: int, nhead: int, d_ffn: int, dropout: float, enact: bool = False,
                  sigma: int = 5, enact_impl: str = "auto", row_breaks: bool = False,
                  enact_attn_dropout: float | None = None, enact_mode: str = "paper_regions",
-                 gauss_taps: str = "paper"):
+                 gauss_taps: str = "paper", honour_mask: bool = True):
         super().__init__()
         attn_dropout = dropout if not enact or enact_attn_dropout is None else enact_attn_dropout
         self.self_attn = RCDA(d_model, nhead, dropout=attn_dropout)
@@ -57,7 +58,8 @@ class EncoderLayerSpatial(nn.Module):
         if enact:
             from enact_cuda import ENACTClustering
             self.ENACT = ENACTClustering(d_model, sigma, impl=enact_impl, row_breaks=row_breaks,
-                                         mode=enact_mode, gauss_taps=gauss_taps)
+                                         mode=enact_mode, gauss_taps=gauss_taps,
+                                         honour_mask=honour_mask)
         else:
             self.ENACT = None
 

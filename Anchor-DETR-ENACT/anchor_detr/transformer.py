@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from detr_common.box_ops import inverse_sigmoid
-from detr_common.cli import enact_attention_dropout, enact_gauss_taps, enact_mode, enact_row_breaks
+from detr_common.cli import (enact_attention_dropout, enact_gauss_taps, enact_honours_padding,
+                             enact_mode, enact_row_breaks)
 from detr_common.mlp import MLP
 from detr_common.position_encoding import sine_1d, sine_2d
 
@@ -43,7 +44,7 @@ class AnchorTransformer(nn.Module):
                  spatial_prior: str = "learned", enact: bool = True, sigma: int = 5,
                  enact_impl: str = "auto", row_breaks: bool = False, attn_impl: str = "sdpa",
                  enact_attn_dropout: float | None = None, enact_mode: str = "paper_regions",
-                 gauss_taps: str = "paper"):
+                 gauss_taps: str = "paper", honour_mask: bool = True):
         super().__init__()
         if spatial_prior not in SPATIAL_PRIORS:
             raise ValueError(f"unknown spatial prior {spatial_prior!r}; choose one of {SPATIAL_PRIORS}")
@@ -54,7 +55,8 @@ class AnchorTransformer(nn.Module):
         self.encoder_layers = nn.ModuleList(
             EncoderLayerSpatial(**spatial, enact=enact, sigma=sigma, enact_impl=enact_impl,
                                 row_breaks=row_breaks, enact_attn_dropout=enact_attn_dropout,
-                                enact_mode=enact_mode, gauss_taps=gauss_taps)
+                                enact_mode=enact_mode, gauss_taps=gauss_taps,
+                                honour_mask=honour_mask)
             for _ in range(num_encoder_layers - n_level))
         self.encoder_layers_level = nn.ModuleList(
             EncoderLayerLevel(**spatial, attn_impl=attn_impl) for _ in range(n_level))
@@ -155,4 +157,5 @@ def build_transformer(args, num_classes: int) -> AnchorTransformer:
         attn_impl=getattr(args, "attn_impl", "sdpa"),
         enact_attn_dropout=enact_attention_dropout(args),
         enact_mode=enact_mode(args),
-        gauss_taps=enact_gauss_taps(args))
+        gauss_taps=enact_gauss_taps(args),
+        honour_mask=enact_honours_padding(args))
