@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import enact_attention_numerics, enact_gauss_taps, enact_mode, enact_row_breaks
+from .cli import (enact_attention_numerics, enact_gauss_taps, enact_mode, enact_padding,
+                  enact_row_breaks)
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ _ENACT_SETTINGS = {
     "enact_mode": enact_mode,
     "enact_row_breaks": enact_row_breaks,
     "enact_gauss_taps": enact_gauss_taps,
-    "enact_padding": lambda a: getattr(a, "enact_padding", "honour"),
+    "enact_padding": enact_padding,
     "enact_attn_numerics": enact_attention_numerics,
     "smoothing_sigma": lambda a: getattr(a, "smoothing_sigma", None),
 }
@@ -107,8 +108,8 @@ def load_model_state(model, path, ckpt, args):
 
 def enact_setting_changes(ckpt_args, args) -> list:
     """["--flag: checkpoint X, this run Y", ...] for the ENACT settings (clusters, Gaussian,
-    padding, attention numerics, sigma) in which ``args`` differ from the checkpoint's saved args; []
-    when either has no ENACT or the checkpoint has no args."""
+    padding, attention numerics, sigma) in which ``args`` differ from the checkpoint's saved
+    args; [] when either has no ENACT or the checkpoint has no args."""
     if (ckpt_args is None or getattr(ckpt_args, "no_enact", True)
             or getattr(args, "no_enact", True)):
         return []

@@ -147,9 +147,14 @@ def enact_gauss_taps(args) -> str:
     return getattr(args, "enact_gauss_taps", "paper")
 
 
+def enact_padding(args) -> str:
+    """--enact_padding ("honour" for args saved before the flag)."""
+    return getattr(args, "enact_padding", "honour")
+
+
 def enact_honours_padding(args) -> bool:
-    """--enact_padding honour (True for args saved before the flag)."""
-    return getattr(args, "enact_padding", "honour") == "honour"
+    """--enact_padding honour: ENACT clusters each image's valid pixels only."""
+    return enact_padding(args) == "honour"
 
 
 def enact_attention_numerics(args) -> str:

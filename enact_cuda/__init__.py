@@ -15,11 +15,11 @@ Public API
   dropout_p=0.0, impl="auto", scale=None) -> (B, h, N, ev).
 - ENACTAttention(d_model, nhead, sigma, dropout=0.0, impl="auto", row_breaks=False,
   mode="paper_regions", numerics="standard", gauss_taps="paper", honour_mask=True)
-  (src (B,N,d), pos, key_padding_mask (B,N), hw) -> (B, N, d); mode="official_fixed_chunk": the official code's
-  fixed chunks (`fixed_chunks`); numerics="official": the official softmax(Q K^T) / d_h;
-  gauss_taps="code": the official code's 6 sigma - 1 Gaussian taps (paper: 6 sigma + 1);
-  honour_mask=False: the official code's padding handling (padded pixels clustered too, one
-  chunk size per batch).
+  (src (B,N,d), pos, key_padding_mask (B,N), hw) -> (B, N, d); mode="official_fixed_chunk":
+  the official code's fixed chunks (`fixed_chunks`); numerics="official": the official
+  softmax(Q K^T) / d_h; gauss_taps="code": the official code's 6 sigma - 1 Gaussian taps
+  (paper: 6 sigma + 1); honour_mask=False: the official code's padding handling (padded
+  pixels clustered too, one chunk size per batch).
 - ENACTClustering(d_model, sigma, impl="auto", row_breaks=False, mode="paper_regions",
   gauss_taps="paper", honour_mask=True)
   (info_keys (B,N,d), tensors tuple, key_padding_mask, hw) -> Clusters (values = tuple).

@@ -42,7 +42,8 @@ def build(args):
     dec_layers, dim_feedforward, dropout, num_queries, pre_norm, aux_loss, backbone, dilation,
     lr_backbone, backbone_weights, attn_impl, no_enact, enact_impl, smoothing_sigma,
     enact_row_breaks, enact_attn_dropout, enact_mode, enact_gauss_taps, enact_padding,
-    enact_attn_numerics, set_cost_class/bbox/giou, cls_loss_coef, bbox_loss_coef, giou_loss_coef, eos_coef.
+    enact_attn_numerics, set_cost_class/bbox/giou, cls_loss_coef, bbox_loss_coef,
+    giou_loss_coef, eos_coef.
     """
     a = _with_defaults(args)
     if getattr(args, "num_classes", None) is None:
