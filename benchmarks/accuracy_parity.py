@@ -5,17 +5,17 @@ training-time budget, COCO AP / AP50 / AP75 / APs / APm / APl side by side (issu
     python benchmarks/accuracy_parity.py --minutes N --detectors detr --stop_after 9
     python benchmarks/accuracy_parity.py --tiny --device cpu         # smoke test of the script
 
-How a run is trained: the detector's own main.py (paper defaults: lr, batch size, losses,
-AdamW groups), random-initialised backbone unless --backbone_weights says otherwise, in a few
-main.py calls, each continuing from the run's checkpoint.pth with ``--resume checkpoint.pth
---epochs <done + k>`` (main.py reseeds every epoch from (seed, epoch), so this trains exactly as
-one uninterrupted run). The budget counts the training loop only (log.txt: train_s_per_img x
-training images, data loading included; start-up and the per-epoch evaluation excluded), the
-same for ENACT and plain: the first call trains one epoch; each next call trains as many epochs
-as still fit at the longest epoch time so far, and a last one while the mean epoch time still
-fits, so a run ends at the budget boundary (at least one epoch is always trained). Plain runs
-use --attn_impl sdpa by default (the faster plain attention, so plain gets at least as many
-epochs as with eager).
+How a run is trained: the detector's own main.py (paper defaults: lr, batch size, losses, AdamW
+groups), random-initialised backbone unless --backbone_weights says otherwise, in a few main.py
+calls, each continuing from the run's checkpoint.pth with ``--resume checkpoint.pth --epochs
+<done + k>`` (main.py reseeds every epoch from (seed, epoch) and seeds each image's
+augmentation, so this trains as one uninterrupted run, with any --num_workers). The budget
+counts the training loop only (log.txt: train_s_per_img x training images, data loading
+included; start-up and the per-epoch evaluation excluded), the same for ENACT and plain: the
+first call trains one epoch; each next call trains as many epochs as still fit at the longest
+epoch time so far, and a last one while the mean epoch time still fits, so a run ends at the
+budget boundary (at least one epoch is always trained). Plain runs use --attn_impl sdpa by
+default (the faster plain attention, so plain gets at least as many epochs as with eager).
 
 Runs live in --out (default outputs/accuracy_parity/<detector>_<plain|enact>/, main.py's
 log.txt and checkpoint.pth); calling the script again with the same flags continues unfinished
@@ -177,6 +177,22 @@ def run_flags(detector, variant, coco, opts):
     return flags + opts.extra.split()
 
 
+# main.py flags that may change between the calls of one run: they do not change what it trains
+# (the augmentations are seeded per image, whatever the number of data workers)
+LOADING_FLAGS = ("--num_workers",)
+
+
+def training_flags(flags):
+    """``flags`` without LOADING_FLAGS and their values: what must match to continue a run."""
+    out, it = [], iter(flags)
+    for flag in it:
+        if flag in LOADING_FLAGS:
+            next(it, None)  # its value
+        elif flag.split("=", 1)[0] not in LOADING_FLAGS:
+            out.append(flag)
+    return out
+
+
 def detector_labels(flags):
     """{detector: "Conditional DETR, resnet18"}: the backbone the runs used (a --backbone in
     the flags, else each detector's default, e.g. DETR R50); "-DC5" where it is dilated:
@@ -232,7 +248,7 @@ def train_within_budget(detector, variant, coco, n_train, opts, deadline, machin
     flags = run_flags(detector, variant, coco, opts)
     side_path = run_dir / "parity_run.json"
     side = json.loads(side_path.read_text()) if side_path.is_file() else {}
-    if side and side.get("flags") != flags:
+    if side and training_flags(side.get("flags", [])) != training_flags(flags):
         raise ParityError(f"{run_dir} was trained with other flags; use another --out or delete "
                           f"it (was: {' '.join(side.get('flags', []))})")
     side.setdefault("flags", flags)

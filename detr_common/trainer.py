@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from . import checkpoint as ckpt_io
 from .data import DatasetError, build_dataset
 from .data.collate import collate_fn
+from .data.seeding import SeededDataset, SeededSampler
 from .distributed import get_rank, init_distributed, is_dist, is_main_process
 from .engine import NonFiniteLossError, evaluate, train_one_epoch
 from .enact_stats import enact_stats
@@ -55,7 +56,8 @@ class UsageError(RuntimeError):
 
 def _seed_everything(seed):
     """Seed torch, numpy and random. Called at every epoch start with a seed derived from
-    (--seed, epoch, rank), so a resumed run repeats the epochs of an uninterrupted one."""
+    (--seed, epoch, rank); with the data's per-image seeds (data/seeding.py) a resumed run
+    repeats the epochs of an uninterrupted one."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2 ** 32)
     random.seed(seed)
@@ -74,6 +76,8 @@ def _loader(dataset, args, train):
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed))
     else:
         sampler = SequentialSampler(dataset)
+    if train:  # per-image augmentation seeds: the same batches for any --num_workers or resume
+        sampler, dataset = SeededSampler(sampler, args.seed), SeededDataset(dataset)
     return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                       collate_fn=collate_fn, num_workers=args.num_workers,
                       worker_init_fn=_seed_worker, persistent_workers=args.num_workers > 0,
@@ -187,10 +191,7 @@ def run(args, detector):
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         _seed_everything(args.seed + 1_000_003 * (epoch + 1) + get_rank())
-        if isinstance(loader_train.sampler, DistributedSampler):
-            loader_train.sampler.set_epoch(epoch)
-        elif isinstance(loader_train.sampler, RandomSampler):
-            loader_train.sampler.generator.manual_seed(args.seed + epoch)
+        loader_train.sampler.set_epoch(epoch)
         try:
             train_stats = train_one_epoch(
                 model, criterion, loader_train, optimizer, device, epoch,

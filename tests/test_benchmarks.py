@@ -186,6 +186,16 @@ def test_parity_labels_name_the_backbone_the_runs_used():
     assert dilated["detr"] == "DETR, resnet18-DC5"
 
 
+
+def test_parity_runs_continue_with_another_number_of_data_workers():
+    training_flags = _load("accuracy_parity").training_flags
+    a = ["--seed", "42", "--num_workers", "3", "--lr", "1e-4"]
+    assert training_flags(a) == ["--seed", "42", "--lr", "1e-4"]
+    assert training_flags(a) == training_flags(["--num_workers=6", "--seed", "42", "--lr", "1e-4"])
+    assert training_flags(a) != training_flags(["--seed", "7", "--num_workers", "3", "--lr",
+                                                "1e-4"])
+
+
 # ------------------------------------------------------------------ end to end, --tiny
 
 @pytest.fixture(autouse=True)
@@ -370,9 +380,10 @@ def test_accuracy_parity_tiny_cpu(tmp_path, capsys):
     assert "| DETR | enact | 1 |" in md and "ENACT within 1.5 AP of plain" in md
     assert (results / "accuracy_parity_cpu_tiny.png").is_file() == _has_matplotlib()
 
-    # called again with a larger budget, the ENACT run continues from its checkpoint
+    # called again with a larger budget, the ENACT run continues from its checkpoint (with
+    # another number of data workers, which does not change what it trains)
     assert parity.main(common + ["--variants", "enact", "--minutes", "100",
-                                 "--max_epochs", "2"]) == 0
+                                 "--max_epochs", "2", "--num_workers", "1"]) == 0
     log = [json.loads(line) for line in (runs / "detr_enact" / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1]
     assert "--resume" in (runs / "detr_enact" / "main_output.txt").read_text()
