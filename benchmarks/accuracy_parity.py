@@ -86,6 +86,9 @@ def get_parser():
     g.add_argument("--eval_size", type=int, default=None, help="main.py --eval_size")
     g.add_argument("--max_img_size", type=int, default=None, help="main.py --max_size")
     g.add_argument("--num_workers", type=int, default=None, help="main.py --num_workers")
+    g.add_argument("--data_seed", type=int, default=0,
+                   help="make_shapes_coco.py --seed of the generated data (another value: "
+                        "another image set, in its own folder, e.g. to pretrain a backbone)")
     p.add_argument("--backbone_weights", default="none",
                    help="main.py --backbone_weights (none = random init; imagenet needs the "
                         "torchvision weights cached or a network)")
@@ -142,7 +145,8 @@ def ensure_data(opts):
             raise ParityError(f"{coco}: no annotations/instances_train2017.json (COCO layout)")
         return coco
     coco = Path(opts.out) / (f"shapes_{opts.num_train}x{opts.min_size}-{opts.max_size}"
-                             f"_val{opts.num_val}")
+                             f"_val{opts.num_val}"
+                             + (f"_seed{opts.data_seed}" if opts.data_seed else ""))
     if not (coco / "annotations" / "instances_val2017.json").is_file():
         if opts.report_only:
             raise ParityError(f"{coco}: no shapes data there, so no runs to report")
@@ -150,7 +154,8 @@ def ensure_data(opts):
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_shapes_coco.py"), "--out",
                         str(coco), "--num_train", str(opts.num_train), "--num_val",
                         str(opts.num_val), "--min_size", str(opts.min_size), "--max_size",
-                        str(opts.max_size), "--seed", "0", "--workers", str(os.cpu_count() or 1)],
+                        str(opts.max_size), "--seed", str(opts.data_seed), "--workers",
+                        str(os.cpu_count() or 1)],
                        check=True, cwd=ROOT)
     return coco
 

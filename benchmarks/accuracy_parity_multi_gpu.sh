@@ -21,6 +21,11 @@
 # PARITY_FLAGS: more accuracy_parity.py flags (e.g. "--tiny
 # --device cpu" for a smoke run). GPUS: how many GPUs to use (default: all that torch sees).
 # WORKERS: data-loading workers per run (default: the cores / 6, 1 to 8).
+# PRETRAIN_MINUTES: first train a backbone, and start every run from it (--backbone_weights):
+# plain Anchor DETR for this many minutes of training loop on a second shapes set (data seed
+# 1), with PRETRAIN_EXTRA as its main.py flags (default: ResNet-18 from scratch, every layer
+# trained). If STOP ends the pretraining before its minutes are done, the script says so and
+# stops; the same command again continues it, then trains the runs.
 set -u
 START=$(date +%s)
 cd "$(dirname "$0")/.."
@@ -47,8 +52,27 @@ fi
 # data-loading workers per run: the machine's cores shared by the runs (at most 8 each)
 RUNS=$((2 * ${#DETS[@]}))
 WORKERS=${WORKERS:-$(python -c "import os; print(max(1, min(8, os.cpu_count() // $RUNS)))")}
+BACKBONE=()
+if [ -n "${PRETRAIN_MINUTES:-}" ]; then
+  PRETRAIN_EXTRA=${PRETRAIN_EXTRA---backbone resnet18 --backbone_train_all --batch_size 16 --lr 1e-4 --lr_backbone 1e-4}
+  PRETRAIN_RUN="$OUT/pretrain/anchor_detr_plain"
+  PRE_STOP=$(python -c "import time; print(max(0.05, $STOP - (time.time() - $START) / 60))")
+  python benchmarks/accuracy_parity.py --detectors anchor_detr --variants plain \
+      --minutes "$PRETRAIN_MINUTES" --data_seed 1 --out "$OUT/pretrain" --num_workers "$WORKERS" \
+      --extra="$PRETRAIN_EXTRA" "${PARITY[@]}" --stop_after "$PRE_STOP" \
+      --results "$OUT/pretrain" --name pretrain > "$OUT/pretrain.out" 2>&1 || {
+    echo "accuracy_parity_multi_gpu.sh: the backbone pretraining failed, see $OUT/pretrain.out" >&2
+    exit 2; }
+  if ! python -c "import json, sys
+sys.exit(json.load(open('$PRETRAIN_RUN/parity_run.json'))['stopped_by'] not in ('budget', 'max_epochs'))"; then
+    echo "accuracy_parity_multi_gpu.sh: STOP came before the backbone pretraining's" \
+         "$PRETRAIN_MINUTES minutes were done; run the same command again to continue it"
+    exit 0
+  fi
+  BACKBONE=(--backbone_weights "$PRETRAIN_RUN/checkpoint.pth")
+fi
 COMMON=(--minutes "$MINUTES" --out "$OUT" --num_workers "$WORKERS" --extra="$EXTRA"
-        --enact_extra="$ENACT_EXTRA" "${PARITY[@]}")
+        --enact_extra="$ENACT_EXTRA" "${BACKBONE[@]}" "${PARITY[@]}")
 # the shapes data, once (and an unknown name in DETECTORS stops the script here)
 python benchmarks/accuracy_parity.py "${COMMON[@]}" --detectors "$DETECTOR_LIST" --prepare_only \
     || exit 2

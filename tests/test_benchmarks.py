@@ -492,3 +492,46 @@ def test_accuracy_parity_multi_gpu_script_detector_subset(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "yolo" in proc.stderr
     assert not (runs / "detr_plain").exists()
+
+
+@pytest.mark.slow
+def test_accuracy_parity_multi_gpu_script_pretrains_a_backbone(tmp_path):
+    """PRETRAIN_MINUTES: plain Anchor DETR trains a backbone on a second shapes set first, and
+    every run starts from it; when STOP ends the pretraining early, no run starts."""
+    import os
+    import subprocess
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    env = {**os.environ, "GPUS": "1", "MINUTES": "0.001", "STOP": "30", "OUT": str(runs),
+           "RESULTS": str(results), "DETECTORS": "conditional_detr", "NAME": "pretrained",
+           "EXTRA": "", "PRETRAIN_MINUTES": "0.001",
+           "PARITY_FLAGS": "--tiny --device cpu --num_workers 0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    script = str(ROOT / "benchmarks" / "accuracy_parity_multi_gpu.sh")
+    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    pretrained = runs / "pretrain" / "anchor_detr_plain" / "checkpoint.pth"
+    assert (runs / "pretrain" / "shapes_4x64-96_val2_seed1").is_dir()  # its own image set
+    rows = json.loads((results / "pretrained.json").read_text())["rows"]
+    assert [(r["variant"], r["error"]) for r in rows] == [("plain", None), ("enact", None)]
+    source = {k.split("body.", 1)[1]: v for k, v in
+              torch.load(pretrained, weights_only=False)["model"].items() if "body." in k}
+    for variant in ("plain", "enact"):
+        run = runs / f"conditional_detr_{variant}"
+        flags = json.loads((run / "parity_run.json").read_text())["flags"]
+        assert flags[flags.index("--backbone_weights") + 1] == str(pretrained)
+        # the tiny recipe trains no backbone weight (--lr_backbone 0, frozen BatchNorm), so the
+        # run's backbone is still the pretrained one
+        model = torch.load(run / "checkpoint.pth", weights_only=False)["model"]
+        body = {k.split("body.", 1)[1]: v for k, v in model.items() if "body." in k}
+        for key in ("conv1.weight", "layer3.1.conv2.weight", "layer4.0.bn1.running_mean"):
+            assert torch.equal(body[key], source[key]), key
+
+    # STOP before the pretraining's minutes are done: it says so, and no run starts
+    fresh = tmp_path / "fresh"
+    proc = subprocess.run(["bash", script], env={**env, "OUT": str(fresh), "STOP": "0.01",
+                                                 "PRETRAIN_MINUTES": "100"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "run the same command again to continue it" in proc.stdout
+    assert (fresh / "pretrain" / "anchor_detr_plain" / "checkpoint.pth").is_file()
+    assert not (fresh / "conditional_detr_plain").exists()
