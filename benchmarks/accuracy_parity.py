@@ -47,6 +47,9 @@ import bench_reference as ref  # noqa: E402
 from bench_reference import FOLDERS  # noqa: E402
 
 VARIANTS = ("plain", "enact")
+# a run "learns from epoch" k (1-based): the first epoch whose COCO AP (x 100) reaches this; it
+# marks where a run leaves the initial plateau, which the parity runs compare
+LEARNS_AP = 1.0
 COCO_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # (num_train, num_val, min_size, max_size, train_sizes, eval_size, max_img_size, workers)
 DATA_DEFAULTS = {False: (1200, 200, 256, 384, "224,256,288,320", 320, 512, 4),
@@ -337,13 +340,15 @@ def summarise(detector, variant, run_dir, n_train, budget_s, stop, error, calls)
         row["ap_per_epoch"] = [100 * a for a in aps]
         tail = row["ap_per_epoch"][-ref.PARITY_LAST_EPOCHS:]
         row["AP_last"] = sum(tail) / len(tail) if tail else None
+        row["learns_from_epoch"] = next((i + 1 for i, ap in enumerate(row["ap_per_epoch"])
+                                         if ap >= LEARNS_AP), None)
         row["train_s_per_img"] = sum(r["train_s_per_img"] for r in records) / len(records)
         row["peak_mem_gib"] = max(r.get("train_peak_mem_gib", 0.0) for r in records)
         row["clusters_per_img"] = last.get("train_enact_clusters_per_img")
         row["final_loss"] = last.get("train_loss")
         row["epochs_after_lr_drop"] = epochs_after_lr_drop(records)
     else:
-        row.update({k: None for k in (*COCO_NAMES, "AP_last")})
+        row.update({k: None for k in (*COCO_NAMES, "AP_last", "learns_from_epoch")})
     return row
 
 
@@ -371,7 +376,8 @@ def _num(x, fmt=".1f"):
     return "—" if x is None else format(x, fmt)
 
 
-COLUMNS = ["detector", "variant", "epochs", "after lr drop", "train min", "s/img", *COCO_NAMES,
+COLUMNS = ["detector", "variant", "epochs", "after lr drop", f"AP>={LEARNS_AP:g} from epoch",
+           "train min", "s/img", *COCO_NAMES,
            f"AP, last {ref.PARITY_LAST_EPOCHS} ep.", "ENACT - plain", "stopped by"]
 
 
@@ -384,6 +390,7 @@ def row_cells(row, rows):
             delta = f"{row['AP_last'] - plain['AP_last']:+.2f}"
     return [ref.DETECTOR_SHORT.get(row["detector"], row["detector"]), row["variant"],
             str(row["epochs"]), _num(row.get("epochs_after_lr_drop"), "d"),
+            _num(row.get("learns_from_epoch"), "d"),
             f"{row['train_s'] / 60:.2f}",
             _num(row.get("train_s_per_img"), ".4f"), *(_num(row.get(k)) for k in COCO_NAMES),
             _num(row.get("AP_last")), delta, row["error"] or row["stopped_by"] or ""]

@@ -151,10 +151,22 @@ def test_parity_summary_averages_the_last_three_epochs(tmp_path):
     assert row["AP_last"] == pytest.approx(100 * (0.20 + 0.05 + 0.26) / 3)
     assert row["AP"] == pytest.approx(26.0) and row["AP50"] == pytest.approx(52.0)
     assert row["APl"] is None and row["best_AP"] == pytest.approx(30.0)
+    assert row["learns_from_epoch"] == 1  # AP 10 >= 1 at the first epoch
     (tmp_path / "log.txt").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
     row = parity.summarise("anchor_detr", "enact", tmp_path, 100, 60.0, "budget", None, [])
     assert row["AP_last"] == pytest.approx(20.0)
     assert row["epochs_after_lr_drop"] is None  # these records carry no train_lr
+    # the first epoch (1-based) at AP >= 1, None if none; shown in the report's tables
+    late = [0.0, 0.004, 0.0099, 0.01, 0.002]
+    (tmp_path / "log.txt").write_text("".join(
+        json.dumps({**r, "test_coco_eval_bbox": [a] * 6}) + "\n" for r, a in zip(records, late)))
+    row = parity.summarise("anchor_detr", "enact", tmp_path, 100, 60.0, "budget", None, [])
+    assert row["learns_from_epoch"] == 4
+    assert parity.row_cells(row, [row])[parity.COLUMNS.index("AP>=1 from epoch")] == "4"
+    (tmp_path / "log.txt").write_text("".join(
+        json.dumps({**r, "test_coco_eval_bbox": [0.005] * 6}) + "\n" for r in records))
+    row = parity.summarise("anchor_detr", "enact", tmp_path, 100, 60.0, "budget", None, [])
+    assert row["learns_from_epoch"] is None
 
 
 def test_parity_counts_the_epochs_after_the_lr_drop():
