@@ -28,6 +28,7 @@ __all__ = [
     "information_from_logits",
     "gaussian_taps",
     "taps_half_width",
+    "check_gauss_taps",
     "GAUSS_TAPS",
     "check_sigma",
     "regions",
@@ -102,13 +103,18 @@ def check_sigma(sigma) -> int:
     return value
 
 
+def check_gauss_taps(gauss_taps: str) -> str:
+    """gauss_taps if it is one of GAUSS_TAPS, else ValueError."""
+    if gauss_taps not in GAUSS_TAPS:
+        raise ValueError(f"gauss_taps must be one of {', '.join(GAUSS_TAPS)}, got {gauss_taps!r}")
+    return gauss_taps
+
+
 def taps_half_width(sigma, gauss_taps: str = "paper") -> int:
     """T such that the Gaussian kernel covers t = -T..T: 3 sigma for the paper's 6 sigma + 1
     taps (gauss_taps="paper"), 3 sigma - 1 for the official code's 6 sigma - 1 ("code")."""
     s = check_sigma(sigma)
-    if gauss_taps not in GAUSS_TAPS:
-        raise ValueError(f"gauss_taps must be one of {', '.join(GAUSS_TAPS)}, got {gauss_taps!r}")
-    return 3 * s if gauss_taps == "paper" else 3 * s - 1
+    return 3 * s if check_gauss_taps(gauss_taps) == "paper" else 3 * s - 1
 
 
 def gaussian_taps(sigma, dtype=torch.float32, device=None,

@@ -35,7 +35,7 @@ from torch import nn
 
 from .attention import clustered_attention, uses_cuda_kernel
 from .clustering import Clusters, _cluster_mask, _num_clusters, cluster_tensors, fixed_chunks
-from .information import (GAUSS_TAPS, check_sigma, cuda_backend_or_reason,
+from .information import (check_gauss_taps, check_sigma, cuda_backend_or_reason,
                           information_from_logits, regions, resolve_impl)
 
 __all__ = ["ENACTAttention", "ENACTClustering", "MODES", "NUMERICS"]
@@ -93,14 +93,11 @@ class _ENACTRegions(nn.Module):
             raise ValueError(f"impl must be 'auto', 'cuda' or 'torch', got {impl!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if gauss_taps not in GAUSS_TAPS:
-            raise ValueError(f"gauss_taps must be one of {', '.join(GAUSS_TAPS)}, "
-                             f"got {gauss_taps!r}")
         if mode == "official_fixed_chunk" and row_breaks:
             raise ValueError("row_breaks does not apply to mode='official_fixed_chunk' (its "
                              "chunks run over row ends, as in the official code)")
         self.mode = mode
-        self.gauss_taps = gauss_taps
+        self.gauss_taps = check_gauss_taps(gauss_taps)
         self.honour_mask = bool(honour_mask)
         self.d_model = int(d_model)
         self.sigma = check_sigma(sigma)
