@@ -52,14 +52,16 @@ fi
 # data-loading workers per run: the machine's cores shared by the runs (at most 8 each)
 RUNS=$((2 * ${#DETS[@]}))
 WORKERS=${WORKERS:-$(python -c "import os; print(max(1, min(8, os.cpu_count() // $RUNS)))")}
+stop_left() {  # minutes of STOP left now (at least 0.05)
+  python -c "import time; print(max(0.05, $STOP - (time.time() - $START) / 60))"
+}
 BACKBONE=()
 if [ -n "${PRETRAIN_MINUTES:-}" ]; then
   PRETRAIN_EXTRA=${PRETRAIN_EXTRA---backbone resnet18 --backbone_train_all --batch_size 16 --lr 1e-4 --lr_backbone 1e-4}
   PRETRAIN_RUN="$OUT/pretrain/anchor_detr_plain"
-  PRE_STOP=$(python -c "import time; print(max(0.05, $STOP - (time.time() - $START) / 60))")
   python benchmarks/accuracy_parity.py --detectors anchor_detr --variants plain \
       --minutes "$PRETRAIN_MINUTES" --data_seed 1 --out "$OUT/pretrain" --num_workers "$WORKERS" \
-      --extra="$PRETRAIN_EXTRA" "${PARITY[@]}" --stop_after "$PRE_STOP" \
+      --extra="$PRETRAIN_EXTRA" "${PARITY[@]}" --stop_after "$(stop_left)" \
       --results "$OUT/pretrain" --name pretrain > "$OUT/pretrain.out" 2>&1 || {
     echo "accuracy_parity_multi_gpu.sh: the backbone pretraining failed, see $OUT/pretrain.out" >&2
     exit 2; }
@@ -77,7 +79,7 @@ COMMON=(--minutes "$MINUTES" --out "$OUT" --num_workers "$WORKERS" --extra="$EXT
 python benchmarks/accuracy_parity.py "${COMMON[@]}" --detectors "$DETECTOR_LIST" --prepare_only \
     || exit 2
 # what is left of STOP once the build and the data are done
-STOP_RUNS=$(python -c "import time; print(max(0.05, $STOP - (time.time() - $START) / 60))")
+STOP_RUNS=$(stop_left)
 run() {  # gpu detector variant
   CUDA_VISIBLE_DEVICES=$1 python benchmarks/accuracy_parity.py "${COMMON[@]}" --detectors "$2" \
       --variants "$3" --stop_after "$STOP_RUNS" --results "$OUT/parts" --name "part_$2_$3" \
