@@ -123,8 +123,8 @@ def gaussian_taps(sigma, dtype=torch.float32, device=None,
     6 sigma + 1 taps (the paper) or 6 sigma - 1 (the official code; spec §1.3 / §6.11).
 
     g(t) = exp(-t^2 / (2 sigma^2)) / (sigma * sqrt(2 pi)), the paper's formula with its missing
-    minus sign restored; NOT renormalised (sums to ~0.9973 for the paper's taps, ~0.9956 /
-    ~0.9963 for the code's at sigma 3 / 5). Symmetric, so correlation == convolution.
+    minus sign restored; NOT renormalised (at sigma 3 / 5 it sums to ~0.9985 / ~0.9981 with the
+    paper's taps, ~0.9956 / ~0.9963 with the code's). Symmetric, so correlation == convolution.
     """
     s = check_sigma(sigma)
     half = taps_half_width(s, gauss_taps)
@@ -231,7 +231,8 @@ def regions(information: torch.Tensor, padding_mask: torch.Tensor | None, sigma,
       counts (B,) int64: R_b (0 for a fully padded image).
     Curvature = [-1, 2, -1] same conv (zero padded) of the smoothed compact sequence,
     step = curvature > 0, region start where the step changes, at position 0, and with
-    row_breaks at every valid row start (needs hw=(H, W)). gauss_taps: the Gaussian's
+    row_breaks at every valid row start (needs hw=(H, W) and bottom/right padding: the valid
+    width is counted on the first row). gauss_taps: the Gaussian's
     length, "paper" (6 sigma + 1) or "code" (6 sigma - 1). Fully vectorised, no host sync.
     """
     if information.dim() != 2:

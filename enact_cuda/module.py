@@ -27,11 +27,16 @@ only. honour_mask=False is the official code's handling: the key-padding mask is
 padded pixels enter the information softmax, the regions and the clusters (the attention keys),
 and fixed chunks take one size for the whole batch, round(mean_b N / R_b); an image's output
 then depends on the batch it is in.
+Row breaks (row_breaks=True, off in the paper): a region also starts at each valid row start.
+The valid row width is read from an image's first row, so the mask must pad at the bottom and
+right only (each image's valid pixels its top-left h x w block), as the detectors' batching
+does; with other masks, use row_breaks=False.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .attention import clustered_attention, uses_cuda_kernel
 from .clustering import Clusters, _cluster_mask, _num_clusters, cluster_tensors, fixed_chunks
@@ -108,6 +113,17 @@ class _ENACTRegions(nn.Module):
         self.information: torch.Tensor | None = None
         self.smoothed_information: torch.Tensor | None = None
 
+    def _logits(self, info_keys: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) keys -> (B, N) W_prob logits in float32 (float64 for float64 keys), as the
+        fused CUDA path computes them: bf16 logits (autocast or a bf16 module) would move region
+        boundaries, since the entropy resolves ~1e-3 bits."""
+        dtype = torch.promote_types(info_keys.dtype, torch.float32)
+        bias = self.W_prob.bias
+        with torch.autocast(info_keys.device.type, enabled=False):
+            z = F.linear(info_keys.to(dtype), self.W_prob.weight.to(dtype),
+                         None if bias is None else bias.to(dtype))
+        return z.squeeze(-1)
+
     def _cluster(self, info_keys, tensors, key_padding_mask, hw, before_sync=None,
                  upper_bound=False):
         """-> (backend, tuple of clustered tensors (B, R, d_t), cluster mask (B, R),
@@ -146,9 +162,7 @@ class _ENACTRegions(nn.Module):
             self.information = pend.information
             self.smoothed_information = pend.smoothed
             return backend, clustered, cluster_mask, pend.region_index, early
-        z = self.W_prob(info_keys).squeeze(-1)  # (B, N) logits
-        if z.dtype not in (torch.float32, torch.float64):
-            z = z.float()  # autocast gives bf16 logits; the entropy needs fp32 (~1e-3 bits)
+        z = self._logits(info_keys)
         if cb is not None:
             info, smoothed, region_index, counts = cb.information_regions(
                 z, key_padding_mask, self.sigma, self.row_breaks, hw, self.gauss_taps)

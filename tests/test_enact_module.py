@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from detr_common.attention import EncoderSelfAttention
-from enact_cuda import (Clusters, ENACTAttention, ENACTClustering, cluster, regions,
-                        self_information)
+from enact_cuda import (Clusters, ENACTAttention, ENACTClustering, cluster,
+                        information_from_logits, regions, self_information)
 
 
 def box_mask(B, H, W, sizes):
@@ -233,3 +233,23 @@ def test_autocast_bfloat16_keeps_information_in_float32():
     assert mod.information.dtype == torch.float32
     ref = mod(src, src, None, (4, 5))
     assert torch.allclose(out.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("how", ["autocast", "bf16 module"])
+def test_bfloat16_logits_computed_in_float32(how):
+    """W_prob's logits are computed in float32, as the fused CUDA kernel computes them: bf16
+    logits (~3 significant digits) would move the entropy by ~1e-3 bits and region
+    boundaries with it. Reference: float32 logits of the same keys."""
+    torch.manual_seed(0)
+    mod = ENACTAttention(64, 4, sigma=2, impl="torch")
+    src = torch.randn(2, 120, 64)
+    if how == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mod(src, None, None, (10, 12))
+    else:
+        src = src.bfloat16()
+        mod.to(torch.bfloat16)(src, None, None, (10, 12))
+    w, b = mod.W_prob.weight.float(), mod.W_prob.bias.float()
+    z = torch.nn.functional.linear(src.float(), w, b).squeeze(-1)
+    assert mod.information.dtype == torch.float32
+    assert torch.allclose(mod.information, information_from_logits(z, None), atol=1e-6)
