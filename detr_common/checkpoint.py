@@ -32,8 +32,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used here; the message names the file and the problem."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(state, path):
-    """Write ``state`` to ``path`` through a temporary file and a rename (never half-written)."""
+    """Write ``state`` to ``path`` through a temporary file and a rename (never half-written),
+    with the permissions of a plainly created file (mkstemp's are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -42,6 +49,7 @@ def save_checkpoint(state, path):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -20,13 +20,18 @@ class CocoEvaluator:
     def __init__(self, coco_gt):
         self.coco_gt = coco_gt
         self.detections = []
-        self.image_ids = []
+        self.image_ids = []  # in the order seen, each once
         self.coco_eval = None
         self.summary = ""
 
     def update(self, predictions):
-        """``predictions``: {image_id: {"scores" (Q,), "labels" (Q,), "boxes" (Q, 4) xyxy}}."""
+        """``predictions``: {image_id: {"scores" (Q,), "labels" (Q,), "boxes" (Q, 4) xyxy}}.
+        An image seen before is skipped (its detections would count twice)."""
+        seen = set(self.image_ids)
         for image_id, pred in predictions.items():
+            if int(image_id) in seen:
+                continue
+            seen.add(int(image_id))
             self.image_ids.append(int(image_id))
             boxes = pred["boxes"].detach().float().cpu()
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
@@ -36,8 +41,14 @@ class CocoEvaluator:
                                         "score": round(float(score), 5)})
 
     def synchronize_between_processes(self):
-        self.detections = [d for part in all_gather_object(self.detections) for d in part]
-        self.image_ids = sorted({i for part in all_gather_object(self.image_ids) for i in part})
+        """Every process's detections, each image's once: DistributedSampler pads the split
+        by repeating images, whose second set of detections would count as false positives."""
+        taken, detections = set(), []
+        for image_ids, dets in all_gather_object((self.image_ids, self.detections)):
+            new = set(image_ids) - taken
+            detections += [d for d in dets if d["image_id"] in new]
+            taken |= new
+        self.detections, self.image_ids = detections, sorted(taken)
 
     def evaluate(self):
         """Run COCOeval once over all detections; returns the 12 stats (AP first)."""

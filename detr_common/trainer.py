@@ -100,6 +100,34 @@ def _check_args(args):
     if args.enact_mode != "paper_regions" and args.enact_row_breaks:
         raise UsageError("--enact_row_breaks applies to --enact_mode paper_regions only (the "
                          "official fixed chunks run over row ends)")
+    for flag in ("lr_drop", "checkpoint_every", "epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise UsageError(f"--device {args.device}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}, but torch sees no CUDA GPU here (use "
+                         f"--device cpu)")
+
+
+# Flags that set the optimizer and its schedule: --resume continues the checkpoint's.
+_SCHEDULE_FLAGS = ("lr", "lr_backbone", "lr_drop", "weight_decay")
+
+
+def _check_schedule_flags(ckpt, path, args):
+    """--resume restores the optimizer and the StepLR of the checkpoint: the command line
+    must give the same schedule, or it would be ignored without a word."""
+    saved = ckpt.get("args")
+    differ = [f"--{name} {getattr(args, name)} (checkpoint: {getattr(saved, name)})"
+              for name in _SCHEDULE_FLAGS
+              if getattr(saved, name, None) is not None
+              and getattr(saved, name) != getattr(args, name)]
+    if differ:
+        raise UsageError(f"{path}: --resume continues the checkpoint's optimizer and schedule, "
+                         f"but {', '.join(differ)}; give the checkpoint's values, or start a "
+                         f"new schedule from its weights with --pretrained")
 
 
 def _checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch, args, detector,
@@ -138,8 +166,13 @@ def run(args, detector):
 
     dataset_val = build_dataset("val", args)
     dataset_train = None if args.eval else build_dataset("train", args)
+    largest = max(d.num_classes for d in (dataset_val, dataset_train) if d is not None)
     if args.num_classes is None:
-        args.num_classes = dataset_val.num_classes
+        args.num_classes = largest
+    elif args.num_classes < largest:
+        raise UsageError(f"--num_classes {args.num_classes} is too small: the annotations' "
+                         f"largest category id is {largest - 1}, so it must be at least "
+                         f"{largest} (or leave it out)")
     log.info("%s: %d classes (largest category id + 1), %s train / %d val images",
              detector.name, args.num_classes,
              "-" if dataset_train is None else len(dataset_train), len(dataset_val))
@@ -162,7 +195,13 @@ def run(args, detector):
     if args.resume:
         ckpt = ckpt_io.load_weights(model, args.resume, detector.name, args)
         if not args.eval and "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            _check_schedule_flags(ckpt, args.resume, args)
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except ValueError as e:
+                raise ckpt_io.CheckpointError(
+                    f"{args.resume}: its optimizer state does not fit this model's parameter "
+                    f"groups (a changed --lr_backbone 0 / --backbone_train_all?): {e}") from None
             lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
             if scaler is not None and "scaler" in ckpt:
                 scaler.load_state_dict(ckpt["scaler"])

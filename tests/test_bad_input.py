@@ -1,4 +1,5 @@
 """Each bad input ends main.py with one clear line naming the file and the problem."""
+import json
 import shutil
 
 import pytest
@@ -44,6 +45,37 @@ def test_row_breaks_with_the_official_fixed_chunks(shapes_coco, tmp_path):
                "--enact_row_breaks", "paper_regions only")
 
 
+@pytest.mark.parametrize("flag", ["--lr_drop", "--checkpoint_every"])
+def test_zero_epoch_counts(shapes_coco, tmp_path, flag):
+    fails_with(detr(shapes_coco, tmp_path / "o", "--epochs", "1", flag, "0"),
+               flag, "at least 1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_device_without_a_gpu(shapes_coco, tmp_path):
+    proc = run_main("DETR-ENACT", "--coco_path", shapes_coco, "--output_dir", tmp_path / "o",
+                    "--no_enact", *TINY, "--device", "cuda", "--epochs", "1", check=False)
+    fails_with(proc, "--device cuda", "no CUDA GPU")
+
+
+def test_num_classes_below_the_largest_category_id(shapes_coco, tmp_path):
+    # the shapes data's largest category id is 21 (make_shapes_coco.CATEGORIES)
+    fails_with(detr(shapes_coco, tmp_path / "o", "--epochs", "1", "--num_classes", "21"),
+               "--num_classes 21", "largest category id is 21", "at least 22")
+
+
+def test_num_classes_covers_the_training_categories(coco_copy, tmp_path):
+    # a category only the training file has (id 21 taken out of val) still gets a class
+    path = coco_copy / "annotations" / "instances_val2017.json"
+    val = json.loads(path.read_text())
+    val["categories"] = [c for c in val["categories"] if c["id"] != 21]
+    val["annotations"] = [a for a in val["annotations"] if a["category_id"] != 21]
+    path.write_text(json.dumps(val))
+    proc = detr(coco_copy, tmp_path / "o", "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "22 classes" in proc.stderr + proc.stdout
+
+
 def test_missing_annotation_file(coco_copy, tmp_path):
     (coco_copy / "annotations" / "instances_val2017.json").unlink()
     fails_with(detr(coco_copy, tmp_path / "o", "--epochs", "1"), "instances_val2017.json")
@@ -79,3 +111,7 @@ def test_checkpoint_of_another_shape_and_resume_past_the_end(shapes_coco, tmp_pa
                     "--num_classes", "30"), "checkpoint.pth", "class_embed.weight")
     fails_with(detr(shapes_coco, tmp_path / "o", "--resume", ckpt, "--epochs", "1"),
                "checkpoint.pth", "already finished epoch 0")
+    # resuming continues the checkpoint's schedule: a changed one is refused, not ignored
+    fails_with(detr(shapes_coco, tmp_path / "o", "--resume", ckpt, "--epochs", "2",
+                    "--lr_drop", "1"), "checkpoint.pth", "--lr_drop 1 (checkpoint: 200)",
+               "--pretrained")

@@ -29,6 +29,17 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     assert torch.load(path, weights_only=True)["args"].no_enact is True
 
 
+def test_saved_file_has_the_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ck.save_checkpoint({"model": {}, "epoch": 0}, tmp_path / "checkpoint.pth")
+        (tmp_path / "plain.txt").write_text("")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "checkpoint.pth").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
+
+
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
     ck.save_checkpoint({"model": {}, "epoch": 1}, path)

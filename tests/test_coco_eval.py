@@ -47,6 +47,21 @@ def test_perfect_detections_give_ap_one(coco_gt):
     assert [ap for _, ap in ev.per_class_ap()] == [pytest.approx(1.0), pytest.approx(1.0)]
 
 
+def test_images_repeated_across_processes_count_once(coco_gt, monkeypatch):
+    # DistributedSampler pads the split by repeating images: rank 1 evaluates image 1 again
+    # (and within a process, a repeated image is kept once too)
+    rank0, rank1 = CocoEvaluator(coco_gt), CocoEvaluator(coco_gt)
+    rank0.update({1: predictions()[1]})
+    rank0.update({1: predictions()[1]})
+    rank1.update({2: predictions()[2]})
+    rank1.update({1: predictions()[1]})
+    gathered = lambda obj: [(rank0.image_ids, rank0.detections), obj]  # noqa: E731
+    monkeypatch.setattr("detr_common.coco_eval.all_gather_object", gathered)
+    rank1.synchronize_between_processes()
+    assert rank1.image_ids == [1, 2] and len(rank1.detections) == 3
+    assert rank1.evaluate()[0] == pytest.approx(1.0)
+
+
 def test_shifted_detections_give_the_hand_computed_ap(coco_gt):
     # Image 1 alone: one 100x100 box shifted by 20 px, IoU = 80*100 / (2*100*100 - 80*100)
     # = 2/3, so it matches at the IoU thresholds .50 .55 .60 .65 only: AP = 4/10, AP50 = 1,

@@ -62,6 +62,15 @@ def test_the_callers_rng_is_left_alone():
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_the_gpu_rngs_are_not_reseeded(monkeypatch):
+    # torch.manual_seed would also reseed every CUDA generator (the model's dropout on the GPU
+    # when --num_workers 0), which fork_rng(devices=[]) does not restore
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", calls.append)
+    SeededDataset(RandomDraws())[(4, 123)]
+    assert calls == []
+
+
 def test_seeds_differ_across_images_epochs_and_runs():
     seeds = {sample_seed(s, e, i) for s in (0, 1) for e in range(3) for i in range(1000)}
     assert len(seeds) == 2 * 3 * 1000

@@ -77,6 +77,8 @@ def _check_consistent(pixels, boxes_xyxy, labels, tol):
     ((333, 250), 128, 1333, (128, 170)),    # int(170.496) truncates
     ((20, 50), 32, 64, (65, 26)),           # 80 > 64: s = round(25.6) = 26; long int(65.0) = 65
     ((480, 800), 800, 1333, (1333, 800)),   # 1333.3 > 1333: s = round(799.8) = 800; int(1333.3)
+    ((3000, 1), 800, 1333, (1, 1333)),      # s = round(0.44) = 0: one pixel by max_size
+    ((1, 3000), 800, 1333, (1333, 1)),
 ])
 def test_resize_rule_hand_computed(wh, size, max_size, expected_hw):
     assert T.resize_output_size(wh, size, max_size) == expected_hw

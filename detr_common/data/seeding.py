@@ -58,5 +58,5 @@ class SeededDataset(Dataset):
     def __getitem__(self, key):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds CUDA too
             return self.dataset[index]

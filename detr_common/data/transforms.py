@@ -45,12 +45,15 @@ def resize_output_size(image_size, size, max_size=None):
 
     The shorter side becomes ``size``, unless the longer side would then exceed ``max_size``,
     in which case ``size = round(max_size * short / long)`` (Python round). The new long side
-    is ``int(size * long / short)`` (truncated).
+    is ``int(size * long / short)`` (truncated). Where that rule would give a short side of 0
+    (an extreme aspect ratio, e.g. 3000 x 1), the result is 1 x ``max_size``.
     """
     w, h = image_size
     short, long = (w, h) if w <= h else (h, w)
     if max_size is not None and long / short * size > max_size:
         size = int(round(max_size * short / long))
+        if size == 0:
+            return (max_size, 1) if w <= h else (1, max_size)
     new_short, new_long = size, int(size * long / short)
     return (new_long, new_short) if w <= h else (new_short, new_long)
 
