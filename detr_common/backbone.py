@@ -142,6 +142,10 @@ def _dilate_basic_layer4(layer4: nn.Sequential) -> None:
 _DETECTOR_PREFIXES = ("backbone.0.body.", "backbone.body.")
 
 
+class BackboneWeightsError(RuntimeError):
+    """--backbone_weights cannot be used: not found, unreadable or of another network."""
+
+
 def _resnet_state_dict(name: str, weights: str) -> dict:
     """State dict (torchvision key names) for ``weights`` = "imagenet" or a file path: a ResNet
     state_dict, or a detector checkpoint whose ``backbone.0.body.*`` / ``backbone.body.*``
@@ -153,23 +157,23 @@ def _resnet_state_dict(name: str, weights: str) -> dict:
             return enum.get_state_dict(progress=False)
         except Exception as exc:  # offline, proxy, corrupt cache ...
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeError(
+            raise BackboneWeightsError(
                 f"could not fetch ImageNet weights for {name}: {reason}; "
                 "pass --backbone_weights none or a local .pth") from None
     path = weights
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--backbone_weights {path}: file not found "
+        raise BackboneWeightsError(f"--backbone_weights {path}: file not found "
                                 "(expected imagenet, none or a local .pth state_dict)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RuntimeError(f"--backbone_weights {path}: cannot read the state_dict: "
+        raise BackboneWeightsError(f"--backbone_weights {path}: cannot read the state_dict: "
                            f"{exc}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict):
-        raise RuntimeError(f"--backbone_weights {path}: expected a state_dict (dict of tensors), "
+        raise BackboneWeightsError(f"--backbone_weights {path}: expected a state_dict (dict of tensors), "
                            f"got {type(state).__name__}")
     state = strip_ddp_prefix(state)  # saved from a DistributedDataParallel wrapper
     if any(k.startswith(_DETECTOR_PREFIXES) for k in state):
@@ -204,7 +208,7 @@ def _load_resnet_weights(resnet: nn.Module, name: str, weights: str) -> None:
         if wrong:
             parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[0]}: "
                          f"{tuple(state[wrong[0]].shape)} vs {tuple(expected[wrong[0]])})")
-        raise RuntimeError(f"--backbone_weights {weights}: not a {name} state_dict: "
+        raise BackboneWeightsError(f"--backbone_weights {weights}: not a {name} state_dict: "
                            + "; ".join(parts))
     resnet.load_state_dict(state, strict=False)
 

@@ -136,15 +136,22 @@ def load_weights(model, path, detector, args):
     ckpt = load_checkpoint(path)
     check_detector(path, ckpt, detector)
     load_model_state(model, path, ckpt, args)
+    _warn_enact_changes(path, ckpt, args)
+    return ckpt
+
+
+def _warn_enact_changes(path, ckpt, args):
     changes = enact_setting_changes(ckpt.get("args"), args)
     if changes:
         log.warning("%s was trained with other ENACT settings (the weights fit, the results "
                     "may not): %s", path, "; ".join(changes))
-    return ckpt
 
 
-def load_pretrained(model, path, detector, class_head_prefixes=("class_embed",)):
-    """Weights only (fine-tuning). A class head whose shape differs is left re-initialised."""
+def load_pretrained(model, path, detector, args=None,
+                    class_head_prefixes=("class_embed",)):
+    """Weights only (fine-tuning). A class head whose shape differs is left re-initialised.
+    With the run's ``args``: the --no_enact hint on a mismatch, and a warning when the ENACT
+    settings differ from the checkpoint's (as load_weights)."""
     ckpt = load_checkpoint(path)
     check_detector(path, ckpt, detector)
     state = dict(ckpt["model"])
@@ -160,7 +167,8 @@ def load_pretrained(model, path, detector, class_head_prefixes=("class_embed",))
                  path, ", ".join(skipped))
     for k in skipped:
         state[k] = model_state[k]
-    load_model_state(model, path, {**ckpt, "model": state}, None)
+    load_model_state(model, path, {**ckpt, "model": state}, args)
+    _warn_enact_changes(path, ckpt, args)
 
 
 # torch.load(weights_only=True) refuses argparse.Namespace; allow it for anyone who loads

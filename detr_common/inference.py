@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import checkpoint as ckpt_io
 from .data import DatasetError, load_coco_json, make_transforms
+from .data.coco import to_rgb
 from .data.collate import ImageBatch, pad_images
 from .data.transforms import DEFAULT_EVAL_SIZE, DEFAULT_MAX_SIZE
 
@@ -241,7 +242,7 @@ def read_image(path) -> Image.Image:
     """Open an image as RGB (fully decoded); InferenceError naming the file if unreadable."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         text = " ".join(str(e).split())
         raise InferenceError(f"{path}: cannot read image ({text})") from None

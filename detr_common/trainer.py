@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from . import checkpoint as ckpt_io
+from .backbone import BackboneWeightsError
 from .data import DatasetError, build_dataset
 from .data.collate import collate_fn
 from .data.seeding import SeededDataset, SeededSampler
@@ -100,7 +101,7 @@ def _check_args(args):
     if args.enact_mode != "paper_regions" and args.enact_row_breaks:
         raise UsageError("--enact_row_breaks applies to --enact_mode paper_regions only (the "
                          "official fixed chunks run over row ends)")
-    for flag in ("lr_drop", "checkpoint_every", "epochs", "batch_size"):
+    for flag in ("lr_drop", "checkpoint_every", "epochs", "batch_size", "print_freq"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     try:
@@ -191,7 +192,7 @@ def run(args, detector):
     if args.pretrained and args.eval:  # evaluating: the weights must fit exactly
         ckpt_io.load_weights(model, args.pretrained, detector.name, args)
     elif args.pretrained:
-        ckpt_io.load_pretrained(model, args.pretrained, detector.name)
+        ckpt_io.load_pretrained(model, args.pretrained, detector.name, args)
     if args.resume:
         ckpt = ckpt_io.load_weights(model, args.resume, detector.name, args)
         if not args.eval and "optimizer" in ckpt:
@@ -274,7 +275,8 @@ def _save_nonfinite_step(error, model, args, detector_name, output_dir):
     return path
 
 
-EXPECTED_ERRORS = (UsageError, DatasetError, ckpt_io.CheckpointError, NonFiniteLossError)
+EXPECTED_ERRORS = (UsageError, DatasetError, ckpt_io.CheckpointError, NonFiniteLossError,
+                   BackboneWeightsError)
 
 
 def main(parser, detector, argv=None):

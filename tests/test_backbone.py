@@ -166,7 +166,7 @@ def test_local_weights_file(tmp_path):
     assert torch.allclose(bb.body.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
     assert torch.allclose(bb.body.bn1.running_var, reference.bn1.running_var)
 
-    with pytest.raises(FileNotFoundError, match="nowhere.pth: file not found"):
+    with pytest.raises(RuntimeError, match="nowhere.pth: file not found"):
         Backbone("resnet18", True, weights=str(tmp_path / "nowhere.pth"))
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
     with pytest.raises(RuntimeError, match=r"r34.pth: not a resnet18 state_dict: .*unexpected"):

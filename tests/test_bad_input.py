@@ -45,7 +45,7 @@ def test_row_breaks_with_the_official_fixed_chunks(shapes_coco, tmp_path):
                "--enact_row_breaks", "paper_regions only")
 
 
-@pytest.mark.parametrize("flag", ["--lr_drop", "--checkpoint_every"])
+@pytest.mark.parametrize("flag", ["--lr_drop", "--checkpoint_every", "--print_freq"])
 def test_zero_epoch_counts(shapes_coco, tmp_path, flag):
     fails_with(detr(shapes_coco, tmp_path / "o", "--epochs", "1", flag, "0"),
                flag, "at least 1")
@@ -56,6 +56,11 @@ def test_cuda_device_without_a_gpu(shapes_coco, tmp_path):
     proc = run_main("DETR-ENACT", "--coco_path", shapes_coco, "--output_dir", tmp_path / "o",
                     "--no_enact", *TINY, "--device", "cuda", "--epochs", "1", check=False)
     fails_with(proc, "--device cuda", "no CUDA GPU")
+
+
+def test_missing_backbone_weights(shapes_coco, tmp_path):
+    fails_with(detr(shapes_coco, tmp_path / "o", "--epochs", "1", "--backbone_weights",
+                    tmp_path / "nope.pth"), "nope.pth", "file not found")
 
 
 def test_num_classes_below_the_largest_category_id(shapes_coco, tmp_path):

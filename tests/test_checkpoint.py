@@ -90,6 +90,26 @@ def test_enact_mismatch_hint(tmp_path):
         ck.load_model_state(tiny_model(), path, ckpt, argparse.Namespace(no_enact=False))
 
 
+def test_pretrained_warns_and_hints_as_resume(tmp_path, caplog):
+    """--pretrained (fine-tuning) gives the ENACT-settings warning and the --no_enact hint
+    that --resume gives."""
+    path = tmp_path / "c.pth"
+    trained = argparse.Namespace(no_enact=False, enact_row_breaks=False, smoothing_sigma=1)
+    ck.save_checkpoint({"model": tiny_model().state_dict(), "args": trained,
+                        "detector": "detr"}, path)
+    now = argparse.Namespace(no_enact=False, enact_row_breaks=True, smoothing_sigma=2)
+    with caplog.at_level("WARNING", logger=ck.log.name):
+        ck.load_pretrained(tiny_model(), path, "detr", now)
+    (record,) = caplog.records
+    assert record.message.endswith("--enact_row_breaks: checkpoint False, this run True; "
+                                   "--smoothing_sigma: checkpoint 1, this run 2")
+    plain = {"model": {**tiny_model().state_dict(), "extra.weight": torch.zeros(1)},
+             "args": argparse.Namespace(no_enact=True), "detector": "detr"}
+    ck.save_checkpoint(plain, path)
+    with pytest.raises(ck.CheckpointError, match="trained without ENACT: add --no_enact"):
+        ck.load_pretrained(tiny_model(), path, "detr", now)
+
+
 def test_other_enact_settings_warn_on_load(tmp_path, caplog):
     """Settings that change what ENACT computes but not the weights' shapes: the weights load,
     with one warning naming each difference; none for equal settings or plain detectors."""

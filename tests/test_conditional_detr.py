@@ -479,3 +479,18 @@ def test_main_one_epoch_train_and_eval(shapes_coco, tmp_path, enact):
     else:
         assert not any(k.startswith(("train_enact", "test_enact")) for k in record)
         assert "transformer.encoder.layers.0.self_attn.in_proj_weight" in keys
+
+
+@pytest.mark.parametrize("dec_layers", [1, 2])
+def test_every_parameter_gets_a_gradient(dec_layers):
+    """DDP stops on a parameter without gradient: with one decoder layer the positional-query
+    scale (used from layer 1 on) must not exist."""
+    torch.manual_seed(0)
+    model, criterion, _ = conditional_detr.build(make_args(dec_layers=dec_layers))
+    batch = ImageBatch(torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool))
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]]), "labels": torch.tensor([1])}] * 2
+    losses = criterion(model(batch), targets)
+    sum(losses[k] * w for k, w in criterion.weight_dict.items()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert (model.transformer.decoder.query_scale is None) == (dec_layers == 1)

@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 
 from detr_common.data import (CocoDetection, DatasetError, ImageBatch, build_dataset,
                               collate_fn)
+from detr_common.data.coco import to_rgb
 
 COLOUR = (200, 100, 50)
 MEAN = torch.tensor([0.485, 0.456, 0.406])
@@ -344,3 +345,13 @@ def test_error_from_dataloader_worker_stays_one_line(tiny):
     with pytest.raises(DatasetError) as err:
         next(iter(loader))
     _assert_one_line(err, path, "not found")
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    # Pillow's own RGB conversion clips 16-bit values at 255: the image would turn white
+    gray = (np.arange(48 * 64).reshape(48, 64) % 256).astype(np.uint8)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")
+        rgb = np.asarray(to_rgb(im))
+    assert rgb.shape == (48, 64, 3) and (rgb == gray[..., None]).all()

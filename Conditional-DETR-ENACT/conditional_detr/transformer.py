@@ -123,7 +123,9 @@ class ConditionalDecoder(nn.Module):
             ConditionalDecoderLayer(d_model, nhead, dim_feedforward, dropout, i == 0, attn_impl)
             for i in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
-        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        # scales the positional query of layers 1.. (layer 0 uses 1); absent with one layer,
+        # where it would be a parameter without gradient (DDP stops on those)
+        self.query_scale = MLP(d_model, d_model, d_model, 2) if num_layers > 1 else None
         self.ref_point_head = MLP(d_model, d_model, 2, 2)
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor,

@@ -181,6 +181,18 @@ def _image_targets(data):
     return out, num_crowd, num_degenerate
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of a decoded image. Single-channel images of more than 8 bits (modes I;16*,
+    I, F) holding values above 255 are scaled from the 16-bit range to 8 bits first: Pillow's
+    conversion would clip them at 255, turning nearly every pixel white."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and values.max() > 255:
+            values = values / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
 def load_image(path, width, height, ann_file=None):
     """Open ``path`` as an RGB PIL image and check its size against the annotation file."""
     path = Path(path)
@@ -189,7 +201,7 @@ def load_image(path, width, height, ann_file=None):
         raise DatasetError(f"{path}: image file not found{source}")
     try:
         with Image.open(path) as im:
-            image = im.convert("RGB")  # forces the full decode, so corrupt files fail here
+            image = to_rgb(im)  # forces the full decode, so corrupt files fail here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: cannot read image: {_one_line(e)}") from None
     if image.size != (width, height):
