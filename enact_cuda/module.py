@@ -1,13 +1,12 @@
 """ENACT modules: a drop-in encoder self-attention, and a clustering-only entry for Anchor DETR.
 
 Initialisation (spec §6.15, chosen deliberately): zero biases everywhere, as the paper states.
-W_prob is Xavier-uniform (the paper). W_q, W_k, W_v, W_o are drawn from the same distributions
-as the plain detectors' attention (torch's nn.MultiheadAttention): Xavier-uniform over the
-stacked (3d, d) matrix [W_q; W_k; W_v] and torch's default nn.Linear init for W_o, so that
-ENACT and the plain detector start from the same attention and differ only in its input.
-(Xavier on each d x d matrix, our first choice, made the encoder's attention branch ~3x the
-plain one at initialisation.) The official code leaves torch's defaults; loading an official
-checkpoint overwrites all of them.
+W_prob is Xavier-uniform (the paper). W_q, W_k, W_v, W_o are drawn as torch's
+nn.MultiheadAttention draws its own: Xavier-uniform over the stacked (3d, d) matrix
+[W_q; W_k; W_v] and torch's default nn.Linear init for W_o. Inside the DETR and Conditional
+DETR transformers this is then overwritten: their reset draws every parameter with dim > 1
+Xavier-uniform, i.e. these four per d x d matrix (as upstream, and the official code, do;
+tests/test_detector_init.py). Loading an official checkpoint overwrites all of them.
 Attention dropout (spec §6.16): `dropout` is applied to the attention weights in training
 (the official ClustAttn ignores its dropout argument).
 Clusters (spec §6.4): mode="paper_regions" (default) clusters each region of equal curvature
