@@ -162,19 +162,19 @@ def _resnet_state_dict(name: str, weights: str) -> dict:
                 "pass --backbone_weights none or a local .pth") from None
     path = weights
     if not os.path.isfile(path):
-        raise BackboneWeightsError(f"--backbone_weights {path}: file not found "
-                                "(expected imagenet, none or a local .pth state_dict)")
+        raise BackboneWeightsError(f"--backbone_weights {path}: file not found (expected "
+                                   "imagenet, none or a local .pth state_dict)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BackboneWeightsError(f"--backbone_weights {path}: cannot read the state_dict: "
-                           f"{exc}") from None
+        raise BackboneWeightsError(f"--backbone_weights {path}: cannot read the "
+                                   f"state_dict: {exc}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict):
-        raise BackboneWeightsError(f"--backbone_weights {path}: expected a state_dict (dict of tensors), "
-                           f"got {type(state).__name__}")
+        raise BackboneWeightsError(f"--backbone_weights {path}: expected a state_dict (dict "
+                                   f"of tensors), got {type(state).__name__}")
     state = strip_ddp_prefix(state)  # saved from a DistributedDataParallel wrapper
     if any(k.startswith(_DETECTOR_PREFIXES) for k in state):
         # a detector checkpoint (ours or upstream): its backbone only
@@ -208,8 +208,8 @@ def _load_resnet_weights(resnet: nn.Module, name: str, weights: str) -> None:
         if wrong:
             parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[0]}: "
                          f"{tuple(state[wrong[0]].shape)} vs {tuple(expected[wrong[0]])})")
-        raise BackboneWeightsError(f"--backbone_weights {weights}: not a {name} state_dict: "
-                           + "; ".join(parts))
+        raise BackboneWeightsError(f"--backbone_weights {weights}: not a {name} "
+                                   "state_dict: " + "; ".join(parts))
     resnet.load_state_dict(state, strict=False)
 
 

@@ -232,8 +232,8 @@ def regions(information: torch.Tensor, padding_mask: torch.Tensor | None, sigma,
     Curvature = [-1, 2, -1] same conv (zero padded) of the smoothed compact sequence,
     step = curvature > 0, region start where the step changes, at position 0, and with
     row_breaks at every valid row start (needs hw=(H, W) and bottom/right padding: the valid
-    width is counted on the first row). gauss_taps: the Gaussian's
-    length, "paper" (6 sigma + 1) or "code" (6 sigma - 1). Fully vectorised, no host sync.
+    width is counted on the first row). gauss_taps: the Gaussian's length, "paper"
+    (6 sigma + 1) or "code" (6 sigma - 1). Fully vectorised, no host sync.
     """
     if information.dim() != 2:
         raise ValueError(f"regions: information must be (B, N), got {tuple(information.shape)}")
