@@ -128,6 +128,13 @@ def resolve_defaults(opts):
     for name, value in zip(names, DATA_DEFAULTS[opts.tiny]):
         if getattr(opts, name) is None:
             setattr(opts, name, value)
+    # main.py and the data generator run in the repository root: paths relative to the
+    # caller's directory are made absolute first
+    opts.out = os.path.abspath(opts.out)
+    if opts.coco_path:
+        opts.coco_path = os.path.abspath(opts.coco_path)
+    if opts.backbone_weights not in ("none", "imagenet"):
+        opts.backbone_weights = os.path.abspath(opts.backbone_weights)
     if opts.minutes is None:
         opts.minutes = 1e-3 if opts.tiny else 5.0
     if opts.minutes <= 0:
@@ -224,6 +231,17 @@ def read_log(run_dir):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def checkpoint_epochs(run_dir):
+    """Epochs the run's checkpoint.pth holds (its "epoch" + 1; 0 without one). It can be one
+    ahead of log.txt: main.py saves the checkpoint before the epoch's evaluation, and logs the
+    epoch after it."""
+    path = Path(run_dir) / "checkpoint.pth"
+    if not path.is_file():
+        return 0
+    import torch
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["epoch"]) + 1
+
+
 def epoch_train_seconds(record, n_train):
     """Training-loop seconds of one log.txt epoch record (s/img x images of the epoch)."""
     return record["train_s_per_img"] * n_train
@@ -256,24 +274,39 @@ def train_within_budget(detector, variant, coco, n_train, opts, deadline, machin
     flags = run_flags(detector, variant, coco, opts)
     side_path = run_dir / "parity_run.json"
     side = json.loads(side_path.read_text()) if side_path.is_file() else {}
+    if not (read_log(run_dir) or (run_dir / "checkpoint.pth").is_file()):
+        side = {}  # never trained (e.g. main.py failed at once): start afresh
     if side and training_flags(side.get("flags", [])) != training_flags(flags):
         raise ParityError(f"{run_dir} was trained with other flags; use another --out or delete "
                           f"it (was: {' '.join(side.get('flags', []))})")
+    if side.get("minutes", 0) > opts.minutes:
+        raise ParityError(f"{run_dir} was trained for a budget of {side['minutes']:g} min: a "
+                          f"smaller --minutes ({opts.minutes:g}) would misreport it")
     side.setdefault("flags", flags)
     side.setdefault("calls", [])  # per main.py call: epochs trained, wall seconds
+    side["minutes"] = opts.minutes
     budget_s = opts.minutes * 60
     stop, error = None, None
     while True:
         records = read_log(run_dir)
         done = len(records)
-        k = epochs_to_run([epoch_train_seconds(r, n_train) for r in records], budget_s,
-                          opts.max_epochs)
-        if k == 0:
-            stop = "max_epochs" if done >= opts.max_epochs else "budget"
+        held = max(done, checkpoint_epochs(run_dir))  # epochs main.py continues from
+        if held > done:
+            print(f"  {detector} {variant}: log.txt lacks {held - done} epoch(s) that "
+                  f"checkpoint.pth holds (an evaluation cut short); continuing from it",
+                  flush=True)
+        k = min(epochs_to_run([epoch_train_seconds(r, n_train) for r in records], budget_s,
+                              opts.max_epochs), opts.max_epochs - held)
+        if k <= 0:
+            stop = "max_epochs" if held >= opts.max_epochs else "budget"
             break
-        if deadline is not None and side["calls"]:
-            per_epoch = max(c["wall_s"] / max(c["epochs"], 1) for c in side["calls"])
-            k = min(k, int((deadline - time.time()) // per_epoch))
+        if deadline is not None:
+            left = deadline - time.time()
+            if side["calls"]:
+                per_epoch = max(c["wall_s"] / max(c["epochs"], 1) for c in side["calls"])
+                k = min(k, int(left // per_epoch))
+            elif left <= 0:  # no epoch time known yet: start only before the deadline
+                k = 0
             if k < 1:
                 stop = "stop_after (run the same command again to continue)"
                 break
@@ -281,8 +314,8 @@ def train_within_budget(detector, variant, coco, n_train, opts, deadline, machin
             error = f"{run_dir}: log.txt has {done} epochs but checkpoint.pth is missing"
             break
         cmd = [sys.executable, str(ROOT / FOLDERS[detector] / "main.py"), *flags,
-               "--output_dir", str(run_dir), "--epochs", str(done + k)]
-        if done:
+               "--output_dir", str(run_dir), "--epochs", str(held + k)]
+        if held:
             cmd += ["--resume", str(run_dir / "checkpoint.pth")]
         start = time.time()
         with (run_dir / "main_output.txt").open("a") as out:
@@ -301,7 +334,7 @@ def train_within_budget(detector, variant, coco, n_train, opts, deadline, machin
             error = f"main.py finished but {run_dir / 'log.txt'} has {trained} new epochs, not {k}"
             break
         spent = sum(epoch_train_seconds(r, n_train) for r in read_log(run_dir))
-        print(f"  {detector} {variant}: epochs {done}..{done + k - 1} done; {spent:.1f} s of "
+        print(f"  {detector} {variant}: epochs {held}..{held + k - 1} done; {spent:.1f} s of "
               f"{budget_s:.0f} s training budget spent ({side['calls'][-1]['wall_s']:.1f} s wall)",
               flush=True)
     side["stopped_by"] = stop
@@ -309,12 +342,20 @@ def train_within_budget(detector, variant, coco, n_train, opts, deadline, machin
     return summarise(detector, variant, run_dir, n_train, budget_s, stop, error, side["calls"])
 
 
-def report_row(detector, variant, n_train, opts):
-    """The summary of a run as it stands in --out, training nothing (--report_only)."""
+def report_row(detector, variant, coco, n_train, opts):
+    """The summary of a run as it stands in --out, training nothing (--report_only). A run
+    trained with other flags or another budget than this command's is reported with an error,
+    so the report's header never describes runs it does not hold."""
     run_dir = Path(opts.out) / f"{detector}_{variant}"
     side_path = run_dir / "parity_run.json"
     side = json.loads(side_path.read_text()) if side_path.is_file() else {}
     error = None if read_log(run_dir) else f"{run_dir}: no trained epoch (no log.txt)"
+    flags = training_flags(run_flags(detector, variant, coco, opts))
+    if error is None and side and training_flags(side.get("flags", [])) != flags:
+        error = (f"{run_dir}: trained with other flags than this report's "
+                 f"({' '.join(side.get('flags', []))})")
+    elif error is None and side.get("minutes", opts.minutes) != opts.minutes:
+        error = f"{run_dir}: trained for a budget of {side['minutes']:g} min, not {opts.minutes:g}"
     return summarise(detector, variant, run_dir, n_train, opts.minutes * 60,
                      side.get("stopped_by") or "interrupted", error, side.get("calls", []))
 
@@ -481,7 +522,7 @@ def run(opts, argv):
     for det in detectors:
         for variant in variants:
             print(f"{det} {variant}:", flush=True)
-            rows.append(report_row(det, variant, n_train, opts) if opts.report_only else
+            rows.append(report_row(det, variant, coco, n_train, opts) if opts.report_only else
                         train_within_budget(det, variant, coco, n_train, opts, deadline,
                                             here))
     machine = runs_machine(rows, here) if opts.report_only else here

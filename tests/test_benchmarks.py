@@ -392,23 +392,36 @@ def test_accuracy_parity_tiny_cpu(tmp_path, capsys):
     assert "| DETR | enact | 1 |" in md and "ENACT within 1.5 AP of plain" in md
     assert (results / "accuracy_parity_cpu_tiny.png").is_file() == _has_matplotlib()
 
-    # called again with a larger budget, the ENACT run continues from its checkpoint (with
-    # another number of data workers, which does not change what it trains)
-    assert parity.main(common + ["--variants", "enact", "--minutes", "100",
-                                 "--max_epochs", "2", "--num_workers", "1"]) == 0
+    # called again with a larger budget, the runs continue from their checkpoints (with
+    # another number of data workers, which does not change what they train)
+    more = ["--minutes", "100", "--max_epochs", "2"]
+    assert parity.main(common + more + ["--num_workers", "1"]) == 0
     log = [json.loads(line) for line in (runs / "detr_enact" / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1]
     assert "--resume" in (runs / "detr_enact" / "main_output.txt").read_text()
-    (row,) = json.loads((results / "accuracy_parity_cpu_tiny.json").read_text())["rows"]
-    assert row["epochs"] == 2 and row["stopped_by"] == "max_epochs"
+    rows = json.loads((results / "accuracy_parity_cpu_tiny.json").read_text())["rows"]
+    assert [(r["epochs"], r["stopped_by"]) for r in rows] == [(2, "max_epochs")] * 2
 
-    # other flags on the same run folders: refused with one line, exit status 2
+    # other flags, or a smaller budget, on the same run folders: refused with one line, exit 2
     capsys.readouterr()
     assert parity.main(common + ["--seed", "1"]) == 2
     assert "trained with other flags" in capsys.readouterr().err
+    assert parity.main(common + ["--minutes", "50"]) == 2
+    assert "trained for a budget of 100 min" in capsys.readouterr().err
+
+    # an evaluation cut short: checkpoint.pth holds an epoch log.txt lacks; the run goes on
+    # from the checkpoint instead of stopping for good
+    log_path = runs / "detr_enact" / "log.txt"
+    log_path.write_text(log_path.read_text().splitlines()[0] + "\n")
+    assert parity.checkpoint_epochs(runs / "detr_enact") == 2
+    assert parity.main(common + ["--variants", "enact", "--minutes", "100",
+                                 "--max_epochs", "3"]) == 0
+    assert [json.loads(line)["epoch"] for line in log_path.read_text().splitlines()] == [0, 2]
+    assert "lacks 1 epoch(s)" in capsys.readouterr().out
 
     # --report_only: trains nothing, reports each run as it stands (its last stop reason)
     logs_before = (runs / "detr_enact" / "log.txt").read_text()
+    common += ["--minutes", "100"]
     assert parity.main(common + ["--report_only", "--name", "report", "--command",
                                  "step 1; step 2", "--note", "two calls"]) == 0
     assert (runs / "detr_enact" / "log.txt").read_text() == logs_before
@@ -418,8 +431,14 @@ def test_accuracy_parity_tiny_cpu(tmp_path, capsys):
     assert "command: `step 1; step 2`" in md and "\n- note: two calls\n" in md
     rows = data["rows"]
     assert [(r["variant"], r["epochs"], r["stopped_by"]) for r in rows] == [
-        ("plain", 1, "budget"), ("enact", 2, "max_epochs")]
+        ("plain", 2, "max_epochs"), ("enact", 2, "max_epochs")]
     assert {(r["gpu"], r["torch"]) for r in rows} == {("cpu", torch.__version__)}
+    # a report over runs of other flags or another budget says so in their rows (exit 1)
+    for wrong, text in ((["--seed", "1"], "trained with other flags than this report's"),
+                        (["--minutes", "50"], "trained for a budget of 100 min, not 50")):
+        assert parity.main(common + wrong + ["--report_only", "--name", "wrong"]) == 1
+        rows = json.loads((results / "wrong.json").read_text())["rows"]
+        assert all(text in r["error"] for r in rows)
     # a report written on another machine names the one the runs trained on
     for variant in ("plain", "enact"):
         side_path = runs / f"detr_{variant}" / "parity_run.json"
@@ -437,6 +456,24 @@ def test_accuracy_parity_tiny_cpu(tmp_path, capsys):
                         str(tmp_path / "empty"), "--results", str(results), "--report_only"]) == 2
     assert "no runs to report" in capsys.readouterr().err
     assert not (tmp_path / "empty" / "detr_plain").exists()
+
+
+def test_accuracy_parity_paths_deadline_and_untrained_runs(tmp_path, monkeypatch, capsys):
+    """A relative --out is taken from the caller's directory; a deadline already past starts
+    no run, not even its first epoch; a run folder that never trained (main.py failed at once)
+    takes the new flags instead of refusing them."""
+    parity = _load("accuracy_parity")
+    monkeypatch.chdir(tmp_path)
+    stale = tmp_path / "rel" / "detr_plain"
+    stale.mkdir(parents=True)
+    (stale / "parity_run.json").write_text(json.dumps({"flags": ["--bogus"], "calls": []}))
+    assert parity.main(["--tiny", "--device", "cpu", "--detectors", "detr", "--variants",
+                        "plain", "--out", "rel", "--results", "res", "--stop_after", "1e-9"]) == 0
+    assert (tmp_path / "rel" / "shapes_4x64-96_val2" / "annotations").is_dir()
+    assert not (ROOT / "rel").exists()
+    side = json.loads((stale / "parity_run.json").read_text())
+    assert side["flags"] != ["--bogus"] and side["calls"] == []
+    assert side["stopped_by"].startswith("stop_after") and not (stale / "log.txt").exists()
 
 
 @pytest.mark.slow
