@@ -21,18 +21,19 @@ class CocoEvaluator:
         self.coco_gt = coco_gt
         self.detections = []
         self.image_ids = []  # in the order seen, each once
+        self._seen = set()   # the same ids, for the membership test of update()
         self.coco_eval = None
         self.summary = ""
 
     def update(self, predictions):
         """``predictions``: {image_id: {"scores" (Q,), "labels" (Q,), "boxes" (Q, 4) xyxy}}.
         An image seen before is skipped (its detections would count twice)."""
-        seen = set(self.image_ids)
         for image_id, pred in predictions.items():
-            if int(image_id) in seen:
+            image_id = int(image_id)
+            if image_id in self._seen:
                 continue
-            seen.add(int(image_id))
-            self.image_ids.append(int(image_id))
+            self._seen.add(image_id)
+            self.image_ids.append(image_id)
             boxes = pred["boxes"].detach().float().cpu()
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
             for box, score, label in zip(xywh, pred["scores"].tolist(), pred["labels"].tolist()):
@@ -48,7 +49,7 @@ class CocoEvaluator:
             new = set(image_ids) - taken
             detections += [d for d in dets if d["image_id"] in new]
             taken |= new
-        self.detections, self.image_ids = detections, sorted(taken)
+        self.detections, self.image_ids, self._seen = detections, sorted(taken), taken
 
     def evaluate(self):
         """Run COCOeval once over all detections; returns the 12 stats (AP first)."""
