@@ -393,6 +393,16 @@ def summarise(detector, variant, run_dir, n_train, budget_s, stop, error, calls)
     return row
 
 
+def this_machine(device):
+    """{"gpu", "torch"} of this process, recorded with each call. A --report_only of CUDA runs
+    may run where there is no GPU (the report then names the runs' own machine)."""
+    import torch  # only for the device's name
+    gpu = "cpu"
+    if device.startswith("cuda"):
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    return {"gpu": gpu, "torch": torch.__version__}
+
+
 def runs_machine(rows, here):
     """{"gpu", "torch"} the runs trained on (a --report_only written elsewhere keeps theirs);
     ``here`` (this process's) when they recorded none or disagree."""
@@ -508,9 +518,7 @@ def run(opts, argv):
     resolve_defaults(opts)
     start = time.time()
     deadline = start + 60 * opts.stop_after if opts.stop_after else None
-    import torch  # only for the device's name
-    here = {"gpu": torch.cuda.get_device_name() if opts.device.startswith("cuda") else "cpu",
-            "torch": torch.__version__}  # this process's machine, recorded with each call
+    here = this_machine(opts.device)
     coco = ensure_data(opts)
     if opts.prepare_only:
         print(f"data ready: {coco}")

@@ -367,7 +367,7 @@ def test_bench_rejects_unknown_variant(bench):
         bench.main(["--tiny", "--variants", "enact,flash"])
 
 
-def test_accuracy_parity_tiny_cpu(tmp_path, capsys):
+def test_accuracy_parity_tiny_cpu(tmp_path, capsys, monkeypatch):
     parity = _load("accuracy_parity")
     runs, results = tmp_path / "runs", tmp_path / "results"
     common = ["--tiny", "--device", "cpu", "--detectors", "detr", "--out", str(runs),
@@ -451,6 +451,17 @@ def test_accuracy_parity_tiny_cpu(tmp_path, capsys):
     assert (data["gpu"], data["torch"], data["device"]) == ("NVIDIA H200", "2.11.0+cu130", "cuda")
     assert (results / "elsewhere.md").read_text().startswith(
         "# Accuracy parity on shapes: ENACT vs plain (NVIDIA H200)")
+    # ... also for runs trained with --device cuda, reported on a machine without a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for variant in ("plain", "enact"):
+        side_path = runs / f"detr_{variant}" / "parity_run.json"
+        side = json.loads(side_path.read_text())
+        side["flags"] = ["cuda" if f == "cpu" else f for f in side["flags"]]
+        side_path.write_text(json.dumps(side))
+    on_cuda = ["cuda" if f == "cpu" else f for f in common]
+    assert parity.main(on_cuda + ["--report_only", "--name", "elsewhere_cuda"]) == 0
+    data = json.loads((results / "elsewhere_cuda.json").read_text())
+    assert (data["gpu"], data["device"]) == ("NVIDIA H200", "cuda")
     # ... and refuses a folder without runs instead of training there
     assert parity.main(["--tiny", "--device", "cpu", "--detectors", "detr", "--out",
                         str(tmp_path / "empty"), "--results", str(results), "--report_only"]) == 2
