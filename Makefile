@@ -42,7 +42,7 @@ build-check: setup
 		&& rm -rf $$tmp
 
 bench: setup
-	$(PY) benchmarks/bench_enact_kernels.py
+	$(PY) benchmarks/bench_enact_kernels.py --profile --profile_sizes 25x38 --iters 20
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

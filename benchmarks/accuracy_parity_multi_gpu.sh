@@ -20,7 +20,7 @@
 # "detr,conditional_detr"). NAME: the report's file stem (default accuracy_parity_<gpu>).
 # PARITY_FLAGS: more accuracy_parity.py flags (e.g. "--tiny
 # --device cpu" for a smoke run). GPUS: how many GPUs to use (default: all that torch sees).
-# WORKERS: data-loading workers per run (default: the cores / 6, 1 to 8).
+# WORKERS: data-loading workers per run (default: the cores / (2 x detectors), 1 to 8).
 # PRETRAIN_MINUTES: first train a backbone, and start every run from it (--backbone_weights):
 # plain Anchor DETR for this many minutes of training loop on a second shapes set (data seed
 # 1), with PRETRAIN_EXTRA as its main.py flags (default: ResNet-18 from scratch, every layer

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from . import checkpoint as ckpt_io
 from .data import DatasetError, load_coco_json, make_transforms
@@ -79,8 +79,14 @@ def guess_detector(state_dict) -> Optional[str]:
 
 
 def checkpoint_detector(path, ckpt, override=None) -> str:
-    """``override``, else ckpt["detector"], else a guess from the keys; InferenceError if none."""
-    name = override or ckpt.get("detector") or guess_detector(ckpt["model"])
+    """ckpt["detector"], else ``override``, else a guess from the keys; InferenceError if none,
+    or if ``override`` contradicts the checkpoint's own entry."""
+    saved = ckpt.get("detector")
+    if override is not None and saved is not None and override != saved:
+        raise InferenceError(f"{path}: this is a '{saved}' checkpoint, not '{override}' (drop "
+                             f"--detector: it is only for checkpoints without a 'detector' "
+                             f"entry)")
+    name = saved or override or guess_detector(ckpt["model"])
     if name is None:
         raise InferenceError(f"{path}: the checkpoint does not say which detector it is (no "
                              f"'detector' entry): pass --detector "
@@ -185,6 +191,8 @@ def load_detector_from_checkpoint(path, device="cpu", annotations=None, detector
         raise InferenceError(f"{path}: the checkpoint has no 'args' entry, so the model cannot "
                              f"be rebuilt (was it written by a main.py of this repository?)")
     device = torch.device(device) if not isinstance(device, torch.device) else device
+    if enact_impl == "cuda":
+        check_enact_cuda(device)
     args = copy.copy(saved)
     args.backbone_weights = "none"
     args.device = str(device)
@@ -201,6 +209,41 @@ def load_detector_from_checkpoint(path, device="cpu", annotations=None, detector
     model.to(device).eval()
     postprocessor.to(device)
     return LoadedDetector(model, postprocessor, args, resolve_class_names(ckpt, annotations))
+
+
+def check_enact_cuda(device: torch.device):
+    """InferenceError unless ENACT's CUDA backend can run on ``device`` (--enact_impl cuda)."""
+    if device.type != "cuda":
+        raise InferenceError("--enact_impl cuda needs --device cuda (on the CPU use auto or "
+                             "torch)")
+    from enact_cuda.information import cuda_backend_or_reason
+    backend, reason = cuda_backend_or_reason()
+    if backend is None:
+        raise InferenceError(f"--enact_impl cuda: the CUDA backend is unavailable ({reason}); "
+                             f"use --enact_impl auto")
+
+
+def prepare_output_dir(path) -> Path:
+    """Create the output folder ``path``; InferenceError if it is an existing file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InferenceError(f"--output {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InferenceError(f"--output {path}: cannot create the folder ({e.strerror})") from None
+    return path
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "integer >= 1"  # argparse names the type in its error message
 
 
 # --------------------------------------------------------------------------- images
@@ -229,20 +272,27 @@ def list_images(paths) -> List[Path]:
 
 
 def unique_stems(images: List[Path]) -> List[str]:
-    """File stems for output names; a repeated stem (same name in two folders, or a.jpg and
-    a.png) gets "_2", "_3", ... so no output overwrites another."""
-    seen, out = {}, []
+    """File stems for output names, all different (also ignoring case, for case-insensitive
+    file systems): a stem already used (the same name in two folders, a.jpg and a.png, or a
+    renamed one) gets the first free "_2", "_3", ... so no output overwrites another."""
+    used, out = set(), []
     for path in images:
-        n = seen[path.stem] = seen.get(path.stem, 0) + 1
-        out.append(path.stem if n == 1 else f"{path.stem}_{n}")
+        stem, n = path.stem, 1
+        while stem.casefold() in used:
+            n += 1
+            stem = f"{path.stem}_{n}"
+        used.add(stem.casefold())
+        out.append(stem)
     return out
 
 
 def read_image(path) -> Image.Image:
-    """Open an image as RGB (fully decoded); InferenceError naming the file if unreadable."""
+    """Open an image as RGB (fully decoded), turned upright by its EXIF orientation tag (as
+    viewers show it: phone photos are stored sideways); InferenceError naming the file if
+    unreadable. Detections are in this upright image's pixels."""
     try:
         with Image.open(path) as im:
-            return to_rgb(im)
+            return to_rgb(ImageOps.exif_transpose(im))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         text = " ".join(str(e).split())
         raise InferenceError(f"{path}: cannot read image ({text})") from None
@@ -292,7 +342,7 @@ def add_common_arguments(parser, checkpoint_help: str, output_default: str, outp
     p.add_argument("--checkpoint", required=True, help=checkpoint_help)
     p.add_argument("--input", required=True, nargs="+",
                    help="image files and/or folders of images")
-    p.add_argument("--max_images", type=int, default=None,
+    p.add_argument("--max_images", type=positive_int, default=None,
                    help="only the first N images (in the order given, folders sorted)")
     p.add_argument("--output", default=output_default, help=output_help)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

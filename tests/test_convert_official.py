@@ -191,6 +191,17 @@ def test_converted_official_checkpoint_loads_into_our_model(detector, tmp_path, 
     assert ckpt["epoch"] == 49 and "optimizer" not in ckpt
     for k, v in fresh.state_dict().items():
         assert torch.allclose(v.float(), state[k].float(), atol=1e-6), k
+    # converting the result again (it would fold the numerics twice), or a checkpoint of our
+    # main.py, or writing into a folder: refused with one line
+    capsys.readouterr()
+    assert conv.main([str(dst), str(tmp_path / "twice.pth")]) == 2
+    assert "already converted" in capsys.readouterr().err
+    save_checkpoint({**official, "detector": detector}, tmp_path / "ours_main.pth")
+    assert conv.main([str(tmp_path / "ours_main.pth"), str(tmp_path / "twice.pth")]) == 2
+    assert "nothing to convert" in capsys.readouterr().err
+    assert not (tmp_path / "twice.pth").exists()
+    assert conv.main([str(src), str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_kept_numerics_with_the_official_flag_predict_as_the_folded_weights(tmp_path, capsys):

@@ -164,3 +164,20 @@ def test_cli_workers_write_the_same_files(tool, tmp_path):
 def test_negative_workers_refused(tool, tmp_path):
     with pytest.raises(ValueError, match="workers"):
         tool.generate(tmp_path / "x", 1, 1, 40, 72, seed=0, workers=-1)
+
+
+def test_negative_counts_refused(tool, tmp_path):
+    with pytest.raises(ValueError, match="num_train, num_val >= 0"):
+        tool.generate(tmp_path / "x", -5, 1, 40, 72, seed=0)
+
+
+def test_regenerating_smaller_removes_the_earlier_images_only(tool, tmp_path):
+    out = tmp_path / "d"
+    tool.generate(out, 5, 3, 40, 72, seed=0)
+    (out / "train2017" / "notes.txt").write_text("mine")
+    tool.generate(out, 2, 1, 40, 72, seed=0)
+    for split in ("train", "val"):
+        listed = {im["file_name"] for im in _load(out, split)["images"]}
+        on_disk = {p.name for p in (out / f"{split}2017").glob("*.jpg")}
+        assert on_disk == listed and len(listed) == (2 if split == "train" else 1)
+    assert (out / "train2017" / "notes.txt").read_text() == "mine"

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,6 +212,53 @@ def test_predict_errors(enact_run, shapes_coco, tmp_path, capsys):
         ["--checkpoint", ckpt, "--input", str(bad), str(good), "--output", str(tmp_path / "s"),
          "--device", "cpu", "--skip_unreadable", "--no_images"]))
     assert result["skipped"] == [str(bad)] and len(result["images"]) == 1
+    # a --detector that contradicts the checkpoint's own entry; --enact_impl cuda without a
+    # CUDA device; an --output that is a file; counts below 1
+    msg = _exit_error(predict, ["--checkpoint", ckpt, "--input", str(good), "--detector",
+                                "anchor_detr", "--device", "cpu"], capsys)
+    assert "this is a 'detr' checkpoint, not 'anchor_detr'" in msg
+    msg = _exit_error(predict, ["--checkpoint", ckpt, "--input", str(good), "--device", "cpu",
+                                "--enact_impl", "cuda"], capsys)
+    assert "--enact_impl cuda needs --device cuda" in msg
+    msg = _exit_error(predict, ["--checkpoint", ckpt, "--input", str(good), "--device", "cpu",
+                                "--output", str(empty / "notes.txt")], capsys)
+    assert "notes.txt: is a file, not a folder" in msg
+    for flag in ("--max_images", "--top_k"):
+        with pytest.raises(SystemExit) as info:
+            predict.get_parser().parse_args(["--checkpoint", ckpt, "--input", str(good), flag,
+                                             "0"])
+        assert info.value.code == 2 and "integer >= 1" in capsys.readouterr().err
+
+
+def test_predict_output_names_never_clash_and_exif_upright(enact_run, shapes_coco, tmp_path):
+    """x.jpg, x_2.jpg and another folder's x.jpg give three drawn images (the renamed one may
+    not take x_2's name), each named in detections.json; an image stored sideways with EXIF
+    orientation 6 is predicted upright, as viewers show it."""
+    src = Image.open(_val_images(shapes_coco)[0])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for name in ("a/x.jpg", "a/x_2.jpg", "b/x.jpg"):
+        src.save(tmp_path / name)
+    sideways = src.transpose(Image.Transpose.ROTATE_90)  # stored rotated ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... and tagged "rotate 90 degrees clockwise to view"
+    sideways.save(tmp_path / "b" / "turned.jpg", exif=exif)
+    out = tmp_path / "pred"
+    result = predict.run(predict.get_parser().parse_args(
+        ["--checkpoint", str(enact_run / "checkpoint.pth"), "--input", str(tmp_path / "a"),
+         str(tmp_path / "b"), "--output", str(out), "--device", "cpu", "--threshold", "0"]))
+    names = [r["output"] for r in result["images"]]
+    assert len(set(names)) == 4 and sorted(p.name for p in out.glob("*_pred.jpg")) == sorted(names)
+    turned = next(r for r in result["images"] if r["file"].endswith("turned.jpg"))
+    assert (turned["width"], turned["height"]) == src.size  # upright, not the stored raster
+    with Image.open(out / turned["output"]) as drawn:
+        assert drawn.size == src.size
+
+
+def test_unique_stems_case_and_renamed_clash():
+    from detr_common.inference import unique_stems
+    paths = [Path(p) for p in ("a/x.jpg", "b/x.png", "a/x_2.jpg", "c/X.jpg", "d/y.jpg")]
+    assert unique_stems(paths) == ["x", "x_2", "x_2_2", "X_3", "y"]
 
 
 # --------------------------------------------------------------------------- visualize_entropy
@@ -364,7 +412,15 @@ def test_plot_logs(enact_run, tmp_path, capsys):
     capsys.readouterr()
     msg = _exit_error(plot_logs, [str(plain), "--fields", "nonsense", "--output",
                                   str(tmp_path / "x.png")], capsys)
-    assert "'nonsense'" in msg and "train_loss" in msg
+    assert msg.endswith("available: AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, "
+                        "ARl, loss"), msg  # what --fields takes: no 'epoch', no 'train_loss'
+    # a folder gets training_curves.png inside it; a name without a suffix gets .png
+    plot_logs.main([str(plain), "--output", str(tmp_path / "figs")])
+    plot_logs.main([str(plain), "--output", str(tmp_path / "bare")])
+    assert capsys.readouterr().out.split() == [
+        "wrote", str(tmp_path / "figs" / "training_curves.png"),
+        "wrote", str(tmp_path / "bare.png")]
+    assert (tmp_path / "figs" / "training_curves.png").is_file() and not (tmp_path / "bare").exists()
     msg = _exit_error(plot_logs, [str(tmp_path / "missing")], capsys)
     assert "no such log file" in msg
     msg = _exit_error(plot_logs, [str(plain), "--labels", "a", "b"], capsys)

@@ -122,6 +122,17 @@ def _swap_anchor_slices(state, n):
         state[p + name] = torch.cat((s[2], s[3], s[0], s[1], s[4]))
 
 
+def refuse_our_checkpoint(path, ckpt):
+    """CheckpointError for a checkpoint this tool wrote or a main.py of this repository wrote
+    (converting it again would fold the numerics into W_q / W_o a second time)."""
+    if "conversion" in ckpt or "converted_from" in ckpt:
+        raise CheckpointError(f"{path}: already converted (from {ckpt.get('converted_from')}); "
+                              f"use it as it is")
+    if "detector" in ckpt:
+        raise CheckpointError(f"{path}: written by this repository's main.py, not by the "
+                              f"official code: nothing to convert")
+
+
 def nheads_of(ckpt, default: int) -> int:
     args = ckpt.get("args")
     return int(getattr(args, "nheads", default) or default)
@@ -151,7 +162,11 @@ def main(argv=None) -> int:
     try:
         if dst.resolve() == src.resolve():
             raise CheckpointError(f"{dst}: the output would overwrite the official checkpoint")
+        if dst.is_dir():
+            raise CheckpointError(f"{dst}: is a folder; give the converted checkpoint's file "
+                                  f"name")
         ckpt = load_checkpoint(src)
+        refuse_our_checkpoint(src, ckpt)
         state = strip_ddp_prefix(ckpt["model"])
         detector = opts.detector or detect_detector(state)
         for flag in ("swap_qk", "keep_numerics"):

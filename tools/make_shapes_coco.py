@@ -27,6 +27,9 @@ pixel resolution), ``area`` = drawn (anti-aliased) pixel area of the shape, ``is
 unique ``id`` over both splits; images carry ``id``, ``file_name``, ``width``, ``height``.
 Image ids are 1.. for train and 1000001.. for val.
 
+Writing into the folder of an earlier dataset replaces it: that dataset's images which this one
+does not have are deleted (only files named as this tool names them).
+
 Determinism: every image has its own RNG seeded from (seed, split, index), so the same seed
 gives byte-identical JSON (and images), and an image does not depend on how many others are
 generated. Only numpy and Pillow are used for drawing.
@@ -236,6 +239,8 @@ def generate(out, num_train, num_val, min_size, max_size, seed, workers=0):
         raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
     if workers < 0:
         raise ValueError(f"need workers >= 0, got {workers}")
+    if num_train < 0 or num_val < 0:
+        raise ValueError(f"need num_train, num_val >= 0, got {num_train}, {num_val}")
     out = Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     categories = [{"id": cid, "name": name, "supercategory": sup}
@@ -270,7 +275,16 @@ def generate(out, num_train, num_val, min_size, max_size, seed, workers=0):
         }
         path = out / "annotations" / f"instances_{split}2017.json"
         path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        _remove_stale_images(folder, {image["file_name"] for image in images})
     return out
+
+
+def _remove_stale_images(folder: Path, kept):
+    """Delete images of an earlier, larger generation into the same folder (names of this
+    tool's pattern that this one did not write); other files are left alone."""
+    for path in folder.glob("[0-9]" * 12 + ".jpg"):
+        if path.name not in kept:
+            path.unlink()
 
 
 def main(argv=None):

@@ -38,7 +38,8 @@ def get_parser():
     p.add_argument("--fields", nargs="+", default=None,
                    help=f"what to plot (default: those of {' '.join(DEFAULT_FIELDS)} that the "
                         f"logs have)")
-    p.add_argument("--output", default="training_curves.png", help="PNG to write")
+    p.add_argument("--output", default="training_curves.png",
+                   help="PNG to write (a folder: training_curves.png in it)")
     p.add_argument("--title", default=None, help="figure title")
     p.add_argument("--dpi", type=int, default=100)
     return p
@@ -102,13 +103,26 @@ def series(records, field):
 
 
 def available_fields(all_records):
-    keys = set()
+    """The --fields values the logs can plot: numeric train_ / test_ keys without their prefix,
+    and the COCO statistics where test_coco_eval_bbox is logged."""
+    keys, coco = set(), 0
     for records in all_records:
         for r in records:
-            keys.update(k for k, v in r.items() if isinstance(v, (int, float)))
-            if "test_coco_eval_bbox" in r:
-                keys.update(("AP", "AP50"))
-    return sorted(keys)
+            keys.update(k.split("_", 1)[1] for k, v in r.items()
+                        if k.startswith(("train_", "test_")) and isinstance(v, (int, float))
+                        and not isinstance(v, bool))
+            if isinstance(r.get("test_coco_eval_bbox"), list):
+                coco = max(coco, len(r["test_coco_eval_bbox"]))
+    return list(COCO_STATS[:coco]) + sorted(keys)
+
+
+def output_path(output) -> Path:
+    """--output as the file written: a folder gets training_curves.png inside it, a name
+    without a suffix gets .png (matplotlib would add it without saying)."""
+    output = Path(output)
+    if output.is_dir():
+        return output / "training_curves.png"
+    return output if output.suffix else output.with_suffix(".png")
 
 
 def import_pyplot():
@@ -167,7 +181,7 @@ def plot(paths, labels, fields, output, title=None, dpi=100):
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.45 / (3.2 * nrows + 0.5), 1, 1))
-    output = Path(output)
+    output = output_path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=dpi)
     plt.close(fig)

@@ -5,10 +5,12 @@ and ``detections.json``.
     python tools/predict.py --checkpoint runs/detr_enact/checkpoint.pth --input img.jpg \\
         --output predictions/ [--threshold 0.5] [--device cpu|cuda] [--coco_path /data/coco]
 
-detections.json: {"checkpoint", "detector", "threshold", "images": [{"file", "width",
-"height", "detections": [{"label", "name", "score", "box_xyxy"}]}]} with boxes in absolute
-pixels (x1, y1, x2, y2) of the original image (clipped to it), sorted by decreasing score;
-"label" is the category id of the training annotation file.
+detections.json: {"checkpoint", "detector", "threshold", "images": [{"file", "output",
+"width", "height", "detections": [{"label", "name", "score", "box_xyxy"}]}]} with boxes in
+absolute pixels (x1, y1, x2, y2) of the original image (clipped to it; turned upright by its
+EXIF orientation, as viewers show it), sorted by decreasing score; "label" is the category id
+of the training annotation file; "output" is the drawn image's file name (absent with
+--no_images; a name used twice gets "_2", "_3", ...).
 Class names: --coco_path / --annotations if given, else the checkpoint's ``class_names``
 entry, else the annotation file of the checkpoint's own --coco_path when it is on this
 machine, else "class <id>". Expected problems end with "error: ..." and exit status 2.
@@ -25,8 +27,9 @@ if str(ROOT) not in sys.path:
 from detr_common.drawing import draw_detections  # noqa: E402
 from detr_common.inference import (InferenceError, add_common_arguments,  # noqa: E402
                                    class_name, detect, eval_transform, list_images,
-                                   load_detector_from_checkpoint, read_image, resolve_device,
-                                   run_tool, unique_stems, write_json)
+                                   load_detector_from_checkpoint, positive_int,
+                                   prepare_output_dir, read_image, resolve_device, run_tool,
+                                   unique_stems, write_json)
 
 log = logging.getLogger("predict")
 
@@ -38,7 +41,7 @@ def get_parser():
                          "folder for the drawn images and detections.json (created)")
     p.add_argument("--threshold", type=float, default=0.5, help="keep detections with score >= "
                    "this (0 keeps all)")
-    p.add_argument("--top_k", type=int, default=None,
+    p.add_argument("--top_k", type=positive_int, default=None,
                    help="at most this many detections per image (the highest scores)")
     p.add_argument("--coco_path", default=None, help="COCO-layout folder to read the class "
                    "names from (annotations/instances_val2017.json)")
@@ -65,8 +68,7 @@ def run(args):
         args.checkpoint, device, annotations=args.annotations or args.coco_path,
         detector=args.detector, enact_impl=args.enact_impl)
     transform = eval_transform(margs, args.eval_size, args.max_size)
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_dir(args.output)
     records, skipped = [], []
     progress = zip(images, unique_stems(images))
     if len(images) > 1:
@@ -83,14 +85,16 @@ def run(args):
             skipped.append(str(path))
             continue
         dets = detect(model, post, image, transform, device, args.threshold)[:args.top_k]
-        records.append({
+        record = {
             "file": str(path), "width": image.width, "height": image.height,
             "detections": [{"label": label, "name": class_name(names, label),
                             "score": round(score, 5),
                             "box_xyxy": [round(v, 2) for v in box]}
-                           for label, score, box in dets]})
+                           for label, score, box in dets]}
         if not args.no_images:
-            draw_detections(image, dets, names).save(out_dir / output_name(path, stem))
+            record["output"] = output_name(path, stem)
+            draw_detections(image, dets, names).save(out_dir / record["output"])
+        records.append(record)
     result = {"checkpoint": str(args.checkpoint), "detector": margs.detector,
               "threshold": args.threshold, "images": records}
     if skipped:

@@ -36,8 +36,8 @@ from PIL import Image  # noqa: E402
 from detr_common.drawing import draw_regions, heatmap, panel, resize_map  # noqa: E402
 from detr_common.inference import (InferenceError, add_common_arguments,  # noqa: E402
                                    eval_transform, list_images, load_detector_from_checkpoint,
-                                   prepare_image, read_image, resolve_device, run_tool,
-                                   unique_stems)
+                                   prepare_image, prepare_output_dir, read_image,
+                                   resolve_device, run_tool, unique_stems)
 
 log = logging.getLogger("visualize_entropy")
 
@@ -176,8 +176,7 @@ def run(args):
         raise InferenceError(f"--layer {bad[0]}: the model has {len(modules)} ENACT layer(s), "
                              f"indices 0..{len(modules) - 1}")
     transform = eval_transform(margs, args.eval_size, args.max_size)
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_dir(args.output)
     progress = zip(images, unique_stems(images))
     if len(images) > 1:
         from tqdm import tqdm
