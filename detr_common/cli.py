@@ -13,6 +13,15 @@ def _int_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+def _sigma(text):
+    """--smoothing_sigma: an integer in 1..64 (enact_cuda.information.check_sigma)."""
+    from enact_cuda.information import check_sigma
+    try:
+        return check_sigma(int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 COCO_TRAIN_SIZES = list(range(480, 801, 32))
 
 
@@ -73,8 +82,8 @@ def get_args_parser(description, num_queries=100, enact_attention=True, **defaul
     g.add_argument("--no_enact", action="store_true",
                    help="plain encoder self-attention (the baseline detector)")
     g.add_argument("--enact_impl", choices=["auto", "cuda", "torch"], default="auto")
-    g.add_argument("--smoothing_sigma", type=int, default=3,
-                   help="sigma of ENACT's Gaussian smoothing (integer)")
+    g.add_argument("--smoothing_sigma", type=_sigma, default=3,
+                   help="sigma of ENACT's Gaussian smoothing (integer, 1..64)")
     g.add_argument("--enact_row_breaks", action="store_true",
                    help="also start an ENACT region at every image row (off in the paper)")
     g.add_argument("--enact_mode", choices=["paper_regions", "official_fixed_chunk"],

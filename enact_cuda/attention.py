@@ -40,19 +40,33 @@ _VARYING_R_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
                        SDPBackend.MATH]
 
 
+def _check_attention_args(q, k, v, key_padding_mask, dropout_p):
+    """ValueError / TypeError for arguments no backend takes (the CUDA binding checks the same)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("clustered_attention: q, k, v must be (B, heads, L, e)")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"clustered_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} do not fit (B, heads, N, e), (B, heads, R, e), "
+                         f"(B, heads, R, e_v)")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"clustered_attention: key_padding_mask must be bool (True = no "
+                            f"cluster), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(f"key_padding_mask {tuple(key_padding_mask.shape)} does not match "
+                             f"k {tuple(k.shape)}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"clustered_attention: dropout_p must be in [0, 1], got {dropout_p}")
+
+
 def clustered_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               key_padding_mask: torch.Tensor | None, dropout_p: float = 0.0,
                               scale: float | None = None) -> torch.Tensor:
     """Torch backend of `clustered_attention` (same arguments, no impl)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("clustered_attention: q, k, v must be (B, heads, L, e)")
+    _check_attention_args(q, k, v, key_padding_mask, dropout_p)
     if key_padding_mask is None:
         with sdpa_kernel(_VARYING_R_BACKENDS):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    B, R = key_padding_mask.shape
-    if k.shape[0] != B or k.shape[2] != R:
-        raise ValueError(f"key_padding_mask {tuple(key_padding_mask.shape)} does not match "
-                         f"k {tuple(k.shape)}")
     has_key = ~key_padding_mask.all(1)  # (B,)
     # attn_mask True = attend. An image without any cluster attends to its (zero, masked)
     # padding rows instead of producing NaN; its output is then set to 0.
@@ -114,6 +128,7 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     SDPA (tensor cores) for bfloat16 / float16; "cuda" uses the kernel for float32 and
     bfloat16 alike.
     """
+    _check_attention_args(q, k, v, key_padding_mask, dropout_p)
     backend = resolve_impl(impl, q, k, v)
     if backend == "cuda" and impl == "auto":
         why = kernel_gap((q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]),

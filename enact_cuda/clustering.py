@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence, Union
 
 import torch
 
-from .information import _compaction, cuda_backend_or_reason, regions, resolve_impl
+from .information import _check_mask, _compaction, cuda_backend_or_reason, regions, resolve_impl
 
 __all__ = ["Clusters", "PackedClusters", "cluster", "cluster_tensors", "fixed_chunks", "pack"]
 
@@ -34,7 +34,8 @@ class Clusters(NamedTuple):
 
     keys (B, R, d) (None from ENACTClustering), values (B, R, d_v) or a tuple of such,
     key_padding_mask (B, R) bool, True where image b has no cluster r (always a suffix:
-    cluster r exists iff r < R_b), region_index (B, N) int64, -1 on padding. R = max_b R_b
+    cluster r exists iff r < R_b), region_index (B, N) int64, -1 on padding (and, in the
+    official fixed-chunk mode, on the valid pixels its chunks trim). R = max_b R_b
     (at least 1). Padding clusters are zero vectors.
     """
     keys: torch.Tensor | None
@@ -77,14 +78,17 @@ def cluster_tensors(tensors: Sequence[torch.Tensor], smoothed: torch.Tensor,
 
     tensors: tuple of (B, N, d_t); smoothed (B, N) smoothed information; region_index (B, N)
     int64 (-1 on padding); num_clusters: R_max (python int). Returns a tuple of (B, R_max, d_t)
-    in each tensor's dtype; clusters r >= R_b are zero. Weights w_i = exp(s_i) / sum over the
+    in each tensor's dtype; clusters r >= R_b are zero. Pixels of a region r >= num_clusters
+    are left out (as the CUDA kernel does), never added to another image's clusters. Weights w_i = exp(s_i) / sum over the
     region (a detached per-region max is subtracted for stability; the result is unchanged).
     Sums are accumulated in the promoted dtype of the tensor and `smoothed`.
     """
     tensors = tuple(tensors)
     B, N = smoothed.shape
     R = int(num_clusters)
-    valid = region_index >= 0
+    if B * N == 0:
+        return tuple(t.new_zeros(B, R, *t.shape[2:]) for t in tensors)
+    valid = (region_index >= 0) & (region_index < R)
     # Flat bucket per pixel: b * R + r, padding -> dummy bucket B * R.
     base = torch.arange(B, device=smoothed.device)[:, None] * R
     flat = torch.where(valid, base + region_index, B * R).reshape(-1)
@@ -130,6 +134,8 @@ def fixed_chunks(counts: torch.Tensor, padding_mask: torch.Tensor | None, N: int
     (the default), an image's chunks do not depend on the batch it is in; for a batch of one
     unpadded image the two agree.
     """
+    if padding_mask is not None:
+        _check_mask(padding_mask, (counts.shape[0], N), "fixed_chunks")
     valid, rank, _, lengths = _compaction(padding_mask, counts.shape[0], N, counts.device)
     length_per_region = lengths.double() / counts.clamp_min(1).double()
     if per_batch:

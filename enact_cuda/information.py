@@ -73,19 +73,26 @@ def self_information(keys: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                      padding_mask: torch.Tensor | None) -> torch.Tensor:
     """keys (B, N, d), weight (1, d), bias (1,) or None, padding_mask (B, N) -> (B, N) bits.
 
-    z = keys @ weight.T + bias (the W_prob layer), then `information_from_logits`.
+    z = keys @ weight.T + bias (the W_prob layer) in float32 (float64 for float64 keys), also
+    under autocast: bf16 logits would move region boundaries; then `information_from_logits`.
     """
     if keys.dim() != 3:
         raise ValueError(f"self_information: keys must be (B, N, d), got {tuple(keys.shape)}")
-    z = F.linear(keys, weight, bias).squeeze(-1)
-    return information_from_logits(z, padding_mask)
+    dtype = torch.promote_types(keys.dtype, torch.float32)  # float32 logits, as the module's
+    with torch.autocast(keys.device.type, enabled=False):
+        z = F.linear(keys.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return information_from_logits(z.squeeze(-1), padding_mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # Gaussian smoothing taps
 # ----------------------------------------------------------------------------------------------
+MAX_SIGMA = 64  # the CUDA kernels' limit, kept on every backend so that all take the same
+
+
 def check_sigma(sigma) -> int:
-    """Return sigma as a python int >= 1; ValueError for anything else (3.0 is accepted as 3).
+    """Return sigma as a python int in 1..MAX_SIGMA; ValueError for anything else (3.0 is
+    accepted as 3).
 
     A non-integer sigma would give half-integer taps / an asymmetric kernel (spec §1.3).
     """
@@ -98,8 +105,8 @@ def check_sigma(sigma) -> int:
     else:
         raise ValueError(f"sigma must be an integer >= 1 (the kernel taps are integers), "
                          f"got {sigma!r}")
-    if value < 1:
-        raise ValueError(f"sigma must be an integer >= 1, got {sigma!r}")
+    if not 1 <= value <= MAX_SIGMA:
+        raise ValueError(f"sigma must be an integer in 1..{MAX_SIGMA}, got {sigma!r}")
     return value
 
 
@@ -210,6 +217,8 @@ def regions_from_steps(step: torch.Tensor, padding_mask: torch.Tensor | None,
     row start (valid width = valid pixels in the image's first row).
     """
     B, N = step.shape
+    if padding_mask is not None:
+        _check_mask(padding_mask, step.shape, "regions_from_steps")
     valid, rank, dest, lengths = _compaction(padding_mask, B, N, step.device)
     step_c = _compact(step.to(torch.uint8), dest).bool()
     width = _valid_width(valid, hw) if row_breaks else None
@@ -240,6 +249,8 @@ def regions(information: torch.Tensor, padding_mask: torch.Tensor | None, sigma,
     s = check_sigma(sigma)
     half = taps_half_width(s, gauss_taps)
     B, N = information.shape
+    if N == 0:
+        raise ValueError("regions: no pixels (N = 0)")
     if padding_mask is not None:
         _check_mask(padding_mask, information.shape, "regions")
     valid, rank, dest, lengths = _compaction(padding_mask, B, N, information.device)

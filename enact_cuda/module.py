@@ -138,6 +138,8 @@ class _ENACTRegions(nn.Module):
         if not self.honour_mask:
             key_padding_mask = None  # the official code's padding handling (module docstring)
         backend = resolve_impl(self.impl, info_keys, *tensors)
+        if info_keys.shape[0] == 0:
+            backend = "torch"  # an empty batch: nothing for the kernels to do
         paper = self.mode == "paper_regions"
         cb = cuda_backend_or_reason()[0] if backend == "cuda" else None
         if cb is not None and paper:
@@ -169,17 +171,20 @@ class _ENACTRegions(nn.Module):
             info = information_from_logits(z, key_padding_mask)
             smoothed, region_index, counts = regions(info, key_padding_mask, self.sigma,
                                                      self.row_breaks, hw, self.gauss_taps)
+        region_counts = counts
         if not paper:  # chunks are runs of consecutive pixels, like regions: same kernels
             region_index, counts = fixed_chunks(counts, key_padding_mask, z.shape[1],
                                                 per_batch=not self.honour_mask)
         cluster_fn = cb.cluster_tensors if cb is not None else cluster_tensors
         clustered = cluster_fn(tensors, smoothed, region_index, _num_clusters(counts))
         R = clustered[0].shape[1]
-        self._record(info, smoothed, counts, key_padding_mask, info_keys)
+        self._record(info, smoothed, counts, region_counts, key_padding_mask, info_keys)
         early = before_sync() if before_sync is not None else None
         return backend, clustered, _cluster_mask(counts, R), region_index, early
 
-    def _record(self, info, smoothed, counts, key_padding_mask, x):
+    def _record(self, info, smoothed, counts, region_counts, key_padding_mask, x):
+        """last_stats from the clusters' and the regions' counts (B,) (the same tensor unless
+        the clusters are the official code's fixed chunks)."""
         B, N = x.shape[:2]
         clusters = counts.detach().float()
         if key_padding_mask is None:
@@ -189,7 +194,7 @@ class _ENACTRegions(nn.Module):
         self.last_stats = {
             "clusters_per_image": clusters,
             "pixels_per_image": pixels,
-            "mean_region_length": pixels / clusters.clamp_min(1.0),
+            "mean_region_length": pixels / region_counts.detach().float().clamp_min(1.0),
         }
         self.information = info.detach()
         self.smoothed_information = smoothed.detach()

@@ -120,3 +120,14 @@ def test_checkpoint_of_another_shape_and_resume_past_the_end(shapes_coco, tmp_pa
     fails_with(detr(shapes_coco, tmp_path / "o", "--resume", ckpt, "--epochs", "2",
                     "--lr_drop", "1"), "checkpoint.pth", "--lr_drop 1 (checkpoint: 200)",
                "--pretrained")
+
+
+@pytest.mark.parametrize("sigma", ["0", "70", "2.5"])
+def test_smoothing_sigma_out_of_range_is_a_usage_error(sigma, capsys):
+    """--smoothing_sigma outside 1..64 (the CUDA kernels' range, kept on every backend) stops at
+    the parser with exit status 2, not with a traceback from the model build."""
+    from detr_common.cli import get_args_parser
+    with pytest.raises(SystemExit) as info:
+        get_args_parser("t").parse_args(["--smoothing_sigma", sigma])
+    assert info.value.code == 2 and "--smoothing_sigma" in capsys.readouterr().err
+    assert get_args_parser("t").parse_args(["--smoothing_sigma", "64"]).smoothing_sigma == 64

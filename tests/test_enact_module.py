@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from detr_common.attention import EncoderSelfAttention
-from enact_cuda import (Clusters, ENACTAttention, ENACTClustering, cluster,
-                        information_from_logits, regions, self_information)
+from enact_cuda import (Clusters, ENACTAttention, ENACTClustering, cluster, clustered_attention,
+                        fixed_chunks, information_from_logits, regions, self_information)
+from enact_cuda.clustering import cluster_tensors
+from enact_cuda.information import regions_from_steps
 
 
 def box_mask(B, H, W, sizes):
@@ -253,3 +255,78 @@ def test_bfloat16_logits_computed_in_float32(how):
     z = torch.nn.functional.linear(src.float(), w, b).squeeze(-1)
     assert mod.information.dtype == torch.float32
     assert torch.allclose(mod.information, information_from_logits(z, None), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["paper_regions", "official_fixed_chunk"])
+def test_empty_batch_and_no_pixels(mode):
+    """A batch of zero images gives an empty output (it crashed in a reshape); zero pixels per
+    image is a clear ValueError."""
+    mod = ENACTAttention(8, 2, sigma=1, impl="torch", mode=mode)
+    assert mod(torch.randn(0, 12, 8)).shape == (0, 12, 8)
+    with pytest.raises(ValueError, match="N = 0"):
+        mod(torch.randn(2, 0, 8))
+
+
+def test_bad_argument_errors_of_the_public_functions():
+    """The torch backend checks what the CUDA binding checks: batch / head / length mismatches,
+    a non-bool key mask, dropout outside [0, 1]; masks of the region functions are checked;
+    sigma is limited to the CUDA kernels' 64 on every backend."""
+    q, k = torch.randn(1, 2, 5, 4), torch.randn(2, 2, 3, 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        clustered_attention(q, k, k, None, impl="torch")  # was broadcast over the batch
+    q = torch.randn(2, 2, 5, 4)
+    with pytest.raises(TypeError, match="must be bool"):
+        clustered_attention(q, k, k, torch.zeros(2, 3, dtype=torch.uint8), impl="torch")
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\]"):
+        clustered_attention(q, k, k, None, dropout_p=-0.1, impl="torch")
+    step = torch.zeros(2, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="padding_mask shape"):
+        regions_from_steps(step, torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="must be bool"):
+        fixed_chunks(torch.tensor([2, 2]), torch.zeros(2, 6), 6)
+    with pytest.raises(ValueError, match=r"1\.\.64"):
+        ENACTAttention(8, 2, sigma=70, impl="torch")
+
+
+def test_regions_beyond_num_clusters_are_left_out_not_mixed_into_the_next_image():
+    """cluster_tensors with num_clusters below an image's region count leaves those regions
+    out (as the CUDA kernel does); before, region 2 of image 0 landed in image 1's cluster 0.
+    Hand-computed: image 1 is one region of values 6..11 with equal smoothed information, so
+    its cluster is their mean 8.5."""
+    info = torch.tensor([[0, .5, 0, 0, .5, 0], [0.] * 6])
+    smoothed, region_index, counts = regions(info, None, 1)
+    assert counts.tolist() == [3, 1]
+    (out,) = cluster_tensors((torch.arange(12.).view(2, 6, 1),), smoothed, region_index, 2)
+    assert torch.allclose(out[1, 0], torch.tensor([8.5]))
+    (full,) = cluster_tensors((torch.arange(12.).view(2, 6, 1),), smoothed, region_index, 3)
+    assert torch.allclose(out[0], full[0, :2])  # the kept regions are unchanged
+
+
+def test_self_information_logits_in_float32():
+    """bf16 keys with float32 weights gave a dtype error; bf16 weights gave bf16 logits.
+    Reference: the float32 computation of the same numbers."""
+    torch.manual_seed(3)
+    keys = torch.randn(2, 50, 16).bfloat16()
+    w, b = torch.randn(1, 16), torch.randn(1)
+    ref = information_from_logits(torch.nn.functional.linear(keys.float(), w, b).squeeze(-1),
+                                  None)
+    assert torch.allclose(self_information(keys, w, b, None), ref, atol=1e-6)
+    got = self_information(keys, w.bfloat16(), b.bfloat16(), None)
+    ref = information_from_logits(torch.nn.functional.linear(
+        keys.float(), w.bfloat16().float(), b.bfloat16().float()).squeeze(-1), None)
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-6)
+
+
+def test_fixed_chunk_mode_reports_the_regions_mean_length():
+    """In the official fixed-chunk mode the clusters are chunks, but mean_region_length is the
+    regions' (pixels / regions, from which the chunk size is rounded), not pixels / chunks."""
+    torch.manual_seed(4)
+    mod = ENACTAttention(8, 2, sigma=1, impl="torch", mode="official_fixed_chunk")
+    src = torch.randn(3, 23, 8)
+    mod(src)
+    info = self_information(src, mod.W_prob.weight, mod.W_prob.bias, None)
+    _, _, region_counts = regions(info, None, 1)
+    stats = mod.last_stats
+    assert torch.allclose(stats["mean_region_length"], 23 / region_counts.float())
+    chunks = fixed_chunks(region_counts, None, 23)[1]
+    assert torch.equal(stats["clusters_per_image"], chunks.float())
