@@ -18,11 +18,13 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
 	touch $@
 
-# Synthetic shapes data (COCO layout), then a tiny DETR trained and evaluated on the CPU.
+# Synthetic shapes data (COCO layout), then a tiny DETR + ENACT trained and evaluated on the
+# CPU (a fresh run each time: the previous demo output is removed first).
 demo: setup
 	$(PY) tools/make_shapes_coco.py --out $(DEMO_DATA) --num_train 240 --num_val 60 \
 		--min_size 96 --max_size 160 --seed 0
-	$(PY) DETR-ENACT/main.py --coco_path $(DEMO_DATA) --output_dir $(DEMO_OUT) --no_enact \
+	rm -rf $(DEMO_OUT)
+	$(PY) DETR-ENACT/main.py --coco_path $(DEMO_DATA) --output_dir $(DEMO_OUT) --smoothing_sigma 1 \
 		--device cpu --backbone resnet18 --backbone_weights none --hidden_dim 64 --nheads 4 \
 		--enc_layers 2 --dec_layers 2 --dim_feedforward 128 --dropout 0.0 --num_queries 20 \
 		--train_sizes 128 --eval_size 128 --max_size 160 --batch_size 8 --lr 2e-4 \

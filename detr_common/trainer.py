@@ -3,6 +3,7 @@ epochs, checkpoints, evaluation and ``log.txt``. A detector plugs in through :cl
 import json
 import logging
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from .data.seeding import SeededDataset, SeededSampler
 from .distributed import get_rank, init_distributed, is_dist, is_main_process
 from .engine import NonFiniteLossError, evaluate, train_one_epoch
 from .enact_stats import enact_stats
-from .logs import append_log, epoch_record, setup_console_logging
+from .logs import append_log, epoch_record, read_log, setup_console_logging
 
 log = logging.getLogger("detr_common")
 
@@ -132,13 +133,49 @@ def _check_schedule_flags(ckpt, path, args):
 
 
 def _checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch, args, detector,
-                      class_names):
+                      class_names, train_stats):
+    """What checkpoint.pth holds; ``train_stats`` (the epoch's train_* figures) let a resume
+    complete the epoch's log.txt record when its evaluation was cut short."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-             "detector": detector.name, "class_names": class_names}
+             "detector": detector.name, "class_names": class_names,
+             "train_stats": train_stats}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     return state
+
+
+def _check_output_dir(output_dir, args):
+    """UsageError when training would start afresh in the folder of an earlier run: its
+    checkpoint.pth would be overwritten and log.txt would mix two runs."""
+    if args.eval or args.resume or output_dir is None:
+        return
+    held = [name for name in ("checkpoint.pth", "log.txt") if (output_dir / name).exists()]
+    if held:
+        raise UsageError(f"--output_dir {output_dir} already holds a run ({', '.join(held)}): "
+                         f"continue it with --resume {output_dir / 'checkpoint.pth'}, or give "
+                         f"another --output_dir")
+
+
+def _complete_log(output_dir, ckpt, path, n_parameters, evaluate_now):
+    """When log.txt lacks the epoch ``ckpt`` finished (the run was stopped during that epoch's
+    evaluation, after the checkpoint was saved), evaluate it now and append its record, so
+    the log keeps one record per trained epoch."""
+    if not output_dir or ckpt.get("epoch") is None or not (output_dir / "log.txt").is_file():
+        return
+    logged = [r.get("epoch", -1) for r in read_log(output_dir / "log.txt")]
+    if ckpt["epoch"] <= max(logged, default=-1):
+        return
+    if "train_stats" not in ckpt:
+        log.warning("%s: log.txt has no record of epoch %d (stopped during its evaluation) and "
+                    "the checkpoint predates train_stats: that record stays missing", path,
+                    ckpt["epoch"])
+        return
+    log.info("log.txt lacks epoch %d (stopped during its evaluation): evaluating it now",
+             ckpt["epoch"])
+    test_stats = evaluate_now()
+    append_log(output_dir, epoch_record(ckpt["epoch"], ckpt["train_stats"], test_stats,
+                                        n_parameters))
 
 
 def _report_eval(evaluator, stats, output_dir):
@@ -162,6 +199,7 @@ def run(args, detector):
     setup_console_logging()
     _seed_everything(args.seed + get_rank())
     output_dir = Path(args.output_dir) if args.output_dir else None
+    _check_output_dir(output_dir, args)
     if output_dir and is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -226,7 +264,13 @@ def run(args, detector):
         return stats
 
     loader_train = _loader(dataset_train, args, train=True)
-    class_names = {int(c["id"]): c["name"] for c in dataset_val.coco.dataset["categories"]}
+    class_names = {int(c["id"]): c["name"] for d in (dataset_train, dataset_val)
+                   for c in d.coco.dataset["categories"]}  # val's names where both have one
+    if args.resume:
+        _complete_log(output_dir, ckpt, args.resume, n_parameters,
+                      lambda: evaluate(model, criterion, postprocessor, loader_val,
+                                       dataset_val.coco, device, amp=args.amp,
+                                       stats_fn=stats_fn)[0])
     log.info("training epochs %d..%d", args.start_epoch, args.epochs - 1)
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
@@ -246,7 +290,7 @@ def run(args, detector):
         lr_scheduler.step()
         if output_dir and is_main_process():
             state = _checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler,
-                                      epoch, args, detector, class_names)
+                                      epoch, args, detector, class_names, train_stats)
             ckpt_io.save_checkpoint(state, output_dir / "checkpoint.pth")
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.checkpoint_every == 0:
                 ckpt_io.save_checkpoint(state, output_dir / f"checkpoint{epoch:04}.pth")
@@ -279,14 +323,41 @@ EXPECTED_ERRORS = (UsageError, DatasetError, ckpt_io.CheckpointError, NonFiniteL
                    BackboneWeightsError)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _interrupted_message(args) -> str:
+    ckpt = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
+    if args.eval:
+        return "interrupted"
+    if ckpt is not None and ckpt.is_file():
+        return (f"interrupted; continue with --resume {ckpt} (it holds the last finished "
+                f"epoch)")
+    return "interrupted before the first epoch finished: nothing was saved"
+
+
 def main(parser, detector, argv=None):
-    """Parse flags and run; expected failures end with one clear line and exit status 2."""
+    """Parse flags and run; expected failures end with one clear line and exit status 2.
+    Ctrl-C or SIGTERM (what job schedulers send) stop with one line saying how to continue,
+    exit status 130; a checkpoint being written is never left half-written or as a stray
+    temporary file."""
     args = parser.parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
     try:
         run(args, detector)
     except EXPECTED_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if is_main_process():
+            print(_interrupted_message(args), file=sys.stderr)
+        sys.exit(130)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if is_dist():
             torch.distributed.destroy_process_group()

@@ -89,6 +89,8 @@ demo() {
         --eval_size 128 --max_size 160 --batch_size 8 --lr 2e-4 --lr_backbone 2e-5
         --epochs "${DEMO_EPOCHS:-8}" --lr_drop 100 --smoothing_sigma 1
         --num_workers "$workers")
+    rm -rf "$run/detr_enact" "$run/detr_plain"  # a fresh demo each time (main.py refuses to
+                                                # train afresh over an earlier run)
     echo "== demo: DETR with ENACT on shapes ($device)"
     "$PYTHON" "$REPO/DETR-ENACT/main.py" "${common[@]}" --output_dir "$run/detr_enact"
     echo "== demo: plain DETR on shapes ($device)"

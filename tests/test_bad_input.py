@@ -79,6 +79,11 @@ def test_num_classes_covers_the_training_categories(coco_copy, tmp_path):
     proc = detr(coco_copy, tmp_path / "o", "--epochs", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "22 classes" in proc.stderr + proc.stdout
+    # ... and its name in the checkpoint (predict.py drew "class 21" when names came from val)
+    train_names = {c["id"]: c["name"] for c in json.loads(
+        (coco_copy / "annotations" / "instances_train2017.json").read_text())["categories"]}
+    saved = torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=False)["class_names"]
+    assert saved == train_names and 21 in saved
 
 
 def test_missing_annotation_file(coco_copy, tmp_path):

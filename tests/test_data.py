@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 
 from detr_common.data import (CocoDetection, DatasetError, ImageBatch, build_dataset,
                               collate_fn)
-from detr_common.data.coco import to_rgb
+from detr_common.data.coco import load_image, to_rgb
 
 COLOUR = (200, 100, 50)
 MEAN = torch.tensor([0.485, 0.456, 0.406])
@@ -296,6 +296,46 @@ def test_nan_bbox(tmp_path):
     _assert_one_line(err, root / "annotations" / "instances_val2017.json", "bbox")
 
 
+def test_missing_image_file_fails_when_the_dataset_is_built(tiny):
+    """Listed images are checked to exist up front, not after a training epoch."""
+    (tiny / "val2017" / "b.png").unlink()
+    (tiny / "val2017" / "c.png").unlink()
+    with pytest.raises(DatasetError) as err:
+        build_dataset("val", _args(tiny))
+    _assert_one_line(err, tiny / "val2017" / "b.png", "not found")
+    assert "2 of 3 listed images are missing" in str(err.value)
+
+
+def test_negative_box_size_is_an_error(tiny):
+    """A negative width / height would be dropped from the targets but still scored by COCO's
+    evaluation (ground truth no detector can match): refused, naming the annotation."""
+    ann = tiny / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["bbox"][3] = -5
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DatasetError) as err:
+        build_dataset("val", _args(tiny))
+    _assert_one_line(err, ann, "width and height must be >= 0")
+
+
+def test_exif_rotated_image_is_used_upright_when_annotated_upright(tiny):
+    """A photo stored sideways with EXIF orientation 6 whose annotation gives the upright size
+    is turned upright; annotated with the stored size (COCO's case) it is used as stored."""
+    path = tiny / "val2017" / "b.png"
+    with Image.open(path) as im:
+        upright = im.convert("RGB")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # orientation 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path.with_suffix(".jpg"), exif=exif, quality=100)
+    w, h = upright.size
+    assert w != h
+    got = load_image(path.with_suffix(".jpg"), w, h)
+    assert got.size == (w, h)
+    assert np.abs(np.asarray(got, np.float64) - np.asarray(upright, np.float64)).mean() < 8
+    assert load_image(path.with_suffix(".jpg"), h, w).size == (h, w)  # as stored
+
+
 def test_missing_image_file_fails_when_loaded(tiny):
     ds = build_dataset("val", _args(tiny))  # building does not open images
     path = tiny / "val2017" / "b.png"
@@ -338,8 +378,8 @@ def test_image_size_disagrees_with_annotation(tiny):
 
 def test_error_from_dataloader_worker_stays_one_line(tiny):
     path = tiny / "val2017" / "c.png"
-    path.unlink()
     ds = build_dataset("val", _args(tiny))
+    path.unlink()  # after the build's check: the worker meets it
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate_fn,
                                          num_workers=1)
     with pytest.raises(DatasetError) as err:

@@ -176,3 +176,63 @@ def test_non_finite_step_is_saved_for_reproduction(shapes_coco, tmp_path, monkey
     for k, v in seen["model"].items():
         assert torch.equal(saved["model"][k], v), k
     assert saved["args"].epochs == 1 and saved["detector"] == "detr"
+
+
+def test_output_dir_of_a_run_and_an_evaluation_cut_short(shapes_coco, tmp_path):
+    """Training afresh into the folder of an earlier run is refused (it overwrote the
+    checkpoint and mixed two runs in log.txt); a run stopped during an epoch's evaluation
+    (checkpoint saved, log.txt record not yet written) gets that record back on --resume:
+    the train figures from the checkpoint, the evaluation redone (the same numbers)."""
+    run = tmp_path / "run"
+    train(shapes_coco, run, "--epochs", "1")
+    (record,) = read_log(run / "log.txt")
+    again = run_main("DETR-ENACT", "--coco_path", shapes_coco, "--output_dir", run,
+                     "--no_enact", *TINY, "--lr_drop", "2", "--epochs", "1", check=False)
+    assert again.returncode == 2
+    assert f"--output_dir {run} already holds a run (checkpoint.pth, log.txt)" in again.stderr
+    (run / "log.txt").write_text("")  # as if stopped during epoch 0's evaluation
+    train(shapes_coco, run, "--epochs", "2", "--resume", run / "checkpoint.pth")
+    log = read_log(run / "log.txt")
+    assert [r["epoch"] for r in log] == [0, 1]
+    for key in ("train_loss", "train_lr", "train_s_per_img", "test_loss"):
+        assert log[0][key] == pytest.approx(record[key], rel=1e-3), key
+    assert log[0]["test_coco_eval_bbox"] == pytest.approx(record["test_coco_eval_bbox"],
+                                                          abs=1e-3)
+
+
+def test_sigterm_while_saving_a_checkpoint_leaves_no_temporary_file(tmp_path, monkeypatch,
+                                                                     capsys):
+    """SIGTERM (a job scheduler's stop) arriving while checkpoint.pth is written: the write is
+    abandoned cleanly (no stray .tmp, the previous checkpoint intact), and the run ends with
+    one line saying how to continue, exit status 130. Before, SIGTERM killed the process
+    outright, leaving the temporary file."""
+    import os
+    import signal
+
+    from detr_common import checkpoint as ckpt_io
+    from detr_common import trainer
+    main = load_main("DETR-ENACT")
+    out = tmp_path / "run"
+    ckpt_io.save_checkpoint({"epoch": 0}, out / "checkpoint.pth")
+    real_save = torch.save
+
+    def save_then_signal(obj, f, *a, **kw):
+        real_save(obj, f, *a, **kw)
+        os.kill(os.getpid(), signal.SIGTERM)  # mid-write: before the rename
+
+    def fake_run(args, detector):
+        monkeypatch.setattr(torch, "save", save_then_signal)
+        ckpt_io.save_checkpoint({"epoch": 1}, out / "checkpoint.pth")
+
+    monkeypatch.setattr(trainer, "run", fake_run)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info:
+        trainer.main(main.get_parser(), main.DETECTOR,
+                     ["--coco_path", "x", "--output_dir", str(out)])
+    assert info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"interrupted; continue with --resume {out / 'checkpoint.pth'} (it holds "
+                   f"the last finished epoch)"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth"]
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 0
+    assert signal.getsignal(signal.SIGTERM) is before  # restored for the caller

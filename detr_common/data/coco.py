@@ -10,7 +10,12 @@ The default transforms (:func:`make_transforms`) turn the image into a normalise
 
 Annotations with ``iscrowd = 1`` are removed from the targets (they stay in ``.coco`` for
 evaluation). Boxes are converted xywh -> xyxy and clamped to the image; boxes with
-x2 <= x1 or y2 <= y1 are dropped and counted in ``.num_degenerate`` (one log line per dataset).
+x2 <= x1 or y2 <= y1 (zero size, or outside the image) are dropped and counted in
+``.num_degenerate`` (one log line per dataset); a negative width or height is an error.
+Image files are checked to exist when the dataset is built, and decoded when loaded.
+Orientation: an image whose EXIF tag rotates it by 90 degrees is turned upright when the
+annotation file's width x height is the upright size (annotation tools that show photos
+upright write that), and used as stored otherwise (as COCO's own files are).
 """
 import contextlib
 import io
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
 from .errors import DatasetError
@@ -136,6 +141,9 @@ def _validate(data, ann_file):
                 or not all(_is_number(v) for v in bbox):
             fail(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], "
                  f"got {_one_line(repr(bbox))}")
+        if bbox[2] < 0 or bbox[3] < 0:
+            fail(f"{where}: 'bbox' width and height must be >= 0, got {_one_line(repr(bbox))} "
+                 f"(COCO's evaluation would still count it, against every detector)")
         crowd = ann.setdefault("iscrowd", 0)
         if crowd not in (0, 1) or isinstance(crowd, bool):
             fail(f"{where}: 'iscrowd' must be 0 or 1, got {_one_line(repr(crowd))}")
@@ -201,6 +209,9 @@ def load_image(path, width, height, ann_file=None):
         raise DatasetError(f"{path}: image file not found{source}")
     try:
         with Image.open(path) as im:
+            if im.size != (width, height) and im.size == (height, width) \
+                    and im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+                im = ImageOps.exif_transpose(im)  # annotated upright, as viewers show it
             image = to_rgb(im)  # forces the full decode, so corrupt files fail here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: cannot read image: {_one_line(e)}") from None
@@ -208,6 +219,20 @@ def load_image(path, width, height, ann_file=None):
         raise DatasetError(f"{path}: image is {image.width}x{image.height} (w x h) but the "
                            f"annotation file says {width}x{height}{source}")
     return image
+
+
+EXIF_ORIENTATION = 0x0112  # values 5-8: the stored raster is turned by 90 degrees
+
+
+def _check_files_exist(img_folder, data, ann_file):
+    """DatasetError naming the first image the annotation file lists that is missing (a stat
+    per image, so a missing file stops the run before training, not after an epoch)."""
+    for img in data["images"]:
+        path = img_folder / img["file_name"]
+        if not path.is_file():
+            missing = sum(not (img_folder / i["file_name"]).is_file() for i in data["images"])
+            raise DatasetError(f"{path}: image file not found (listed in {ann_file}; "
+                               f"{missing} of {len(data['images'])} listed images are missing)")
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -224,6 +249,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.ann_file = Path(ann_file)
         self.transforms = transforms
         data = load_coco_json(self.ann_file)
+        _check_files_exist(self.img_folder, data, self.ann_file)
         self.coco = _make_coco(data)
         self.ids = sorted(self.coco.imgs)
         self.num_classes = max(cat["id"] for cat in data["categories"]) + 1
