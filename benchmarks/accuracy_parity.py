@@ -234,7 +234,7 @@ def read_log(run_dir):
 def checkpoint_epochs(run_dir):
     """Epochs the run's checkpoint.pth holds (its "epoch" + 1; 0 without one). It can be one
     ahead of log.txt: main.py saves the checkpoint before the epoch's evaluation, and logs the
-    epoch after it."""
+    epoch after it (and, when resumed, logs such an epoch first)."""
     path = Path(run_dir) / "checkpoint.pth"
     if not path.is_file():
         return 0
@@ -293,8 +293,9 @@ def train_within_budget(detector, variant, coco, n_train, opts, deadline, machin
         held = max(done, checkpoint_epochs(run_dir))  # epochs main.py continues from
         if held > done:
             print(f"  {detector} {variant}: log.txt lacks {held - done} epoch(s) that "
-                  f"checkpoint.pth holds (an evaluation cut short); continuing from it",
-                  flush=True)
+                  f"checkpoint.pth holds (an evaluation cut short); continuing from it "
+                  f"(main.py evaluates and logs the checkpoint's epoch again)", flush=True)
+        recovered = min(held - done, 1)  # main.py logs the checkpoint's own epoch first
         k = min(epochs_to_run([epoch_train_seconds(r, n_train) for r in records], budget_s,
                               opts.max_epochs), opts.max_epochs - held)
         if k <= 0:
@@ -330,8 +331,9 @@ def train_within_budget(detector, variant, coco, n_train, opts, deadline, machin
             tail = (run_dir / "main_output.txt").read_text().strip().splitlines()[-3:]
             error = f"main.py exited with {proc.returncode}: {' | '.join(tail)[-400:]}"
             break
-        if trained != k:
-            error = f"main.py finished but {run_dir / 'log.txt'} has {trained} new epochs, not {k}"
+        if trained not in (k, k + recovered):  # k: a checkpoint older than its train_stats
+            error = (f"main.py finished but {run_dir / 'log.txt'} has {trained} new epochs, "
+                     f"not {k + recovered}")
             break
         spent = sum(epoch_train_seconds(r, n_train) for r in read_log(run_dir))
         print(f"  {detector} {variant}: epochs {held}..{held + k - 1} done; {spent:.1f} s of "

@@ -158,12 +158,17 @@ def _check_output_dir(output_dir, args):
 
 
 def _complete_log(output_dir, ckpt, path, n_parameters, evaluate_now):
-    """When log.txt lacks the epoch ``ckpt`` finished (the run was stopped during that epoch's
+    """When a run continued in its own folder (log.txt there, or the checkpoint resumed from
+    it) lacks the record of the epoch ``ckpt`` finished (stopped during that epoch's
     evaluation, after the checkpoint was saved), evaluate it now and append its record, so
     the log keeps one record per trained epoch."""
-    if not output_dir or ckpt.get("epoch") is None or not (output_dir / "log.txt").is_file():
+    if not output_dir or ckpt.get("epoch") is None:
         return
-    logged = [r.get("epoch", -1) for r in read_log(output_dir / "log.txt")]
+    log_path = output_dir / "log.txt"
+    in_place = Path(path).resolve().parent == output_dir.resolve()
+    if not (log_path.is_file() or in_place):  # a checkpoint from elsewhere starts a new log
+        return
+    logged = [r.get("epoch", -1) for r in read_log(log_path)] if log_path.is_file() else []
     if ckpt["epoch"] <= max(logged, default=-1):
         return
     if "train_stats" not in ckpt:

@@ -324,7 +324,7 @@ def _reset_backend_cache():
 def _log_fallback(reason: str, level=logging.INFO):
     if reason not in _logged_reasons:
         _logged_reasons.add(reason)
-        logger.log(level, "enact_cuda: impl='auto' uses the torch backend: %s", reason)
+        logger.log(level, "impl='auto' uses the torch backend: %s", reason)
 
 
 def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:

@@ -416,7 +416,7 @@ def test_accuracy_parity_tiny_cpu(tmp_path, capsys, monkeypatch):
     assert parity.checkpoint_epochs(runs / "detr_enact") == 2
     assert parity.main(common + ["--variants", "enact", "--minutes", "100",
                                  "--max_epochs", "3"]) == 0
-    assert [json.loads(line)["epoch"] for line in log_path.read_text().splitlines()] == [0, 2]
+    assert [json.loads(line)["epoch"] for line in log_path.read_text().splitlines()] == [0, 1, 2]
     assert "lacks 1 epoch(s)" in capsys.readouterr().out
 
     # --report_only: trains nothing, reports each run as it stands (its last stop reason)
@@ -431,7 +431,7 @@ def test_accuracy_parity_tiny_cpu(tmp_path, capsys, monkeypatch):
     assert "command: `step 1; step 2`" in md and "\n- note: two calls\n" in md
     rows = data["rows"]
     assert [(r["variant"], r["epochs"], r["stopped_by"]) for r in rows] == [
-        ("plain", 2, "max_epochs"), ("enact", 2, "max_epochs")]
+        ("plain", 2, "max_epochs"), ("enact", 3, "max_epochs")]
     assert {(r["gpu"], r["torch"]) for r in rows} == {("cpu", torch.__version__)}
     # a report over runs of other flags or another budget says so in their rows (exit 1)
     for wrong, text in ((["--seed", "1"], "trained with other flags than this report's"),

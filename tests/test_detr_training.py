@@ -236,3 +236,13 @@ def test_sigterm_while_saving_a_checkpoint_leaves_no_temporary_file(tmp_path, mo
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth"]
     assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 0
     assert signal.getsignal(signal.SIGTERM) is before  # restored for the caller
+
+
+def test_first_epoch_evaluation_cut_short_is_logged_on_resume(shapes_coco, tmp_path):
+    """Stopped during epoch 0's evaluation, the run has a checkpoint but no log.txt at all;
+    resumed in its own folder, epoch 0's record is written first."""
+    run = tmp_path / "run"
+    train(shapes_coco, run, "--epochs", "1")
+    (run / "log.txt").unlink()
+    train(shapes_coco, run, "--epochs", "2", "--resume", run / "checkpoint.pth")
+    assert [r["epoch"] for r in read_log(run / "log.txt")] == [0, 1]
