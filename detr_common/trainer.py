@@ -145,6 +145,19 @@ def _checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch, args, detec
     return state
 
 
+def _build_without_backbone_download(detector, args):
+    """detector.build(args); with --resume, or --eval of --pretrained weights, the checkpoint
+    holds every weight, so the backbone's ImageNet weights are neither downloaded nor read
+    (args keep the flag as given)."""
+    if not (args.resume or (args.pretrained and args.eval)):
+        return detector.build(args)
+    given, args.backbone_weights = args.backbone_weights, "none"
+    try:
+        return detector.build(args)
+    finally:
+        args.backbone_weights = given
+
+
 def _check_output_dir(output_dir, args):
     """UsageError when training would start afresh in the folder of an earlier run: its
     checkpoint.pth would be overwritten and log.txt would mix two runs."""
@@ -221,7 +234,7 @@ def run(args, detector):
              detector.name, args.num_classes,
              "-" if dataset_train is None else len(dataset_train), len(dataset_val))
 
-    model, criterion, postprocessor = detector.build(args)
+    model, criterion, postprocessor = _build_without_backbone_download(detector, args)
     model.to(device)
     criterion.to(device)
     model_without_ddp = model

@@ -246,3 +246,16 @@ def test_first_epoch_evaluation_cut_short_is_logged_on_resume(shapes_coco, tmp_p
     (run / "log.txt").unlink()
     train(shapes_coco, run, "--epochs", "2", "--resume", run / "checkpoint.pth")
     assert [r["epoch"] for r in read_log(run / "log.txt")] == [0, 1]
+
+
+def test_resume_and_eval_need_no_backbone_weights(shapes_coco, tmp_path):
+    """The checkpoint holds every weight: --resume and --eval neither download nor read the
+    backbone's ImageNet weights (a missing --backbone_weights file stopped them before)."""
+    run = tmp_path / "run"
+    train(shapes_coco, run, "--epochs", "1")
+    missing = ["--backbone_weights", tmp_path / "nope.pth"]
+    train(shapes_coco, run, "--epochs", "2", "--resume", run / "checkpoint.pth", *missing)
+    assert [r["epoch"] for r in read_log(run / "log.txt")] == [0, 1]
+    assert torch.load(run / "checkpoint.pth", weights_only=False)["args"].backbone_weights \
+        == str(tmp_path / "nope.pth")  # the flag as given is what the run records
+    train(shapes_coco, tmp_path / "ev", "--resume", run / "checkpoint.pth", "--eval", *missing)
