@@ -64,6 +64,11 @@ def clustered_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               scale: float | None = None) -> torch.Tensor:
     """Torch backend of `clustered_attention` (same arguments, no impl)."""
     _check_attention_args(q, k, v, key_padding_mask, dropout_p)
+    return _attention_sdpa(q, k, v, key_padding_mask, dropout_p, scale)
+
+
+def _attention_sdpa(q, k, v, key_padding_mask, dropout_p, scale):
+    """`clustered_attention_torch` on arguments already checked."""
     if key_padding_mask is None:
         with sdpa_kernel(_VARYING_R_BACKENDS):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
@@ -142,4 +147,4 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             key_padding_mask = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool,
                                            device=k.device)
         return cb.clustered_attention(q, k, v, key_padding_mask, dropout_p, scale)
-    return clustered_attention_torch(q, k, v, key_padding_mask, dropout_p, scale)
+    return _attention_sdpa(q, k, v, key_padding_mask, dropout_p, scale)

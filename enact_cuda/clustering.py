@@ -79,8 +79,9 @@ def cluster_tensors(tensors: Sequence[torch.Tensor], smoothed: torch.Tensor,
     tensors: tuple of (B, N, d_t); smoothed (B, N) smoothed information; region_index (B, N)
     int64 (-1 on padding); num_clusters: R_max (python int). Returns a tuple of (B, R_max, d_t)
     in each tensor's dtype; clusters r >= R_b are zero. Pixels of a region r >= num_clusters
-    are left out (as the CUDA kernel does), never added to another image's clusters. Weights w_i = exp(s_i) / sum over the
-    region (a detached per-region max is subtracted for stability; the result is unchanged).
+    are left out (as the CUDA kernel does), never added to another image's clusters. Weights
+    w_i = exp(s_i) / sum over the region (a detached per-region max is subtracted for
+    stability; the result is unchanged).
     Sums are accumulated in the promoted dtype of the tensor and `smoothed`.
     """
     tensors = tuple(tensors)

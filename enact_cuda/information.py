@@ -69,19 +69,27 @@ def information_from_logits(z: torch.Tensor, padding_mask: torch.Tensor | None) 
     return info
 
 
+def wprob_logits(keys: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """keys (B, N, d), weight (1, d), bias (1,) or None -> (B, N) W_prob logits
+    z = keys @ weight.T + bias in float32 (float64 for float64 keys), also under autocast or
+    for a bf16 module, as the fused CUDA path computes them: bf16 logits would move region
+    boundaries, since the entropy resolves ~1e-3 bits."""
+    dtype = torch.promote_types(keys.dtype, torch.float32)
+    with torch.autocast(keys.device.type, enabled=False):
+        z = F.linear(keys.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return z.squeeze(-1)
+
+
 def self_information(keys: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      padding_mask: torch.Tensor | None) -> torch.Tensor:
     """keys (B, N, d), weight (1, d), bias (1,) or None, padding_mask (B, N) -> (B, N) bits.
 
-    z = keys @ weight.T + bias (the W_prob layer) in float32 (float64 for float64 keys), also
-    under autocast: bf16 logits would move region boundaries; then `information_from_logits`.
+    `wprob_logits` (the W_prob layer, in float32), then `information_from_logits`.
     """
     if keys.dim() != 3:
         raise ValueError(f"self_information: keys must be (B, N, d), got {tuple(keys.shape)}")
-    dtype = torch.promote_types(keys.dtype, torch.float32)  # float32 logits, as the module's
-    with torch.autocast(keys.device.type, enabled=False):
-        z = F.linear(keys.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    return information_from_logits(z.squeeze(-1), padding_mask)
+    return information_from_logits(wprob_logits(keys, weight, bias), padding_mask)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .attention import clustered_attention, uses_cuda_kernel
 from .clustering import Clusters, _cluster_mask, _num_clusters, cluster_tensors, fixed_chunks
 from .information import (check_gauss_taps, check_sigma, cuda_backend_or_reason,
-                          information_from_logits, regions, resolve_impl)
+                          information_from_logits, regions, resolve_impl, wprob_logits)
 
 __all__ = ["ENACTAttention", "ENACTClustering", "MODES", "NUMERICS"]
 
@@ -112,17 +111,6 @@ class _ENACTRegions(nn.Module):
         self.information: torch.Tensor | None = None
         self.smoothed_information: torch.Tensor | None = None
 
-    def _logits(self, info_keys: torch.Tensor) -> torch.Tensor:
-        """(B, N, d) keys -> (B, N) W_prob logits in float32 (float64 for float64 keys), as the
-        fused CUDA path computes them: bf16 logits (autocast or a bf16 module) would move region
-        boundaries, since the entropy resolves ~1e-3 bits."""
-        dtype = torch.promote_types(info_keys.dtype, torch.float32)
-        bias = self.W_prob.bias
-        with torch.autocast(info_keys.device.type, enabled=False):
-            z = F.linear(info_keys.to(dtype), self.W_prob.weight.to(dtype),
-                         None if bias is None else bias.to(dtype))
-        return z.squeeze(-1)
-
     def _cluster(self, info_keys, tensors, key_padding_mask, hw, before_sync=None,
                  upper_bound=False):
         """-> (backend, tuple of clustered tensors (B, R, d_t), cluster mask (B, R),
@@ -163,7 +151,7 @@ class _ENACTRegions(nn.Module):
             self.information = pend.information
             self.smoothed_information = pend.smoothed
             return backend, clustered, cluster_mask, pend.region_index, early
-        z = self._logits(info_keys)
+        z = wprob_logits(info_keys, self.W_prob.weight, self.W_prob.bias)
         if cb is not None:
             info, smoothed, region_index, counts = cb.information_regions(
                 z, key_padding_mask, self.sigma, self.row_breaks, hw, self.gauss_taps)

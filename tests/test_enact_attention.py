@@ -184,7 +184,7 @@ def test_auto_attention_backend_is_chosen_per_dtype(monkeypatch, caplog):
         calls.clear()
         qd, kd, vd = (t.to(dtype) for t in (q, k, v))
         if dtype == torch.float16:  # CPU SDPA lacks fp16 in older torch: stub the torch path
-            monkeypatch.setattr(att, "clustered_attention_torch",
+            monkeypatch.setattr(att, "_attention_sdpa",
                                 lambda *a, **kw: torch.zeros_like(a[0]))
         out = clustered_attention(qd, kd, vd, kpm, impl="auto")
         assert (calls == [dtype]) == want_kernel, dtype
