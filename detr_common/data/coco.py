@@ -209,7 +209,7 @@ def load_image(path, width, height, ann_file=None):
         raise DatasetError(f"{path}: image file not found{source}")
     try:
         with Image.open(path) as im:
-            if im.size != (width, height) and im.size == (height, width) \
+            if width != height and im.size == (height, width) \
                     and im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
                 im = ImageOps.exif_transpose(im)  # annotated upright, as viewers show it
             image = to_rgb(im)  # forces the full decode, so corrupt files fail here
