@@ -12,7 +12,7 @@ import anchor_detr
 from anchor_detr.layers import EncoderLayerSpatial
 from anchor_detr.posemb import mask_to_positions
 from detr_common.position_encoding import sine_1d, sine_2d
-from anchor_detr.rcda import RCDA
+from anchor_detr.rcda import RCDA, grid_mask, pool_keys
 from anchor_detr.transformer import AnchorTransformer
 from detr_common.box_ops import box_cxcywh_to_xyxy, box_iou
 from detr_common.data.collate import ImageBatch
@@ -116,6 +116,30 @@ def test_rcda_matches_dense_reference_with_padding(hw):
     assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("padded", [True, False])
+def test_rcda_attend_with_shared_grid_terms_equals_forward(padded):
+    """The decoder pools memory's keys once and every layer attends with the shared GridMask:
+    the same as RCDA.forward on the full grid keys (also without a padding mask)."""
+    torch.manual_seed(3)
+    H, W, E, B = 4, 6, 32, 2
+    m = RCDA(E, 4)
+    torch.nn.init.normal_(m.in_proj_bias, std=0.3)
+    mask = padding_mask(B, H, W, [(H, W), (H - 1, W - 2)]) if padded else None
+    q_row, q_col = torch.randn(B, 5, E), torch.randn(B, 5, E)
+    k_row, k_col, value = (torch.randn(B, H, W, E) for _ in range(3))
+    grid = grid_mask(mask, (B, H, W), value.dtype, value.device)
+    row_keys, col_keys = pool_keys(k_row, k_col, grid)
+    assert row_keys.shape == (B, W, E) and col_keys.shape == (B, H, E)
+    hv = H if mask is None else int((~mask[1, :, 0]).sum())   # image 1's valid rows
+    assert torch.allclose(row_keys[1, :2], k_row[1, :hv, :2].mean(0), atol=1e-6)
+    shared = m.attend(q_row, q_col, row_keys, col_keys, value, grid)
+    assert torch.allclose(shared, m(q_row, q_col, k_row, k_col, value, key_padding_mask=mask),
+                          atol=1e-6)
+    if mask is not None:
+        ref = rcda_dense_reference(m, q_row, q_col, k_row, k_col, value, mask)
+        assert torch.allclose(shared.double(), ref, atol=1e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- ENACT attention
 def enact_layer_inputs(seed=0, B=2, H=6, W=7, E=32):
     torch.manual_seed(seed)
@@ -129,7 +153,7 @@ def test_enact_attention_matches_joint_softmax_reference():
     B, H, W, E = src.shape
     layer = EncoderLayerSpatial(E, 4, 64, 0.0, enact=True, sigma=1, enact_impl="torch").eval()
     torch.nn.init.normal_(layer.self_attn.in_proj_bias, std=0.3)
-    out = layer.attention(src, mask, pe_row, pe_col)
+    out = layer.attention(src, grid_mask(mask, mask.shape, src.dtype, src.device), pe_row, pe_col)
 
     # the clusters the layer used: information from the ROW keys; row keys, column keys, values
     k_row = (src + pe_row[:, None]).reshape(B, H * W, E)
@@ -175,9 +199,10 @@ def test_enact_zero_padded_values_give_the_same_output():
     layer = EncoderLayerSpatial(src.shape[-1], 4, 64, 0.0, enact=True, sigma=1,
                                 enact_impl="torch").eval()
     layer.self_attn.pad_values = False
-    plain = layer.attention(src, mask, pe_row, pe_col)
+    grid = grid_mask(mask, mask.shape, src.dtype, src.device)
+    plain = layer.attention(src, grid, pe_row, pe_col)
     layer.self_attn.pad_values = True
-    padded = layer.attention(src, mask, pe_row, pe_col)
+    padded = layer.attention(src, grid, pe_row, pe_col)
     keep = ~mask
     assert torch.allclose(padded[keep], plain[keep], atol=1e-6)
 

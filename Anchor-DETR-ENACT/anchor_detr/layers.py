@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from detr_common.attention import MultiheadAttention
 
-from .rcda import RCDA
+from .rcda import RCDA, GridMask, pool_keys
 
 
 class FFN(nn.Module):
@@ -63,17 +63,19 @@ class EncoderLayerSpatial(nn.Module):
         else:
             self.ENACT = None
 
-    def attention(self, src: Tensor, mask: Tensor, pe_row: Tensor, pe_col: Tensor) -> Tensor:
-        """The attention output (before residual/norm), (B,H,W,E)."""
+    def attention(self, src: Tensor, grid: GridMask, pe_row: Tensor, pe_col: Tensor) -> Tensor:
+        """The attention output (before residual/norm), (B,H,W,E); grid: rcda.grid_mask of
+        the (B,H,W) padding mask."""
         b, h, w, e = src.shape
         k_row = src + pe_row[:, None, :, :]
         k_col = src + pe_col[:, :, None, :]
         q_row, q_col = k_row.reshape(b, h * w, e), k_col.reshape(b, h * w, e)
         if self.ENACT is None:
-            out = self.self_attn(q_row, q_col, k_row, k_col, src, key_padding_mask=mask)
+            out = self.self_attn.attend(q_row, q_col, *pool_keys(k_row, k_col, grid), src, grid)
         else:
             from enact_cuda import uses_cuda_kernel
-            flat_mask = mask.reshape(b, h * w)
+            mask = grid.key_padding_mask
+            flat_mask = None if mask is None else mask.reshape(b, h * w)
             # eval: clusters at N rows, no wait for R_max, when the CUDA kernel attends (q / k
             # head dim 2 d_h; values d_h, or padded to 2 d_h where the kernel lacks that pair)
             d_h = self.self_attn.head_dim
@@ -87,9 +89,10 @@ class EncoderLayerSpatial(nn.Module):
                                                    clusters.key_padding_mask, impl=self.enact_impl)
         return out.reshape(b, h, w, e)
 
-    def forward(self, src: Tensor, mask: Tensor, pe_row: Tensor, pe_col: Tensor) -> Tensor:
-        """src (B,H,W,E), mask (B,H,W), pe_row (B,W,E), pe_col (B,H,E) -> (B,H,W,E)."""
-        src = self.norm1(src + self.dropout1(self.attention(src, mask, pe_row, pe_col)))
+    def forward(self, src: Tensor, grid: GridMask, pe_row: Tensor, pe_col: Tensor) -> Tensor:
+        """src (B,H,W,E), grid: rcda.grid_mask of the (B,H,W) padding mask, pe_row (B,W,E),
+        pe_col (B,H,E) -> (B,H,W,E)."""
+        src = self.norm1(src + self.dropout1(self.attention(src, grid, pe_row, pe_col)))
         return self.ffn(src)
 
 
@@ -133,19 +136,19 @@ class DecoderLayer(nn.Module):
         self.ffn = FFN(d_model, d_ffn, dropout)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, query_pos_x: Tensor, query_pos_y: Tensor,
-                memory: Tensor, mask: Tensor, pe_row: Tensor, pe_col: Tensor) -> Tensor:
+                memory: Tensor, memory_keys: tuple[Tensor, Tensor], grid: GridMask) -> Tensor:
         """tgt (B,Q,E); query_pos / query_pos_x / query_pos_y (Q,E) or (B,Q,E);
-        memory (B*L,H,W,E) image-major (row b*L + l); mask (B*L,H,W); pe_row (B*L,W,E),
-        pe_col (B*L,H,E) -> (B,Q,E)."""
+        memory (B*L,H,W,E) image-major (row b*L + l); memory_keys: its pooled row and column
+        keys (rcda.pool_keys of memory + pe_row, memory + pe_col: (B*L,W,E), (B*L,H,E)), the
+        same for every decoder layer; grid: rcda.grid_mask of its (B*L,H,W) mask -> (B,Q,E)."""
         qk = tgt + query_pos
         tgt = self.norm2(tgt + self.dropout2(self.self_attn(qk, qk, tgt)))
         b, nq, e = tgt.shape
         l = self.num_levels
-        q_row = (tgt + query_pos_x).repeat_interleave(l, dim=0)   # (B*L,Q,E), image-major
-        q_col = (tgt + query_pos_y).repeat_interleave(l, dim=0)
-        k_row = memory + pe_row[:, None, :, :]
-        k_col = memory + pe_col[:, :, None, :]
-        out = self.cross_attn(q_row, q_col, k_row, k_col, memory, key_padding_mask=mask)
+        q_row, q_col = tgt + query_pos_x, tgt + query_pos_y
+        if l > 1:  # (B*L,Q,E), image-major
+            q_row, q_col = q_row.repeat_interleave(l, dim=0), q_col.repeat_interleave(l, dim=0)
+        out = self.cross_attn.attend(q_row, q_col, *memory_keys, memory, grid)
         if l > 1:  # upstream feature order: channel-major, level-minor (index c*L + l)
             out = self.level_fc(out.reshape(b, l, nq, e).permute(0, 2, 3, 1).reshape(b, nq, e * l))
         tgt = self.norm1(tgt + self.dropout1(out))

@@ -11,6 +11,10 @@ Row keys = k_row projection averaged over the VALID rows (W keys); column keys =
 projection averaged over the VALID columns (H keys). Upstream averages over all rows/columns,
 padding included; averaging over valid ones only is our fix so an image's result does not depend
 on the padding of its batch (identical when there is no padding).
+``attend`` is ``forward`` with the keys pooled (``pool_keys``) and the padding's terms
+(``grid_mask``: the pooling weights and the key masks) computed by the caller, once per grid:
+the encoder's layers share one GridMask, and the decoder pools its memory's row and column keys
+once for all its layers (they attend to the same memory), instead of once per layer.
 A_row = softmax over the W keys, A_col = softmax over the H keys (each scaled by 1/sqrt(d_h),
 padding masked), out[l] = sum_y sum_x A_col[l,y] A_row[l,x] v[y,x], then out_proj.
 
@@ -27,7 +31,7 @@ torch's SDPA takes; ``pad_values`` = True/False forces this on/off (None = that 
 choice).
 """
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +41,47 @@ from torch import Tensor, nn
 Q_ROW, Q_COL, K_ROW, K_COL, V = range(5)
 
 
-def masked_mean(x: Tensor, valid: Tensor, dim: int) -> Tensor:
-    """Mean of x (B, H, W, E) over dim (1 or 2) counting only entries where valid (B, H or W)."""
-    w = valid.to(x.dtype)
-    w = w / w.sum(-1, keepdim=True).clamp(min=1)
-    if dim == 1:
-        return torch.einsum("bhwe,bh->bwe", x, w)
-    return torch.einsum("bhwe,bw->bhe", x, w)
+class GridMask(NamedTuple):
+    """A key grid's padding as RCDA uses it, computed once per grid by `grid_mask` and shared
+    by every layer that attends to the grid (the encoder's layers, the decoder's layers).
+
+    key_padding_mask (B, H, W) bool True = padding, or None; row_weights (B, H): 1 / (valid
+    rows) on the valid rows, 0 on padded ones (the row keys' mean over y); col_weights (B, W)
+    likewise over x; padded_cols (B, 1, 1, W) / padded_rows (B, 1, 1, H) bool, True where a
+    row key (one per column x) / column key (one per row y) is padding; None without a mask.
+    """
+    key_padding_mask: Optional[Tensor]
+    row_weights: Tensor
+    col_weights: Tensor
+    padded_cols: Optional[Tensor]
+    padded_rows: Optional[Tensor]
+
+
+def _mean_weights(valid: Tensor, dtype: torch.dtype) -> Tensor:
+    w = valid.to(dtype)
+    return w / w.sum(-1, keepdim=True).clamp(min=1)
+
+
+def grid_mask(key_padding_mask: Optional[Tensor], shape, dtype: torch.dtype,
+              device: torch.device) -> GridMask:
+    """GridMask of a (B, H, W) grid (``shape``) with this padding mask (None = no padding);
+    the weights in ``dtype``. Padding is bottom/right: row validity is read from the first
+    column, column validity from the first row."""
+    b, h, w = shape
+    if key_padding_mask is None:
+        return GridMask(None, torch.full((b, h), 1.0 / h, dtype=dtype, device=device),
+                        torch.full((b, w), 1.0 / w, dtype=dtype, device=device), None, None)
+    padded_rows, padded_cols = key_padding_mask[:, :, 0], key_padding_mask[:, 0, :]
+    return GridMask(key_padding_mask, _mean_weights(~padded_rows, dtype),
+                    _mean_weights(~padded_cols, dtype), padded_cols[:, None, None, :],
+                    padded_rows[:, None, None, :])
+
+
+def pool_keys(key_row: Tensor, key_col: Tensor, grid: GridMask) -> tuple[Tensor, Tensor]:
+    """Grid keys (B, H, W, E) -> (row keys (B, W, E): key_row averaged over the valid rows,
+    column keys (B, H, E): key_col averaged over the valid columns), unprojected."""
+    return (torch.einsum("bhwe,bh->bwe", key_row, grid.row_weights),
+            torch.einsum("bhwe,bw->bhe", key_col, grid.col_weights))
 
 
 class RCDA(nn.Module):
@@ -84,27 +122,29 @@ class RCDA(nn.Module):
     def forward(self, query_row: Tensor, query_col: Tensor, key_row: Tensor, key_col: Tensor,
                 value: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """query_row/col (B,L,E); key_row/key_col/value (B,H,W,E); mask (B,H,W) -> (B,L,E)."""
+        grid = grid_mask(key_padding_mask, value.shape[:3], value.dtype, value.device)
+        return self.attend(query_row, query_col, *pool_keys(key_row, key_col, grid), value, grid)
+
+    def attend(self, query_row: Tensor, query_col: Tensor, row_keys: Tensor, col_keys: Tensor,
+               value: Tensor, grid: GridMask) -> Tensor:
+        """`forward` with the keys already pooled (`pool_keys`) and the grid's mask terms
+        computed (`grid_mask`), so that layers attending to one grid share them.
+        query_row/col (B,L,E); row_keys (B,W,E); col_keys (B,H,E); value (B,H,W,E) -> (B,L,E)."""
         b, h, w, e = value.shape
         nh, dh = self.num_heads, self.head_dim
         scale = dh ** -0.5
-        if key_padding_mask is None:
-            row_valid = value.new_ones(b, h, dtype=torch.bool)
-            col_valid = value.new_ones(b, w, dtype=torch.bool)
-        else:
-            row_valid = ~key_padding_mask[:, :, 0]
-            col_valid = ~key_padding_mask[:, 0, :]
         # averaging commutes with the affine projection, so pool first (W and H rows, not H*W)
-        k_row = self._heads(self.project(masked_mean(key_row, row_valid, 1), K_ROW))  # (B,h,W,d)
-        k_col = self._heads(self.project(masked_mean(key_col, col_valid, 2), K_COL))  # (B,h,H,d)
+        k_row = self._heads(self.project(row_keys, K_ROW))                            # (B,h,W,d)
+        k_col = self._heads(self.project(col_keys, K_COL))                            # (B,h,H,d)
         q_row = self._heads(self.project(query_row, Q_ROW)) * scale                    # (B,h,L,d)
         q_col = self._heads(self.project(query_col, Q_COL)) * scale
         v = self.project(value, V).reshape(b, h, w, nh, dh).permute(0, 3, 1, 2, 4)    # (B,h,H,W,d)
 
         a_row = torch.matmul(q_row, k_row.transpose(-2, -1))                          # (B,h,L,W)
         a_col = torch.matmul(q_col, k_col.transpose(-2, -1))                          # (B,h,L,H)
-        if key_padding_mask is not None:
-            a_row = a_row.masked_fill(~col_valid[:, None, None, :], float("-inf"))
-            a_col = a_col.masked_fill(~row_valid[:, None, None, :], float("-inf"))
+        if grid.key_padding_mask is not None:
+            a_row = a_row.masked_fill(grid.padded_cols, float("-inf"))
+            a_col = a_col.masked_fill(grid.padded_rows, float("-inf"))
         a_row = a_row.softmax(-1)
         a_col = a_col.softmax(-1)
         if self.training and self.dropout > 0:

@@ -20,6 +20,7 @@ from detr_common.position_encoding import sine_1d, sine_2d
 
 from .layers import DecoderLayer, EncoderLayerLevel, EncoderLayerSpatial
 from .posemb import mask_to_positions
+from .rcda import grid_mask, pool_keys
 
 SPATIAL_PRIORS = ("learned", "grid")
 
@@ -105,24 +106,27 @@ class AnchorTransformer(nn.Module):
                 self.adapt_pos1d(sine_1d(pos_y, self.d_model)))
 
     def encode(self, srcs: Tensor, mask: Tensor):
-        """srcs (B,L,E,H,W), mask (B,H,W) -> (memory (B*L,H,W,E) image-major, mask (B*L,H,W),
-        pe_row (B*L,W,E), pe_col (B*L,H,E))."""
+        """srcs (B,L,E,H,W), mask (B,H,W) -> (memory (B*L,H,W,E) image-major, grid (the
+        rcda.GridMask of the (B*L,H,W) mask), pe_row (B*L,W,E), pe_col (B*L,H,E))."""
         b, l, e, h, w = srcs.shape
         if l != self.num_levels:
             raise ValueError(f"expected {self.num_levels} feature levels, got {l}")
         mask = mask.repeat_interleave(l, dim=0)
         pe_row, pe_col = self.grid_embeddings(mask)
         x = srcs.permute(0, 1, 3, 4, 2).reshape(b * l, h, w, e)
+        grid = grid_mask(mask, (b * l, h, w), x.dtype, x.device)  # shared by all RCDA layers
         for idx, layer in enumerate(self.encoder_layers):
-            x = layer(x, mask, pe_row, pe_col)
+            x = layer(x, grid, pe_row, pe_col)
             if idx < len(self.encoder_layers_level):
                 x = self.encoder_layers_level[idx](x.reshape(b, l, h, w, e), self.level_embed.weight)
                 x = x.reshape(b * l, h, w, e)
-        return x, mask, pe_row, pe_col
+        return x, grid, pe_row, pe_col
 
     def forward(self, srcs: Tensor, mask: Tensor):
         b = srcs.shape[0]
-        memory, mask_l, pe_row, pe_col = self.encode(srcs, mask)
+        memory, grid, pe_row, pe_col = self.encode(srcs, mask)
+        # the decoder's row and column keys, pooled once for all its layers
+        memory_keys = pool_keys(memory + pe_row[:, None], memory + pe_col[:, :, None], grid)
         anchors = self.anchors()                                              # (Q, 2)
         query_pos = self.adapt_pos2d(sine_2d(anchors, self.d_model // 2))
         query_pos_x = self.adapt_pos1d(sine_1d(anchors[:, 0], self.d_model))
@@ -134,7 +138,7 @@ class AnchorTransformer(nn.Module):
         logits, boxes = [], []
         for layer, class_embed, bbox_embed in zip(self.decoder_layers, self.class_embed,
                                                   self.bbox_embed):
-            tgt = layer(tgt, query_pos, query_pos_x, query_pos_y, memory, mask_l, pe_row, pe_col)
+            tgt = layer(tgt, query_pos, query_pos_x, query_pos_y, memory, memory_keys, grid)
             logits.append(class_embed(tgt))
             boxes.append((bbox_embed(tgt) + ref).sigmoid())
         return torch.stack(logits), torch.stack(boxes)
