@@ -69,6 +69,19 @@ def test_positions_are_pixel_centres_of_the_unpadded_image():
                                            sine_1d(torch.tensor([0.3]), 4)[0])))
 
 
+def test_grid_embeddings_are_the_adapted_sine_encodings_of_each_axis():
+    """pe_row from the x positions, pe_col from the y positions, each through adapt_pos1d (the
+    two axes go through one call; compared with one call per axis)."""
+    t = tiny_transformer(enact=False)
+    torch.nn.init.normal_(t.adapt_pos1d[0].bias, std=0.5)
+    mask = padding_mask(2, 4, 6, [(4, 6), (3, 2)])
+    pe_row, pe_col = t.grid_embeddings(mask)
+    pos_y, pos_x = mask_to_positions(mask)
+    assert pe_row.shape == (2, 6, 32) and pe_col.shape == (2, 4, 32)
+    assert torch.allclose(pe_row, t.adapt_pos1d(sine_1d(pos_x, 32)), atol=1e-6)
+    assert torch.allclose(pe_col, t.adapt_pos1d(sine_1d(pos_y, 32)), atol=1e-6)
+
+
 # ---------------------------------------------------------------- RCDA vs dense reference
 def rcda_dense_reference(m, q_row, q_col, k_row, k_col, value, mask):
     """Float64, per image and head: the product of the row and the column softmax as explicit

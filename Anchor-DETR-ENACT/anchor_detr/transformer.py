@@ -102,8 +102,9 @@ class AnchorTransformer(nn.Module):
     def grid_embeddings(self, mask: Tensor):
         """mask (B,H,W) -> (pe_row (B,W,E) indexed by x, pe_col (B,H,E) indexed by y)."""
         pos_y, pos_x = mask_to_positions(mask)
-        return (self.adapt_pos1d(sine_1d(pos_x, self.d_model)),
-                self.adapt_pos1d(sine_1d(pos_y, self.d_model)))
+        w = pos_x.shape[1]
+        pe = self.adapt_pos1d(sine_1d(torch.cat((pos_x, pos_y), dim=1), self.d_model))
+        return pe[:, :w], pe[:, w:]  # one encoding + adapter pass for both axes
 
     def encode(self, srcs: Tensor, mask: Tensor):
         """srcs (B,L,E,H,W), mask (B,H,W) -> (memory (B*L,H,W,E) image-major, grid (the
@@ -129,8 +130,7 @@ class AnchorTransformer(nn.Module):
         memory_keys = pool_keys(memory + pe_row[:, None], memory + pe_col[:, :, None], grid)
         anchors = self.anchors()                                              # (Q, 2)
         query_pos = self.adapt_pos2d(sine_2d(anchors, self.d_model // 2))
-        query_pos_x = self.adapt_pos1d(sine_1d(anchors[:, 0], self.d_model))
-        query_pos_y = self.adapt_pos1d(sine_1d(anchors[:, 1], self.d_model))
+        query_pos_x, query_pos_y = self.adapt_pos1d(sine_1d(anchors, self.d_model)).unbind(1)
         tgt = self.pattern.weight.repeat_interleave(self.num_position, dim=0)  # (Q, E)
         tgt = tgt.unsqueeze(0).expand(b, -1, -1)
         ref = inverse_sigmoid(anchors)
