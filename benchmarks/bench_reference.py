@@ -178,8 +178,9 @@ def same_gpu_as_reference(gpu):
     return REFERENCE_GPU.lower().replace("nvidia ", "") in (gpu or "").lower()
 
 
-def evaluate_targets(rows, gpu, detectors=None):
-    """The issue's speed / memory targets judged on benchmark rows.
+def evaluate_targets(rows, gpu, detectors=None, enact_variant="enact"):
+    """The issue's speed / memory targets judged on benchmark rows (ENACT = the rows of
+    ``enact_variant``).
 
     rows: dicts with detector, variant, mode, train_s_per_img, peak_gib, infer_s_per_img (None
     where not measured) and optionally error. Returns one entry per (target, detector) with
@@ -189,7 +190,7 @@ def evaluate_targets(rows, gpu, detectors=None):
     out = []
     for tid, description, metric, ref_variant, bounds in RELATIVE_TARGETS:
         for det in detectors:
-            ours, ref = _find(rows, det, "enact"), _find(rows, det, ref_variant)
+            ours, ref = _find(rows, det, enact_variant), _find(rows, det, ref_variant)
             value = pct(*(None if r is None or r.get(metric) is None else r[metric]
                           for r in (ours, ref)))
             bound = bounds.get(det)
@@ -207,7 +208,7 @@ def evaluate_targets(rows, gpu, detectors=None):
     same_gpu = same_gpu_as_reference(gpu)
     for tid, description, variant, metric, table in ABSOLUTE_TARGETS:
         for det in detectors:
-            row = _find(rows, det, variant)
+            row = _find(rows, det, enact_variant if variant == "enact" else variant)
             value = None if row is None else row.get(metric)
             if not same_gpu:
                 out.append(_entry(tid, det, description, UNITS[metric], "n/a",

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .attention import EncoderSelfAttention
 from .cli import (enact_attention_dropout, enact_attention_numerics, enact_gauss_taps,
-                  enact_honours_padding, enact_mode, enact_row_breaks)
+                  enact_honours_padding, enact_mode, enact_row_breaks, enact_waits_for_counts)
 from .mlp import add_ffn_and_norms, feed_forward
 
 
@@ -34,7 +34,8 @@ def build_encoder_attention(args) -> nn.Module:
                           row_breaks=enact_row_breaks(args),
                           mode=enact_mode(args), numerics=enact_attention_numerics(args),
                           gauss_taps=enact_gauss_taps(args),
-                          honour_mask=enact_honours_padding(args))
+                          honour_mask=enact_honours_padding(args),
+                          wait_for_counts=enact_waits_for_counts(args))
 
 
 class TransformerEncoderLayer(nn.Module):

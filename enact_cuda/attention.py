@@ -122,7 +122,8 @@ def uses_cuda_kernel(x: torch.Tensor, head_dim: int, impl: str,
 
 def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         key_padding_mask: torch.Tensor | None, dropout_p: float = 0.0,
-                        impl: str = "auto", scale: float | None = None) -> torch.Tensor:
+                        impl: str = "auto", scale: float | None = None,
+                        key_count_hint=None) -> torch.Tensor:
     """Scaled dot-product attention of all queries of image b against image b's clusters.
 
     q (B, heads, N, e), k (B, heads, R, e), v (B, heads, R, e_v), key_padding_mask (B, R) bool
@@ -131,7 +132,9 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     impl: "auto" | "cuda" | "torch" (see enact_cuda.backend_info()). "auto" picks per dtype
     what the benchmark measured faster: the fused CUDA kernel for float32 CUDA inputs, torch's
     SDPA (tensor cores) for bfloat16 / float16; "cuda" uses the kernel for float32 and
-    bfloat16 alike.
+    bfloat16 alike. key_count_hint: None, or for k allocated at an upper bound (R = N) a
+    callable returning the largest key count once it is known on the host (0 before); the
+    CUDA backward sizes its work split with it (results do not depend on it).
     """
     _check_attention_args(q, k, v, key_padding_mask, dropout_p)
     backend = resolve_impl(impl, q, k, v)
@@ -146,5 +149,6 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if key_padding_mask is None:
             key_padding_mask = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool,
                                            device=k.device)
-        return cb.clustered_attention(q, k, v, key_padding_mask, dropout_p, scale)
+        return cb.clustered_attention(q, k, v, key_padding_mask, dropout_p, scale,
+                                      key_count_hint=key_count_hint)
     return _attention_sdpa(q, k, v, key_padding_mask, dropout_p, scale)

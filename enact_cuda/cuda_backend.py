@@ -281,19 +281,20 @@ def fused_finish(state: FusedState, keys: torch.Tensor, tensors: Sequence[torch.
 class _ClusteredAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, dropout_p, scale, seed):
+    def forward(ctx, q, k, v, key_padding_mask, dropout_p, scale, seed, key_count_hint):
         out, lse = extension().attn_forward(q, k, v, key_padding_mask, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, key_padding_mask, out, lse, seed)
-        ctx.dropout_p, ctx.scale = dropout_p, scale
+        ctx.dropout_p, ctx.scale, ctx.key_count_hint = dropout_p, scale, key_count_hint
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, kpm, out, lse, seed = ctx.saved_tensors
+        hint = ctx.key_count_hint() if ctx.key_count_hint is not None else 0
         dq, dk, dv = extension().attn_backward(grad_out, q, k, v, kpm, out, lse, ctx.scale,
-                                               ctx.dropout_p, seed, DKDV_NSPLIT)
-        return dq, dk, dv, None, None, None, None
+                                               ctx.dropout_p, seed, DKDV_NSPLIT, int(hint))
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _unsupported(q, k, v) -> str:
@@ -316,13 +317,13 @@ def _seed_tensor(dropout_p: float, seed: int | None) -> torch.Tensor:
 def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         key_padding_mask: torch.Tensor | None, dropout_p: float = 0.0,
                         scale: float | None = None, *, seed: int | None = None,
-                        return_lse: bool = False):
+                        return_lse: bool = False, key_count_hint=None):
     """q (B, h, N, e), k (B, h, R, e), v (B, h, R, e_v), key_padding_mask (B, R) bool (True =
     no cluster, a suffix per image; None = all present) -> (B, h, N, e_v) (and the (B, h, N)
     natural-log LSE of the scaled scores with return_lse=True). Output storage is
     (B, N, h, e_v), so out.transpose(1, 2).reshape(B, N, h*e_v) is free. Images without
     clusters give zeros. Unsupported dtypes / head dims (attention.kernel_gap) use the torch
-    backend.
+    backend. key_count_hint: see attention.clustered_attention (the backward's work split).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("clustered_attention: q, k, v must be (B, heads, L, e)")
@@ -341,7 +342,8 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     seed_t = _seed_tensor(dropout_p, seed)
     kpm = key_padding_mask.contiguous()
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _ClusteredAttention.apply(q, k, v, kpm, dropout_p, scale, seed_t)
+        out, lse = _ClusteredAttention.apply(q, k, v, kpm, dropout_p, scale, seed_t,
+                                             key_count_hint)
     else:  # no autograd node (eval): the extension directly, less host time per call
         out, lse = extension().attn_forward(q, k, v, kpm, scale, dropout_p, seed_t)
     return (out, lse) if return_lse else out

@@ -26,6 +26,12 @@ only. honour_mask=False is the official code's handling: the key-padding mask is
 padded pixels enter the information softmax, the regions and the clusters (the attention keys),
 and fixed chunks take one size for the whole batch, round(mean_b N / R_b); an image's output
 then depends on the batch it is in.
+Waiting for the cluster count (wait_for_counts, spec-neutral): the clusters are a padded
+(B, R, d) tensor, R = the largest cluster count, which the host must read back once per layer
+(fused_finish); in eval with the CUDA attention kernel, whose cost follows each image's count,
+they are allocated at R = N rows instead and nothing waits. wait_for_counts=False does that in
+training too: faster where the step is host-bound (the host keeps launching ahead of the GPU),
+at the memory of N-row keys and values saved for the backward. Same outputs and gradients.
 Row breaks (row_breaks=True, off in the paper): a region also starts at each valid row start.
 The valid row width is read from an image's first row, so the mask must pad at the bottom and
 right only (each image's valid pixels its top-left h x w block), as the detectors' batching
@@ -90,7 +96,7 @@ class _ENACTRegions(nn.Module):
 
     def __init__(self, d_model: int, sigma, impl: str = "auto", row_breaks: bool = False,
                  mode: str = "paper_regions", gauss_taps: str = "paper",
-                 honour_mask: bool = True):
+                 honour_mask: bool = True, wait_for_counts: bool = True):
         super().__init__()
         if impl not in ("auto", "cuda", "torch"):
             raise ValueError(f"impl must be 'auto', 'cuda' or 'torch', got {impl!r}")
@@ -106,6 +112,9 @@ class _ENACTRegions(nn.Module):
         self.sigma = check_sigma(sigma)
         self.impl = impl
         self.row_breaks = bool(row_breaks)
+        self.wait_for_counts = bool(wait_for_counts)
+        self.key_count_hint = None  # after a training forward at N rows: () -> R_max or 0
+        self._pending = None  # that forward's pending R_max copy (kept until it has landed)
         self.W_prob = _linear(d_model, 1)
         self.last_stats: dict = {}
         self.information: torch.Tensor | None = None
@@ -121,7 +130,9 @@ class _ENACTRegions(nn.Module):
         not need R_max, e.g. the query projection) is launched while the GPU computes the
         regions, before the one device->host read of R_max. upper_bound (fused path only):
         R = N cluster rows, zero and masked beyond each image's count, and no read of R_max
-        (nothing waits for the GPU) — for no-grad forwards whose attention cost follows the mask.
+        (nothing waits for the GPU) — for forwards whose attention cost follows the mask. With
+        autograd, R_max is still copied to the host asynchronously: `key_count_hint` returns it
+        once it has arrived (0 before), for the attention backward's work split.
         """
         if not self.honour_mask:
             key_padding_mask = None  # the official code's padding handling (module docstring)
@@ -138,13 +149,17 @@ class _ENACTRegions(nn.Module):
             unit = _unit_stride(info_keys)
             tensors = tuple(unit if t is info_keys else _unit_stride(t) for t in tensors)
             info_keys = unit
+        self.key_count_hint = self._pending = None
         if cb is not None and paper and cb.fused_supported(info_keys, tensors, self.sigma):
+            hint = upper_bound and torch.is_grad_enabled()
             state = cb.fused_begin(info_keys, self.W_prob.weight, self.W_prob.bias,
                                    key_padding_mask, self.sigma, self.row_breaks, hw,
-                                   read_rmax=not upper_bound, gauss_taps=self.gauss_taps)
+                                   read_rmax=hint or not upper_bound, gauss_taps=self.gauss_taps)
             early = before_sync() if before_sync is not None else None
             clustered, cluster_mask = cb.fused_finish(state, info_keys, tensors, upper_bound)
             pend = state.pending
+            if hint:  # kept alive: releasing it before its copy lands would wait for the GPU
+                self._pending, self.key_count_hint = pend, pend.r_max_if_ready
             stats = pend.stats  # (3, B): clusters, valid pixels, mean region length
             self.last_stats = {"clusters_per_image": stats[0], "pixels_per_image": stats[1],
                                "mean_region_length": stats[2]}
@@ -190,7 +205,8 @@ class _ENACTRegions(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, sigma={self.sigma}, impl={self.impl!r}, "
                 f"row_breaks={self.row_breaks}, mode={self.mode!r}, "
-                f"gauss_taps={self.gauss_taps!r}, honour_mask={self.honour_mask}")
+                f"gauss_taps={self.gauss_taps!r}, honour_mask={self.honour_mask}"
+                + ("" if self.wait_for_counts else ", wait_for_counts=False"))
 
 
 class ENACTAttention(_ENACTRegions):
@@ -204,8 +220,9 @@ class ENACTAttention(_ENACTRegions):
     attention dropout `dropout` in training; then W_o. hw is needed only for row_breaks.
     After a forward: `last_stats` (detached (B,) float tensors: clusters_per_image,
     pixels_per_image, mean_region_length), `information` and `smoothed_information` (B, N).
-    Without autograd (eval) and with the CUDA attention kernel, the clusters are allocated at
-    N rows so the forward never waits for the GPU (the kernel's cost follows the mask).
+    Without autograd (eval), or with wait_for_counts=False, and with the CUDA attention kernel,
+    the clusters are allocated at N rows so the forward never waits for the GPU (the kernel's
+    cost follows the mask; module docstring).
     mode: "paper_regions" or "official_fixed_chunk"; numerics: "standard" or "official";
     gauss_taps: "paper" or "code"; honour_mask: False = the official padding handling (module
     docstring).
@@ -213,8 +230,10 @@ class ENACTAttention(_ENACTRegions):
 
     def __init__(self, d_model: int, nhead: int, sigma, dropout: float = 0.0,
                  impl: str = "auto", row_breaks: bool = False, mode: str = "paper_regions",
-                 numerics: str = "standard", gauss_taps: str = "paper", honour_mask: bool = True):
-        super().__init__(d_model, sigma, impl, row_breaks, mode, gauss_taps, honour_mask)
+                 numerics: str = "standard", gauss_taps: str = "paper", honour_mask: bool = True,
+                 wait_for_counts: bool = True):
+        super().__init__(d_model, sigma, impl, row_breaks, mode, gauss_taps, honour_mask,
+                         wait_for_counts)
         if d_model % nhead != 0:
             raise ValueError(f"d_model={d_model} is not divisible by nhead={nhead}")
         if numerics not in NUMERICS:
@@ -228,18 +247,20 @@ class ENACTAttention(_ENACTRegions):
                 key_padding_mask: torch.Tensor | None = None, hw=None) -> torch.Tensor:
         _check_inputs(src, key_padding_mask, hw, "ENACTAttention")
         keys = src if pos is None else src + pos
-        upper_bound = (not torch.is_grad_enabled()
+        upper_bound = ((not torch.is_grad_enabled() or not self.wait_for_counts)
                        and uses_cuda_kernel(src, self.d_model // self.nhead, self.impl))
         backend, (ck, cv), cluster_mask, _, q = self._cluster(
             keys, (keys, src), key_padding_mask, hw, before_sync=lambda: self.W_q(keys),
             upper_bound=upper_bound)
         return self.attend(q, ck, cv, cluster_mask,
-                           impl="torch" if backend == "torch" else self.impl)
+                           impl="torch" if backend == "torch" else self.impl,
+                           key_count_hint=self.key_count_hint)
 
     def attend(self, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor,
-               cluster_mask: torch.Tensor, impl: str) -> torch.Tensor:
+               cluster_mask: torch.Tensor, impl: str, key_count_hint=None) -> torch.Tensor:
         """The layer after clustering: q (B, N, d) = W_q(src + pos), clustered keys and values
-        (B, R, d), cluster_mask (B, R) True = no cluster -> W_o(attention) (B, N, d)."""
+        (B, R, d), cluster_mask (B, R) True = no cluster -> W_o(attention) (B, N, d);
+        key_count_hint as in clustered_attention."""
         B, N, d = q.shape
         h, e, R = self.nhead, d // self.nhead, ck.shape[1]
         q = q.view(B, N, h, e).transpose(1, 2)
@@ -248,7 +269,8 @@ class ENACTAttention(_ENACTRegions):
         official = self.numerics == "official"
         out = clustered_attention(q, k, v, cluster_mask,
                                   dropout_p=self.dropout if self.training else 0.0, impl=impl,
-                                  scale=1.0 if official else None)
+                                  scale=1.0 if official else None,
+                                  key_count_hint=key_count_hint)
         if official:
             out = out / e  # softmax(Q K^T) / d_h
         return self.W_o(out.transpose(1, 2).reshape(B, N, d))
@@ -265,10 +287,12 @@ class ENACTClustering(_ENACTRegions):
     (B, N, d_t), key_padding_mask (B, N) or None, hw, upper_bound) -> Clusters(keys=None,
     values=tuple of (B, R, d_t), key_padding_mask (B, R), region_index (B, N)). Same
     attributes as ENACTAttention after a forward (last_stats, information,
-    smoothed_information); the same constructor (mode, gauss_taps, honour_mask, as in
-    ENACTAttention). upper_bound=True lets the fused CUDA path return R = N rows (zero
+    smoothed_information); the same constructor (mode, gauss_taps, honour_mask,
+    wait_for_counts, as in ENACTAttention; wait_for_counts is read by the caller, which decides
+    upper_bound). upper_bound=True lets the fused CUDA path return R = N rows (zero
     and masked beyond each image's count) without waiting for the GPU; pass it only when the
-    consumer's cost follows the mask (enact_cuda.uses_cuda_kernel).
+    consumer's cost follows the mask (enact_cuda.uses_cuda_kernel). After such a forward with
+    autograd, `key_count_hint` is the hint to give the consumer's clustered_attention.
     """
 
     def forward(self, info_keys: torch.Tensor, tensors, key_padding_mask=None,

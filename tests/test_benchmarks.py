@@ -100,6 +100,20 @@ def test_evaluate_targets_hand_made_numbers():
     assert _by(entries, "enact_mem_vs_official", "anchor_detr")["status"] == "met"  # 8.4 <= 9.77
 
 
+def test_targets_judged_for_another_enact_variant():
+    """enact_variant="enact_nowait": every ENACT figure comes from those rows (the relative
+    targets and our-ENACT-vs-official), the plain ones stay."""
+    rows = HAND_ROWS + [_row("detr", "enact_nowait", 0.0104, 6.5, 0.0110)]
+    entries = ref.evaluate_targets(rows, "NVIDIA H200", ["detr"], "enact_nowait")
+    assert _by(entries, "train_vs_eager", "detr")["value"] == pytest.approx(-20.0)
+    e = _by(entries, "mem_vs_sdpa", "detr")  # 6.5 vs 6.2 GiB: more than plain SDPA
+    assert e["status"] == "missed" and e["value"] == pytest.approx(4.839, abs=1e-3)
+    assert _by(entries, "enact_train_vs_official", "detr")["value"] == pytest.approx(0.0104)
+    assert _by(entries, "plain_train_vs_upstream", "detr")["value"] == pytest.approx(0.0130)
+    default = ref.evaluate_targets(rows, "NVIDIA H200", ["detr"])
+    assert _by(default, "train_vs_eager", "detr")["value"] == pytest.approx(-10.0)
+
+
 def test_absolute_targets_need_the_reference_gpu():
     entries = ref.evaluate_targets(HAND_ROWS, "NVIDIA H100 80GB HBM3")
     absolute = [e for e in entries if e["id"].endswith(("_upstream", "_official"))]

@@ -170,7 +170,7 @@ def test_auto_attention_backend_is_chosen_per_dtype(monkeypatch, caplog):
 
     class FakeCudaBackend:
         @staticmethod
-        def clustered_attention(q, k, v, kpm, dropout_p, scale):
+        def clustered_attention(q, k, v, kpm, dropout_p, scale, key_count_hint=None):
             calls.append(q.dtype)
             return torch.full_like(q, 7.0)
 

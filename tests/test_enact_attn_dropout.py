@@ -42,3 +42,22 @@ def test_zero_enact_attention_dropout_makes_the_training_attention_deterministic
         attn = main.DETECTOR.build(args)[0].transformer.encoder.layers[0].self_attn.train()
         first, second = attn(src, pos, None, (6, 8)), attn(src, pos, None, (6, 8))
         assert torch.equal(first, second) is same
+
+
+def _enact_modules(folder, *flags):
+    main = load_main(folder)
+    base = without(TINY, "--num_queries") if folder == "Anchor-DETR-ENACT" else TINY
+    args = main.get_parser().parse_args([*base, "--num_classes", "5", *flags])
+    model = main.DETECTOR.build(args)[0]
+    from enact_cuda.module import _ENACTRegions
+    return [m for m in model.modules() if isinstance(m, _ENACTRegions)]
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_enact_no_wait_flag_reaches_every_enact_layer(folder):
+    """--enact_no_wait: every ENACT layer allocates its training clusters at N rows (the
+    forward-level behaviour is a CUDA test: tests/test_enact_cuda.py)."""
+    waiting = _enact_modules(folder)
+    assert waiting and all(m.wait_for_counts for m in waiting)
+    no_wait = _enact_modules(folder, "--enact_no_wait")
+    assert len(no_wait) == len(waiting) and not any(m.wait_for_counts for m in no_wait)

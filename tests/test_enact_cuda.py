@@ -766,3 +766,103 @@ def test_enact_attention_eval_without_grad_equals_with_grad(cb, dev, dtype):
     assert enact_cuda.uses_cuda_kernel(src, d // 8, "cuda")
     tol = FP32_TOL if dtype == torch.float32 else 1e-2
     assert rel(without.float(), with_grad.float()) <= tol
+
+
+# ------------------------------------------------------------- training without the R_max wait
+@pytest.mark.parametrize("e,ev", [(32, 32), (64, 32)])
+def test_attention_backward_with_a_key_count_hint_is_unchanged(cb, dev, monkeypatch, e, ev):
+    """Keys allocated at N rows (the no-wait layout) with a host hint of the real key count:
+    the dk/dv work split follows the hint, the gradients do not change (they are checked
+    against the torch backend, and against the same call without the hint)."""
+    monkeypatch.setattr(cb, "DKDV_NSPLIT", 0)
+    gen = torch.Generator().manual_seed(21)
+    B, h, N = 2, 8, 900
+    counts = torch.tensor([150, 97])
+    q, k, v = (torch.randn(B, h, N, dim, generator=gen).to(dev) for dim in (e, e, ev))
+    kpm = (torch.arange(N)[None, :] >= counts[:, None]).to(dev)
+    go = torch.randn(B, h, N, ev, generator=gen).to(dev)
+    plain = _run_attn(cb.clustered_attention, q, k, v, kpm, go)
+    hinted = _run_attn(cb.clustered_attention, q, k, v, kpm, go, key_count_hint=lambda: 150)
+    ref = _run_attn(clustered_attention_torch, q, k, v, kpm, go)
+    for a, b_, r in zip(hinted, plain, ref):
+        assert torch.allclose(a, b_, rtol=1e-5, atol=1e-6)
+        assert rel(a, r) <= 5 * FP32_TOL
+    assert not hinted[2][:, :, 150:].any() and not hinted[3][:, :, 150:].any()
+
+
+@pytest.mark.parametrize("numerics", ["standard", "official"])
+def test_enact_attention_training_without_waiting_equals_waiting(cb, dev, numerics):
+    """wait_for_counts=False: in training the clusters are N rows (W_k sees (B, N, d)) and the
+    cluster count is not read back, with the same output and gradients as the waiting layer;
+    its count hint reaches the host once the GPU is done."""
+    torch.manual_seed(9)
+    B, H, W, d = 3, 19, 26, 256
+    waiting = enact_cuda.ENACTAttention(d, 8, sigma=3, impl="cuda", numerics=numerics).to(dev)
+    no_wait = enact_cuda.ENACTAttention(d, 8, sigma=3, impl="cuda", numerics=numerics,
+                                        wait_for_counts=False).to(dev)
+    no_wait.load_state_dict(waiting.state_dict())
+    gen = torch.Generator().manual_seed(10)
+    src = torch.randn(B, H * W, d, generator=gen).to(dev)
+    pos = torch.randn(B, H * W, d, generator=gen).to(dev)
+    mask = make_mask(B, H, W, dev, gen=gen)
+    go = torch.randn(B, H * W, d, generator=gen).to(dev)
+    results, rows = [], []
+    for m in (waiting, no_wait):
+        hook = m.W_k.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[1]))
+        s = src.clone().requires_grad_(True)
+        out = m(s, pos, mask, (H, W))
+        (out * go).sum().backward()
+        hook.remove()
+        results.append((out.detach(), s.grad, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    R = int(waiting.last_stats["clusters_per_image"].max())
+    assert rows == [R, H * W] and R < H * W
+    assert waiting.key_count_hint is None and no_wait.key_count_hint is not None
+    torch.cuda.synchronize()
+    assert no_wait.key_count_hint() == R
+    (ow, gw, pw), (on, gn, pn) = results
+    assert rel(on, ow) <= FP32_TOL
+    assert rel(gn, gw) <= 2 * FP32_TOL
+    for name in pw:
+        if name in ("W_prob.bias", "W_k.bias"):  # zero up to rounding (see the test above)
+            assert pn[name].abs().max() <= (1e-2 * pn[name.replace("bias", "weight")].abs().max()
+                                            + 10 * pw[name].abs().max())
+            continue
+        assert rel(pn[name], pw[name]) <= 5 * FP32_TOL, name
+    assert torch.equal(no_wait.last_stats["clusters_per_image"],
+                       waiting.last_stats["clusters_per_image"])
+
+
+def test_anchor_detr_layer_training_without_waiting_equals_waiting(cb, dev):
+    """Anchor DETR's ENACT layer (ENACTClustering + the joint row-column attention, (64, 32)
+    head dims) with wait_for_counts=False: N-row clusters in training, same output and
+    gradients."""
+    from anchor_detr.layers import EncoderLayerSpatial
+    from anchor_detr.rcda import grid_mask
+    torch.manual_seed(11)
+    B, H, W, E = 2, 17, 23, 256
+    layers = [EncoderLayerSpatial(E, 8, 512, 0.0, enact=True, sigma=3, enact_impl="cuda",
+                                  wait_for_counts=wait).to(dev).train() for wait in (True, False)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    gen = torch.Generator().manual_seed(12)
+    src = torch.randn(B, H, W, E, generator=gen).to(dev)
+    pe_row = torch.randn(B, W, E, generator=gen).to(dev)
+    pe_col = torch.randn(B, H, E, generator=gen).to(dev)
+    mask = make_mask(B, H, W, dev, gen=gen)
+    grid = grid_mask(mask, mask.shape, src.dtype, dev)
+    results = []
+    for layer in layers:
+        s = src.clone().requires_grad_(True)
+        out = layer(s, grid, pe_row, pe_col)
+        out.square().sum().backward()
+        results.append((out.detach(), s.grad,
+                        {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    assert layers[0].ENACT.key_count_hint is None and layers[1].ENACT.key_count_hint is not None
+    (ow, gw, pw), (on, gn, pn) = results
+    assert rel(on, ow) <= FP32_TOL
+    assert rel(gn, gw) <= 5 * FP32_TOL
+    for name in pw:
+        if name == "ENACT.W_prob.bias":  # zero up to rounding: softmax shift invariance
+            assert pn[name].abs().max() <= (1e-2 * pn["ENACT.W_prob.weight"].abs().max()
+                                            + 10 * pw[name].abs().max())
+            continue
+        assert rel(pn[name], pw[name]) <= 5 * FP32_TOL, name

@@ -47,7 +47,8 @@ class EncoderLayerSpatial(nn.Module):
     def __init__(self, d_model: int, nhead: int, d_ffn: int, dropout: float, enact: bool = False,
                  sigma: int = 5, enact_impl: str = "auto", row_breaks: bool = False,
                  enact_attn_dropout: float | None = None, enact_mode: str = "paper_regions",
-                 gauss_taps: str = "paper", honour_mask: bool = True):
+                 gauss_taps: str = "paper", honour_mask: bool = True,
+                 wait_for_counts: bool = True):
         super().__init__()
         attn_dropout = dropout if not enact or enact_attn_dropout is None else enact_attn_dropout
         self.self_attn = RCDA(d_model, nhead, dropout=attn_dropout)
@@ -59,7 +60,8 @@ class EncoderLayerSpatial(nn.Module):
             from enact_cuda import ENACTClustering
             self.ENACT = ENACTClustering(d_model, sigma, impl=enact_impl, row_breaks=row_breaks,
                                          mode=enact_mode, gauss_taps=gauss_taps,
-                                         honour_mask=honour_mask)
+                                         honour_mask=honour_mask,
+                                         wait_for_counts=wait_for_counts)
         else:
             self.ENACT = None
 
@@ -76,17 +78,20 @@ class EncoderLayerSpatial(nn.Module):
             from enact_cuda import uses_cuda_kernel
             mask = grid.key_padding_mask
             flat_mask = None if mask is None else mask.reshape(b, h * w)
-            # eval: clusters at N rows, no wait for R_max, when the CUDA kernel attends (q / k
-            # head dim 2 d_h; values d_h, or padded to 2 d_h where the kernel lacks that pair)
+            # eval (and training with wait_for_counts=False): clusters at N rows, no wait for
+            # R_max, when the CUDA kernel attends (q / k head dim 2 d_h; values d_h, or padded
+            # to 2 d_h where the kernel lacks that pair)
             d_h = self.self_attn.head_dim
-            upper_bound = not torch.is_grad_enabled() and (
+            no_wait = not torch.is_grad_enabled() or not self.ENACT.wait_for_counts
+            upper_bound = no_wait and (
                 uses_cuda_kernel(src, 2 * d_h, self.enact_impl, d_h)
                 or uses_cuda_kernel(src, 2 * d_h, self.enact_impl))
             clusters = self.ENACT(q_row, (q_row, q_col, src.reshape(b, h * w, e)), flat_mask,
                                   (h, w), upper_bound=upper_bound)
             c_row, c_col, c_val = clusters.values
             out = self.self_attn.forward_clustered(q_row, q_col, c_row, c_col, c_val,
-                                                   clusters.key_padding_mask, impl=self.enact_impl)
+                                                   clusters.key_padding_mask, impl=self.enact_impl,
+                                                   key_count_hint=self.ENACT.key_count_hint)
         return out.reshape(b, h, w, e)
 
     def forward(self, src: Tensor, grid: GridMask, pe_row: Tensor, pe_col: Tensor) -> Tensor:

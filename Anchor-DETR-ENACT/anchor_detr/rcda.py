@@ -161,11 +161,12 @@ class RCDA(nn.Module):
 
     def forward_clustered(self, query_row: Tensor, query_col: Tensor, key_row: Tensor,
                           key_col: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
-                          impl: str = "auto") -> Tensor:
+                          impl: str = "auto", key_count_hint=None) -> Tensor:
         """ENACT joint softmax over clusters.
 
         query_row/col (B,N,E) per pixel; key_row/key_col/value (B,R,E) clustered (unprojected);
-        key_padding_mask (B,R) True = no cluster -> (B,N,E).
+        key_padding_mask (B,R) True = no cluster -> (B,N,E). key_count_hint: as in
+        enact_cuda.clustered_attention.
         """
         import enact_cuda
 
@@ -182,7 +183,7 @@ class RCDA(nn.Module):
             v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
         out = enact_cuda.clustered_attention(
             q, k, v, key_padding_mask, dropout_p=self.dropout if self.training else 0.0,
-            impl=impl, scale=1.0 / math.sqrt(self.head_dim))
+            impl=impl, scale=1.0 / math.sqrt(self.head_dim), key_count_hint=key_count_hint)
         return self._merge(out[..., :self.head_dim])
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from detr_common.box_ops import inverse_sigmoid
 from detr_common.cli import (enact_attention_dropout, enact_gauss_taps, enact_honours_padding,
-                             enact_mode, enact_row_breaks)
+                             enact_mode, enact_row_breaks, enact_waits_for_counts)
 from detr_common.mlp import MLP
 from detr_common.position_encoding import sine_1d, sine_2d
 
@@ -45,7 +45,8 @@ class AnchorTransformer(nn.Module):
                  spatial_prior: str = "learned", enact: bool = True, sigma: int = 5,
                  enact_impl: str = "auto", row_breaks: bool = False, attn_impl: str = "sdpa",
                  enact_attn_dropout: float | None = None, enact_mode: str = "paper_regions",
-                 gauss_taps: str = "paper", honour_mask: bool = True):
+                 gauss_taps: str = "paper", honour_mask: bool = True,
+                 wait_for_counts: bool = True):
         super().__init__()
         if spatial_prior not in SPATIAL_PRIORS:
             raise ValueError(f"unknown spatial prior {spatial_prior!r}; choose one of {SPATIAL_PRIORS}")
@@ -57,7 +58,7 @@ class AnchorTransformer(nn.Module):
             EncoderLayerSpatial(**spatial, enact=enact, sigma=sigma, enact_impl=enact_impl,
                                 row_breaks=row_breaks, enact_attn_dropout=enact_attn_dropout,
                                 enact_mode=enact_mode, gauss_taps=gauss_taps,
-                                honour_mask=honour_mask)
+                                honour_mask=honour_mask, wait_for_counts=wait_for_counts)
             for _ in range(num_encoder_layers - n_level))
         self.encoder_layers_level = nn.ModuleList(
             EncoderLayerLevel(**spatial, attn_impl=attn_impl) for _ in range(n_level))
@@ -162,4 +163,5 @@ def build_transformer(args, num_classes: int) -> AnchorTransformer:
         enact_attn_dropout=enact_attention_dropout(args),
         enact_mode=enact_mode(args),
         gauss_taps=enact_gauss_taps(args),
-        honour_mask=enact_honours_padding(args))
+        honour_mask=enact_honours_padding(args),
+        wait_for_counts=enact_waits_for_counts(args))

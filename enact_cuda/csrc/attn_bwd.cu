@@ -163,10 +163,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttnArgs a, Dro
 }  // namespace
 
 // Query splits for the dk/dv kernel: enough blocks to fill the GPU (about 4 per SM), each
-// split at least one query tile.
+// split at least one query tile. Blocks past an image's key count exit at once, so the blocks
+// that work are those of the real keys: a.key_hint of them per image when R is an upper bound.
 static int choose_nsplit(const AttnArgs& a, int num_sms) {
   const int TP = a.E / 32, BK = kThreads / TP;
-  const int64_t base = static_cast<int64_t>((a.R + BK - 1) / BK) * a.B * a.H;
+  const int keys = a.key_hint > 0 && a.key_hint < a.R ? a.key_hint : a.R;
+  const int64_t base = static_cast<int64_t>((keys + BK - 1) / BK) * a.B * a.H;
   if (base <= 0) return 1;
   const int64_t want = (4LL * num_sms + base - 1) / base;
   const int64_t max_split = (a.N + kBQ - 1) / kBQ;

@@ -299,7 +299,8 @@ std::vector<at::Tensor> attn_backward(const at::Tensor& dout_in, const at::Tenso
                                       const at::Tensor& k_in, const at::Tensor& v_in,
                                       const at::Tensor& kpm_in, const at::Tensor& out_in,
                                       const at::Tensor& lse_in, double scale, double dropout_p,
-                                      const at::Tensor& seed, int64_t nsplit) {
+                                      const at::Tensor& seed, int64_t nsplit,
+                                      int64_t key_hint) {
   c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor q = prep_attn(q_in, "q"), k = prep_attn(k_in, "k"), v = prep_attn(v_in, "v");
   at::Tensor out = prep_attn(out_in, "out");
@@ -328,6 +329,8 @@ std::vector<at::Tensor> attn_backward(const at::Tensor& dout_in, const at::Tenso
   a.dk_acc = dk.data_ptr<float>();
   a.dv_acc = dv.data_ptr<float>();
   a.nsplit = static_cast<int>(nsplit);
+  TORCH_CHECK(key_hint >= 0, "enact_cuda: key_hint must be >= 0");
+  a.key_hint = static_cast<int>(std::min<int64_t>(key_hint, R));
   const int sms = device_attr(cudaDevAttrMultiProcessorCount, q.get_device());
   ENACT_CHECK_CUDA(enact::attn_backward(a, dtype_of(q), sms, c10::cuda::getCurrentCUDAStream()));
   if (q.scalar_type() != at::kFloat) {

@@ -161,7 +161,9 @@ struct AttnArgs {
   float scale;
   float dropout_p;
   uint64_t seed;
-  int nsplit;  // query splits of the dk/dv kernel
+  int nsplit;     // query splits of the dk/dv kernel (0 = automatic)
+  int key_hint;   // largest key count if known on the host (0 = not known): when R is an
+                  // upper bound (e.g. N), the automatic split is sized for this many keys
 };
 cudaError_t attn_forward(const AttnArgs& a, DType dtype, cudaStream_t stream);
 cudaError_t attn_backward(const AttnArgs& a, DType dtype, int num_sms, cudaStream_t stream);

@@ -107,6 +107,18 @@ struct FusedPending {
     }
     return r_max;
   }
+  // R_max once the copy has landed, else 0; never waits (a work-split hint for later kernels).
+  int64_t R_if_ready() {
+    if (r_max >= 0 || event == nullptr) return std::max<int64_t>(r_max, 0);
+    const cudaError_t st = cudaEventQuery(event);
+    if (st == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // not an error: clear it, as torch's Event.query does
+      return 0;
+    }
+    ENACT_CHECK_CUDA(st);
+    r_max = std::max<int64_t>(static_cast<int64_t>(pinned.data_ptr<int>()[0]), 1);
+    return r_max;
+  }
   ~FusedPending() {
     if (event != nullptr) {
       cudaEventSynchronize(event);  // the copy into `pinned` must be done before it is reused
@@ -388,7 +400,9 @@ void register_fused(pybind11::module& m) {
       .def_readonly("region_index", &FusedPending::region_index)
       .def_readonly("counts", &FusedPending::counts)
       .def_readonly("stats", &FusedPending::stats)
-      .def("r_max", &FusedPending::R, "max(R_b, 1); waits for the forward kernel");
+      .def("r_max", &FusedPending::R, "max(R_b, 1); waits for the forward kernel")
+      .def("r_max_if_ready", &FusedPending::R_if_ready,
+           "max(R_b, 1) if it has reached the host, else 0; never waits");
   m.def("fused_begin", &fused_begin,
         "logits + information + regions + region statistics (one launch), R_max read pending "
         "(unless read_rmax is false)");
