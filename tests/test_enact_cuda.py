@@ -51,6 +51,34 @@ def rel(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     return (a - b).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def layer_inputs(B, H, W, d, device, seed):
+    """src, pos (B, H*W, d), a padding mask (make_mask) and an output gradient (B, H*W, d)."""
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randn(B, H * W, d, generator=gen).to(device)
+    pos = torch.randn(B, H * W, d, generator=gen).to(device)
+    mask = make_mask(B, H, W, device, gen=gen)
+    return src, pos, mask, torch.randn(B, H * W, d, generator=gen).to(device)
+
+
+def assert_results_close(got, ref, src_tol=2 * FP32_TOL,
+                         rounding_zero=("W_prob.bias", "W_k.bias")):
+    """got / ref: (output, input gradient, {parameter name: gradient}) of two runs of a layer.
+    Output within FP32_TOL, input gradient within src_tol, parameter gradients within
+    5 x FP32_TOL, except those in `rounding_zero`, which are exactly zero up to rounding
+    (W_prob.bias sums softmax grads over an image; W_k.bias shifts all of a query's scores
+    equally): these must stay at noise level, relative to their weight's gradient."""
+    (out, grad, params), (out_ref, grad_ref, params_ref) = got, ref
+    assert rel(out, out_ref) <= FP32_TOL
+    assert rel(grad, grad_ref) <= src_tol
+    for name in params_ref:
+        if any(name.endswith(z) for z in rounding_zero):
+            weight = name[:-len("bias")] + "weight"
+            assert params[name].abs().max() <= (1e-2 * params[weight].abs().max()
+                                                + 10 * params_ref[name].abs().max()), name
+            continue
+        assert rel(params[name], params_ref[name]) <= 5 * FP32_TOL, name
+
+
 def make_mask(B, H, W, device, full_first=True, gen=None, empty_image=False):
     """Bottom/right padding (True = padding) with a random valid h x w per image."""
     mask = torch.ones(B, H, W, dtype=torch.bool, device=device)
@@ -527,28 +555,14 @@ def test_enact_attention_module_cuda_matches_torch(cb, dev, monkeypatch, nhead, 
         kernel = cb.cluster_tensors
         monkeypatch.setattr(cb, "cluster_tensors", lambda *a: kernel_calls.append(1) or kernel(*a))
     m_torch.load_state_dict(m_cuda.state_dict())
-    gen = torch.Generator().manual_seed(1)
-    src = torch.randn(B, H * W, d, generator=gen).to(dev)
-    pos = torch.randn(B, H * W, d, generator=gen).to(dev)
-    mask = make_mask(B, H, W, dev, gen=gen)
-    go = torch.randn(B, H * W, d, generator=gen).to(dev)
+    src, pos, mask, go = layer_inputs(B, H, W, d, dev, seed=1)
     outs = []
     for m in (m_cuda, m_torch):
         s = src.clone().requires_grad_(True)
         out = m(s, pos, mask, (H, W))
         (out * go).sum().backward()
         outs.append((out, s.grad, {n: p.grad.clone() for n, p in m.named_parameters()}))
-    (oc, gc, pc), (ot, gt, pt) = outs
-    assert rel(oc, ot) <= FP32_TOL
-    assert rel(gc, gt) <= 2 * FP32_TOL
-    for name in pc:
-        # exactly zero gradients (rounding noise in both backends): W_prob.bias sums softmax
-        # grads over an image; W_k.bias shifts all of a query's scores equally
-        if name in ("W_prob.bias", "W_k.bias"):
-            assert pc[name].abs().max() <= (1e-2 * pc[name.replace("bias", "weight")].abs().max()
-                                            + 10 * pt[name].abs().max())
-            continue
-        assert rel(pc[name], pt[name]) <= 5 * FP32_TOL, name
+    assert_results_close(*outs)
     assert torch.equal(m_cuda.last_stats["clusters_per_image"],
                        m_torch.last_stats["clusters_per_image"])
     if mode == "official_fixed_chunk":  # one clustering kernel call, some chunks front-trimmed
@@ -801,11 +815,7 @@ def test_enact_attention_training_without_waiting_equals_waiting(cb, dev, numeri
     no_wait = enact_cuda.ENACTAttention(d, 8, sigma=3, impl="cuda", numerics=numerics,
                                         wait_for_counts=False).to(dev)
     no_wait.load_state_dict(waiting.state_dict())
-    gen = torch.Generator().manual_seed(10)
-    src = torch.randn(B, H * W, d, generator=gen).to(dev)
-    pos = torch.randn(B, H * W, d, generator=gen).to(dev)
-    mask = make_mask(B, H, W, dev, gen=gen)
-    go = torch.randn(B, H * W, d, generator=gen).to(dev)
+    src, pos, mask, go = layer_inputs(B, H, W, d, dev, seed=10)
     results, rows = [], []
     for m in (waiting, no_wait):
         hook = m.W_k.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[1]))
@@ -819,15 +829,7 @@ def test_enact_attention_training_without_waiting_equals_waiting(cb, dev, numeri
     assert waiting.key_count_hint is None and no_wait.key_count_hint is not None
     torch.cuda.synchronize()
     assert no_wait.key_count_hint() == R
-    (ow, gw, pw), (on, gn, pn) = results
-    assert rel(on, ow) <= FP32_TOL
-    assert rel(gn, gw) <= 2 * FP32_TOL
-    for name in pw:
-        if name in ("W_prob.bias", "W_k.bias"):  # zero up to rounding (see the test above)
-            assert pn[name].abs().max() <= (1e-2 * pn[name.replace("bias", "weight")].abs().max()
-                                            + 10 * pw[name].abs().max())
-            continue
-        assert rel(pn[name], pw[name]) <= 5 * FP32_TOL, name
+    assert_results_close(results[1], results[0])
     assert torch.equal(no_wait.last_stats["clusters_per_image"],
                        waiting.last_stats["clusters_per_image"])
 
@@ -858,12 +860,5 @@ def test_anchor_detr_layer_training_without_waiting_equals_waiting(cb, dev):
         results.append((out.detach(), s.grad,
                         {n: p.grad.clone() for n, p in layer.named_parameters()}))
     assert layers[0].ENACT.key_count_hint is None and layers[1].ENACT.key_count_hint is not None
-    (ow, gw, pw), (on, gn, pn) = results
-    assert rel(on, ow) <= FP32_TOL
-    assert rel(gn, gw) <= 5 * FP32_TOL
-    for name in pw:
-        if name == "ENACT.W_prob.bias":  # zero up to rounding: softmax shift invariance
-            assert pn[name].abs().max() <= (1e-2 * pn["ENACT.W_prob.weight"].abs().max()
-                                            + 10 * pw[name].abs().max())
-            continue
-        assert rel(pn[name], pw[name]) <= 5 * FP32_TOL, name
+    assert_results_close(results[1], results[0], src_tol=5 * FP32_TOL,
+                         rounding_zero=("ENACT.W_prob.bias",))
