@@ -41,7 +41,7 @@ import torch
 
 from . import build
 from .attention import kernel_gap
-from .information import check_sigma, taps_half_width
+from .information import MAX_SIGMA, check_sigma, taps_half_width
 
 __all__ = ["information_regions", "regions", "cluster_tensors", "clustered_attention",
            "dropout_keep_mask", "extension", "fused_supported", "fused_begin", "fused_finish",
@@ -231,7 +231,7 @@ def fused_supported(keys: torch.Tensor, tensors: Sequence[torch.Tensor], sigma) 
     sigma <= 64. Otherwise the unfused functions above are used."""
     if not keys.is_cuda or keys.dim() != 3 or keys.dtype not in _FUSED_DTYPES:
         return False
-    if not 1 <= len(tensors) <= 4 or not 1 <= int(sigma) <= 64:
+    if not 1 <= len(tensors) <= 4 or not 1 <= int(sigma) <= MAX_SIGMA:
         return False
     B, N = keys.shape[0], keys.shape[1]
     if B == 0 or N == 0 or not _rows_ok(keys, B, N, keys.dtype):

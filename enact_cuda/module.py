@@ -113,8 +113,8 @@ class _ENACTRegions(nn.Module):
         self.impl = impl
         self.row_breaks = bool(row_breaks)
         self.wait_for_counts = bool(wait_for_counts)
-        self.key_count_hint = None  # after a training forward at N rows: () -> R_max or 0
-        self._pending = None  # that forward's pending R_max copy (kept until it has landed)
+        self._pending = None  # a training forward at N rows: its pending R_max copy, kept
+        # until the next forward (releasing it before the copy lands would wait for the GPU)
         self.W_prob = _linear(d_model, 1)
         self.last_stats: dict = {}
         self.information: torch.Tensor | None = None
@@ -149,7 +149,7 @@ class _ENACTRegions(nn.Module):
             unit = _unit_stride(info_keys)
             tensors = tuple(unit if t is info_keys else _unit_stride(t) for t in tensors)
             info_keys = unit
-        self.key_count_hint = self._pending = None
+        self._pending = None
         if cb is not None and paper and cb.fused_supported(info_keys, tensors, self.sigma):
             hint = upper_bound and torch.is_grad_enabled()
             state = cb.fused_begin(info_keys, self.W_prob.weight, self.W_prob.bias,
@@ -158,8 +158,8 @@ class _ENACTRegions(nn.Module):
             early = before_sync() if before_sync is not None else None
             clustered, cluster_mask = cb.fused_finish(state, info_keys, tensors, upper_bound)
             pend = state.pending
-            if hint:  # kept alive: releasing it before its copy lands would wait for the GPU
-                self._pending, self.key_count_hint = pend, pend.r_max_if_ready
+            if hint:
+                self._pending = pend
             stats = pend.stats  # (3, B): clusters, valid pixels, mean region length
             self.last_stats = {"clusters_per_image": stats[0], "pixels_per_image": stats[1],
                                "mean_region_length": stats[2]}
@@ -184,6 +184,19 @@ class _ENACTRegions(nn.Module):
         self._record(info, smoothed, counts, region_counts, key_padding_mask, info_keys)
         early = before_sync() if before_sync is not None else None
         return backend, clustered, _cluster_mask(counts, R), region_index, early
+
+    @property
+    def key_count_hint(self):
+        """After a training forward with clusters at N rows: () -> R_max once it has reached
+        the host, else 0 (for clustered_attention's key_count_hint); None otherwise."""
+        return None if self._pending is None else self._pending.r_max_if_ready
+
+    def may_skip_count_read(self) -> bool:
+        """Whether this forward may allocate its clusters at N rows instead of reading the
+        cluster count back: without autograd (eval), or with wait_for_counts=False. The caller
+        adds the other condition, that the attention's cost follows the mask
+        (uses_cuda_kernel)."""
+        return not torch.is_grad_enabled() or not self.wait_for_counts
 
     def _record(self, info, smoothed, counts, region_counts, key_padding_mask, x):
         """last_stats from the clusters' and the regions' counts (B,) (the same tensor unless
@@ -247,7 +260,7 @@ class ENACTAttention(_ENACTRegions):
                 key_padding_mask: torch.Tensor | None = None, hw=None) -> torch.Tensor:
         _check_inputs(src, key_padding_mask, hw, "ENACTAttention")
         keys = src if pos is None else src + pos
-        upper_bound = ((not torch.is_grad_enabled() or not self.wait_for_counts)
+        upper_bound = (self.may_skip_count_read()
                        and uses_cuda_kernel(src, self.d_model // self.nhead, self.impl))
         backend, (ck, cv), cluster_mask, _, q = self._cluster(
             keys, (keys, src), key_padding_mask, hw, before_sync=lambda: self.W_q(keys),

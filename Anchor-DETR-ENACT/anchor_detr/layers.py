@@ -4,7 +4,6 @@ Grid features are (B, H, W, E); the padding mask (B, H, W) is True on padding. R
 embeddings pe_row (B, W, E) are indexed by x (they make the ROW keys src + pe_x), column
 embeddings pe_col (B, H, E) by y. Submodule names follow upstream so checkpoints load.
 """
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -82,8 +81,7 @@ class EncoderLayerSpatial(nn.Module):
             # R_max, when the CUDA kernel attends (q / k head dim 2 d_h; values d_h, or padded
             # to 2 d_h where the kernel lacks that pair)
             d_h = self.self_attn.head_dim
-            no_wait = not torch.is_grad_enabled() or not self.ENACT.wait_for_counts
-            upper_bound = no_wait and (
+            upper_bound = self.ENACT.may_skip_count_read() and (
                 uses_cuda_kernel(src, 2 * d_h, self.enact_impl, d_h)
                 or uses_cuda_kernel(src, 2 * d_h, self.enact_impl))
             clusters = self.ENACT(q_row, (q_row, q_col, src.reshape(b, h * w, e)), flat_mask,
