@@ -11,7 +11,9 @@ Protocol (per row = one detector x one variant x one mode, a freshly built model
   detector's default --batch_size) with 1-10 random boxes per image (seeded, the same batch for
   every variant); the detector's own criterion and AdamW groups (DETECTOR.param_groups;
   detr_common.trainer.build_optimizer, fused AdamW on CUDA, as main.py trains),
-  gradient clipping 0.1; 3 warm-up steps, then 10 timed steps between torch.cuda.synchronize();
+  gradient clipping 0.1; each step is main.py's (detr_common.engine.train_step, with its one
+  host read of the losses and gradient norm per step, as the upstream loops' loss.item());
+  3 warm-up steps, then 10 timed steps between torch.cuda.synchronize();
   peak = torch.cuda.max_memory_allocated() after reset_peak_memory_stats() following the
   warm-up; inference at batch 1 (the batch's first image), model.eval() + no_grad, 5 warm-up
   then 20 timed forwards. The timed parts are repeated (--repeats, 3) and the median is
@@ -21,8 +23,9 @@ Variants: plain_eager (--no_enact --attn_impl eager: the paper's baseline, mater
   attention weights), plain_sdpa (--no_enact --attn_impl sdpa), enact (--enact_impl auto, the
   other attentions at the default sdpa: what a user gets), enact_eager (ENACT with the other
   attentions eager, to separate ENACT from the decoder's attention implementation),
-  enact_nowait (enact with --enact_no_wait: training clusters at N rows, no per-layer read of
-  the cluster count; the targets are judged for it too, in a second table).
+  enact_nowait (enact with --enact_no_wait: training clusters at rows guessed from the last
+  steps' counts, no per-layer read of the cluster count; the targets are judged for it too, in
+  a second table).
 Modes: fp32 (the protocol; the targets are judged on it), bf16 (the same under
   torch.autocast bf16; criterion in fp32), mixed (fp32, a padded batch alternating 800x1216 and
   800x900 images with the padding mask; training only, since a batch-1 image has no padding).
@@ -36,7 +39,6 @@ import datetime
 import gc
 import importlib.util
 import json
-import math
 import platform
 import re
 import statistics
@@ -56,7 +58,8 @@ for _p in [ROOT, *(ROOT / f for f in FOLDERS.values())]:
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 from detr_common.data.collate import pad_images  # noqa: E402
-from detr_common.engine import autocast, move_targets, to_float  # noqa: E402
+from detr_common.engine import autocast, move_targets  # noqa: E402
+from detr_common.engine import train_step as engine_train_step  # noqa: E402
 from detr_common.trainer import build_optimizer  # noqa: E402
 
 VARIANTS = {
@@ -138,21 +141,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def train_step(model, criterion, optimizer, batch, targets, amp, clip, device):
-    """One optimisation step as detr_common.engine.train_one_epoch takes it (autocast forward,
-    fp32 criterion, weighted loss, backward, gradient clipping, AdamW), minus its logging
-    and finiteness check (one host read per step)."""
-    with autocast(device, amp):
-        outputs = model(batch)
-    loss_dict = criterion(to_float(outputs), targets)
-    weights = criterion.weight_dict
-    loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    return loss.detach()
+def train_step(model, criterion, optimizer, batch, targets, amp, clip):
+    """One optimisation step exactly as main.py trains (detr_common.engine.train_step: autocast
+    forward, fp32 criterion, backward, the step's one host read of the losses, gradient norm
+    and ENACT's cluster-overflow flag, finiteness check, clipping, AdamW; an overflowed step
+    redone) -> (loss value, whether the step was redone)."""
+    loss, _, redone = engine_train_step(model, criterion, optimizer, batch, targets, amp=amp,
+                                        clip_max_norm=clip)
+    return loss, redone
 
 
 class _NoGC:
@@ -185,27 +181,30 @@ def timed_repeats(step, steps, repeats, device):
 
 def measure_train(model, criterion, optimizer, batch, targets, amp, clip, device, warmup,
                   steps, repeats=1):
-    """-> {train_s_per_img, peak_gib, loss, train_s_per_img_repeats}: ``warmup`` steps, then
-    ``repeats`` times ``steps`` steps timed between synchronisations; train_s_per_img = the
-    median repeat; peak over all timed steps (statistics reset after the warm-up)."""
+    """-> {train_s_per_img, peak_gib, loss, train_s_per_img_repeats, redone_steps}: ``warmup``
+    steps, then ``repeats`` times ``steps`` steps timed between synchronisations;
+    train_s_per_img = the median repeat; peak over all timed steps (statistics reset after the
+    warm-up); redone_steps: timed steps redone for an ENACT cluster overflow (train_step).
+    A non-finite loss raises detr_common.engine.NonFiniteLossError, as in training."""
     model.train()
     criterion.train()
     for _ in range(warmup):
-        train_step(model, criterion, optimizer, batch, targets, amp, clip, device)
+        train_step(model, criterion, optimizer, batch, targets, amp, clip)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    per_step, loss = timed_repeats(
-        lambda: train_step(model, criterion, optimizer, batch, targets, amp, clip, device),
-        steps, repeats, device)
+    redone = []
+
+    def step():
+        loss, again = train_step(model, criterion, optimizer, batch, targets, amp, clip)
+        redone.append(again)
+        return loss
+
+    per_step, loss = timed_repeats(step, steps, repeats, device)
     times = [t / batch.images.shape[0] for t in per_step]
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    value = float(loss)
-    out = {"train_s_per_img": statistics.median(times), "train_s_per_img_repeats": times,
-           "peak_gib": peak, "loss": value if math.isfinite(value) else None}
-    if not math.isfinite(value):
-        out["warning"] = f"non-finite training loss ({value})"
-    return out
+    return {"train_s_per_img": statistics.median(times), "train_s_per_img_repeats": times,
+            "peak_gib": peak, "loss": loss, "redone_steps": sum(redone)}
 
 
 def eval_forward(model, image, amp, device):
@@ -278,7 +277,7 @@ def profile_train(model, criterion, optimizer, batch, targets, amp, clip, device
     """Two profiled training steps -> (tables, GPU kernel ms per step); see profile_calls."""
     model.train()
     return profile_calls(lambda: train_step(model, criterion, optimizer, batch, targets, amp,
-                                            clip, device), 2, device)
+                                            clip), 2, device)
 
 
 @torch.no_grad()
@@ -740,7 +739,7 @@ def main(argv=None):
         print(f"{row['detector']:<17} {row['mode']:<5} {row['variant']:<12} {value}"
               + (f"  clusters/img per layer: {_clusters(row, what)}" if layers else "")
               + (f"  ERROR {row['error']}" if row["error"] else "")
-              + (f"  WARNING {row['warning']}" if row.get("warning") else "")
+              + (f"  ({row['redone_steps']} steps redone)" if row.get("redone_steps") else "")
               + (f"  ({row['wall_s']:.1f} s)" if what == "train" else ""), flush=True)
 
     for mode in modes:

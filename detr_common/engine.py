@@ -9,6 +9,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from enact_cuda import cluster_overflow, exact_cluster_counts
 from tqdm import tqdm
 
 from .coco_eval import CocoEvaluator
@@ -101,48 +102,88 @@ def _progress(data_loader, desc):
                 leave=True)
 
 
+_OVERFLOW = "enact_cluster_overflow"
+
+
+def _forward_backward(model, criterion, optimizer, images, targets, amp, scaler):
+    """Forward, losses, backward, gradient norm, and the step's one device->host read ->
+    (logged {loss name: float, "grad_norm", and _OVERFLOW when an ENACT layer guessed its
+    cluster rows}, the parameters with gradients, the gradient norm tensor)."""
+    with autocast(images.images.device, amp):
+        outputs = model(images)
+    loss_dict = criterion(to_float(outputs), targets)
+    loss = weighted_total(loss_dict, criterion.weight_dict)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    read = {**loss_dict, "grad_norm": grad_norm}
+    overflow = cluster_overflow(model)
+    if overflow is not None:
+        read[_OVERFLOW] = overflow
+    # The read happens after the backward is queued; averaged over processes, so every process
+    # sees an overflow of any of them.
+    return reduce_dict(read), params, grad_norm
+
+
+def train_step(model, criterion, optimizer, images, targets, *, amp="off", scaler=None,
+               clip_max_norm=0.1, epoch=None, step=None):
+    """One optimisation step on an ImageBatch and its targets: autocast forward, fp32
+    criterion, backward, ONE device->host read (losses, gradient norm and ENACT's cluster
+    overflow flag, averaged over processes), finiteness check (NonFiniteLossError, before the
+    weights change; ``epoch`` / ``step`` name the place), clipping, optimizer step.
+
+    A step in which an ENACT layer's guessed cluster rows fell short (--enact_no_wait;
+    enact_cuda.cluster_overflow) is redone with exact cluster counts before any weight
+    changes (only float32 / bf16 use guessed rows, so a GradScaler never meets a redo).
+    -> (loss value, {name: float} of the losses and "grad_norm", whether the step was redone).
+    """
+    logged, params, grad_norm = _forward_backward(model, criterion, optimizer, images,
+                                                  targets, amp, scaler)
+    redone = logged.pop(_OVERFLOW, 0.0) > 0
+    if redone:
+        with exact_cluster_counts(model):
+            logged, params, grad_norm = _forward_backward(model, criterion, optimizer, images,
+                                                          targets, amp, scaler)
+    loss_value = weighted_total(logged, criterion.weight_dict)
+    _check_finite(loss_value, logged, model, scaler, images, targets, epoch, step)
+    if clip_max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, clip_max_norm, grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)  # skips steps whose fp16 gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss_value, logged, redone
+
+
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, *,
                     clip_max_norm=0.1, amp="off", scaler=None, print_freq=10, stats_fn=None):
-    """One pass over ``data_loader``; returns the epoch's mean losses and throughput figures.
+    """One pass over ``data_loader`` (train_step per batch); returns the epoch's mean losses
+    and throughput figures.
 
-    ``stats_fn(model)`` may return extra per-step statistics (e.g. ENACT's clusters per image)
-    as tensors; they are averaged over the epoch like the losses.
+    ``stats_fn(model)`` (ENACT models) may return extra per-step statistics (e.g. ENACT's
+    clusters per image) as tensors; they are averaged over the epoch like the losses, and the
+    epoch's count of redone steps is added (``enact_redone_steps``, train_step).
     """
     model.train()
     criterion.train()
-    weight_dict = criterion.weight_dict
     means = RunningMeans()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    n_images, start = 0, time.perf_counter()
+    n_images, redone_steps, start = 0, 0, time.perf_counter()
     bar = _progress(data_loader, f"train epoch {epoch}")
     for step, (images, targets) in enumerate(bar):
         images = images.to(device)
         targets = move_targets(targets, device)
-        with autocast(device, amp):
-            outputs = model(images)
-        loss_dict = criterion(to_float(outputs), targets)
-        loss = weighted_total(loss_dict, weight_dict)
-
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        # The step's one device->host read, after the backward is queued: losses + grad norm.
-        logged = reduce_dict({**loss_dict, "grad_norm": grad_norm})
-        loss_value = weighted_total(logged, weight_dict)
-        _check_finite(loss_value, logged, model, scaler, images, targets, epoch, step)
-        if clip_max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, clip_max_norm, grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)  # skips steps whose fp16 gradients overflowed
-            scaler.update()
-        else:
-            optimizer.step()
+        loss_value, logged, redone = train_step(
+            model, criterion, optimizer, images, targets, amp=amp, scaler=scaler,
+            clip_max_norm=clip_max_norm, epoch=epoch, step=step)
+        redone_steps += redone
 
         batch = images.images.shape[0]
         n_images += batch
@@ -158,6 +199,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, *,
             if stats_fn is not None:
                 postfix.update({k: f"{v.item():.3g}" for k, v in means.means().items()
                                 if k.startswith("enact_")})
+            if redone_steps:
+                postfix["redone"] = redone_steps
             if device.type == "cuda":
                 postfix["mem"] = f"{_peak_memory_gib(device):.2f}G"
             bar.set_postfix(postfix)
@@ -170,6 +213,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, *,
     stats["peak_mem_gib"] = _peak_memory_gib(device)
     stats["s_per_img"] = elapsed / max(n_images, 1)
     stats["img_per_s_all_gpus"] = n_images * get_world_size() / elapsed
+    if stats_fn is not None:
+        stats["enact_redone_steps"] = redone_steps
     return stats
 
 

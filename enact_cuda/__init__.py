@@ -23,6 +23,10 @@ Public API
 - ENACTClustering(d_model, sigma, impl="auto", row_breaks=False, mode="paper_regions",
   gauss_taps="paper", honour_mask=True)
   (info_keys (B,N,d), tensors tuple, key_padding_mask, hw) -> Clusters (values = tuple).
+  Both take wait_for_counts=True; with False, training guesses the cluster rows instead of
+  reading the count back: a training loop then checks cluster_overflow(model) (0-d bool device
+  tensor or None) with the step's loss and redoes an overflowed step under
+  exact_cluster_counts(model).
 - backend_info() -> dict: which backend impl="auto" picks here and why.
 Lower-level pieces (mirrored by the CUDA backend): information_from_logits, gaussian_taps,
 regions, regions_from_steps, cluster_tensors, fixed_chunks, clustered_attention_torch.
@@ -36,14 +40,15 @@ from .clustering import Clusters, PackedClusters, cluster, cluster_tensors, fixe
 from .information import (GAUSS_TAPS, check_sigma, cuda_backend_or_reason, gaussian_taps,
                           information_from_logits, regions, regions_from_steps, resolve_impl,
                           self_information)
-from .module import MODES, NUMERICS, ENACTAttention, ENACTClustering
+from .module import (MODES, NUMERICS, ENACTAttention, ENACTClustering, cluster_overflow,
+                     exact_cluster_counts)
 
 __all__ = [
     "self_information", "information_from_logits", "gaussian_taps", "check_sigma", "regions",
     "regions_from_steps", "cluster", "cluster_tensors", "fixed_chunks", "Clusters",
     "PackedClusters", "pack", "MODES", "NUMERICS", "GAUSS_TAPS",
     "clustered_attention", "clustered_attention_torch", "uses_cuda_kernel", "ENACTAttention",
-    "ENACTClustering",
+    "ENACTClustering", "cluster_overflow", "exact_cluster_counts",
     "backend_info", "resolve_impl",
 ]
 

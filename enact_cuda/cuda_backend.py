@@ -12,12 +12,12 @@ attention.py); all tensors batch-first, masks bool with True = padding.
 - cluster_tensors(tensors, smoothed, region_index, num_clusters) -> tuple of (B, R, d_t):
     region-softmax weighted sums, exact backward into the tensors and into `smoothed`.
 - fused_begin(keys, weight, bias, padding_mask, sigma, row_breaks, hw, gauss_taps) -> FusedState and
-  fused_finish(state, keys, tensors) -> (clustered tensors, key_padding_mask): the whole ENACT
-  clustering path (W_prob logits -> information -> regions -> clusters of every tensor) as ONE
-  C++ autograd node: forward = 1 memset + 1 launch, the R_max read (4 bytes into pinned memory
-  behind an event; fused_begin returns before it, so work that does not need R_max can be
-  launched in between; skipped with fused_finish(upper_bound=True), which allocates N cluster
-  rows instead) + 1 launch; backward = 3 launches (clustering backward, information
+  fused_finish(state, keys, tensors, rows) -> (clustered tensors, key_padding_mask): the whole
+  ENACT clustering path (W_prob logits -> information -> regions -> clusters of every tensor) as
+  ONE C++ autograd node: forward = 1 memset + 1 launch, the R_max read (4 bytes into pinned
+  memory behind an event; fused_begin returns before it, so work that does not need R_max can be
+  launched in between; not waited for with fused_finish(rows > 0), which allocates that many
+  cluster rows instead) + 1 launch; backward = 3 launches (clustering backward, information
   backward, and one pass over the keys for their information term, grad W_prob and grad
   bias). `fused_supported` says when it applies.
 - clustered_attention(q, k, v, key_padding_mask, dropout_p, scale) -> (B, h, N, e):
@@ -247,10 +247,10 @@ def fused_begin(keys: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                 hw=None, read_rmax: bool = True, gauss_taps: str = "paper") -> FusedState:
     """Launch the fused forward: logits z = keys @ weight.T + bias, information, smoothing,
     regions, region bounds and statistics (one kernel); R_max is read asynchronously (not at
-    all with read_rmax=False, for fused_finish(upper_bound=True)).
+    all with read_rmax=False, for fused_finish(rows > 0) without autograd).
     keys (B, N, d); weight (1, d) (cast to float32 if needed); bias (1,) or None; padding_mask
     (B, N) bool or None; gauss_taps "paper" / "code" (information.gaussian_taps). Returns at once;
-    fused_finish waits for R_max."""
+    fused_finish(rows=0) waits for R_max."""
     s = check_sigma(sigma)
     half = taps_half_width(s, gauss_taps)
     width = _row_width(hw, keys.shape[1], row_breaks)
@@ -263,17 +263,20 @@ def fused_begin(keys: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def fused_finish(state: FusedState, keys: torch.Tensor, tensors: Sequence[torch.Tensor],
-                 upper_bound: bool = False):
-    """Wait for R_max, cluster every tensor (one launch) -> (tuple of (B, R, d_t) in each
-    tensor's dtype, key_padding_mask (B, R) bool). Differentiable w.r.t. keys, the tensors and
-    the W_prob weight / bias given to fused_begin. `keys` must be fused_begin's keys; when
-    tensors[0] is keys itself (ENACTAttention), its two gradient terms are written once.
-    upper_bound=True: R = N rows (rows r >= R_b zero and masked) without waiting for R_max —
-    for consumers whose cost follows the mask, not R (the CUDA attention kernel)."""
+                 rows: int = 0):
+    """Cluster every tensor (one launch) -> (tuple of (B, R, d_t) in each tensor's dtype,
+    key_padding_mask (B, R) bool). Differentiable w.r.t. keys, the tensors and the W_prob
+    weight / bias given to fused_begin. `keys` must be fused_begin's keys; when tensors[0] is
+    keys itself (ENACTAttention), its two gradient terms are written once.
+    rows=0: R = R_max (waits for fused_begin's kernel). rows > 0: R = min(rows, N) without
+    waiting, rows r >= R_b zero and masked — for consumers whose cost follows the mask, not R
+    (the CUDA attention kernel). rows = N holds every image's clusters; fewer rows leave out
+    the clusters r >= rows of the images that have more (check state.pending.counts, (B,) on
+    the device; the backward of such a forward is not meaningful)."""
     tensors = list(tensors)
     alias = tensors[0] is keys
     res = extension().fused_finish(state.pending, keys, tensors, state.weight, state.bias, alias,
-                                   bool(upper_bound))
+                                   int(rows))
     return tuple(res[:-1]), res[-1]
 
 

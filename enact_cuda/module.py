@@ -29,15 +29,25 @@ then depends on the batch it is in.
 Waiting for the cluster count (wait_for_counts, spec-neutral): the clusters are a padded
 (B, R, d) tensor, R = the largest cluster count, which the host must read back once per layer
 (fused_finish); in eval with the CUDA attention kernel, whose cost follows each image's count,
-they are allocated at R = N rows instead and nothing waits. wait_for_counts=False does that in
-training too: faster where the step is host-bound (the host keeps launching ahead of the GPU),
-at the memory of N-row keys and values saved for the backward. Same outputs and gradients.
+they are allocated at R = N rows instead and nothing waits. wait_for_counts=False never waits in
+training either: each layer allocates its clusters at a guess of R_max, the largest share
+R_max / N of its last COUNT_HISTORY training forwards times (1 + ROWS_MARGIN) times N, plus
+ROWS_SLACK (N rows while it has no history). Faster where the step is host-bound (the host keeps
+launching ahead of the GPU), at nearly the memory of exact counts. A guess can fall short: the
+forward then leaves clusters out, so its output and gradients are wrong. The training loop must
+check `cluster_overflow(model)` (a device flag, read with the loss) and redo such a step under
+`exact_cluster_counts(model)`; detr_common.engine.train_step does. Otherwise, the same outputs
+and gradients.
 Row breaks (row_breaks=True, off in the paper): a region also starts at each valid row start.
 The valid row width is read from an image's first row, so the mask must pad at the bottom and
 right only (each image's valid pixels its top-left h x w block), as the detectors' batching
 does; with other masks, use row_breaks=False.
 """
 from __future__ import annotations
+
+import math
+from collections import deque
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -47,10 +57,16 @@ from .clustering import Clusters, _cluster_mask, _num_clusters, cluster_tensors,
 from .information import (check_gauss_taps, check_sigma, cuda_backend_or_reason,
                           information_from_logits, regions, resolve_impl, wprob_logits)
 
-__all__ = ["ENACTAttention", "ENACTClustering", "MODES", "NUMERICS"]
+__all__ = ["ENACTAttention", "ENACTClustering", "MODES", "NUMERICS", "cluster_overflow",
+           "exact_cluster_counts"]
 
 MODES = ("paper_regions", "official_fixed_chunk")
 NUMERICS = ("standard", "official")
+# Rows guessed for R_max without the count read (module docstring): the largest share R_max / N
+# of a layer's last COUNT_HISTORY training forwards, times 1 + ROWS_MARGIN, plus ROWS_SLACK.
+COUNT_HISTORY = 16
+ROWS_MARGIN = 0.25
+ROWS_SLACK = 8
 
 
 def _linear(d_in: int, d_out: int) -> nn.Linear:
@@ -113,26 +129,31 @@ class _ENACTRegions(nn.Module):
         self.impl = impl
         self.row_breaks = bool(row_breaks)
         self.wait_for_counts = bool(wait_for_counts)
-        self._pending = None  # a training forward at N rows: its pending R_max copy, kept
-        # until the next forward (releasing it before the copy lands would wait for the GPU)
+        # A training forward without the count read: its pending R_max copy (kept until the
+        # next forward: releasing it before the copy lands would wait for the GPU), its rows
+        # and N. _shares: R_max / N of the last training forwards, for the next guess.
+        self._pending = None
+        self._guess = (0, 0)
+        self._shares = deque(maxlen=COUNT_HISTORY)
         self.W_prob = _linear(d_model, 1)
         self.last_stats: dict = {}
         self.information: torch.Tensor | None = None
         self.smoothed_information: torch.Tensor | None = None
 
     def _cluster(self, info_keys, tensors, key_padding_mask, hw, before_sync=None,
-                 upper_bound=False):
+                 skip_count_read=False):
         """-> (backend, tuple of clustered tensors (B, R, d_t), cluster mask (B, R),
         region_index (B, N), before_sync() or None).
 
         CUDA backend: the fused path (cuda_backend.fused_begin / fused_finish, one autograd
         node, 3 launches forward) when it supports the inputs; `before_sync` (work that does
         not need R_max, e.g. the query projection) is launched while the GPU computes the
-        regions, before the one device->host read of R_max. upper_bound (fused path only):
-        R = N cluster rows, zero and masked beyond each image's count, and no read of R_max
-        (nothing waits for the GPU) — for forwards whose attention cost follows the mask. With
-        autograd, R_max is still copied to the host asynchronously: `key_count_hint` returns it
-        once it has arrived (0 before), for the attention backward's work split.
+        regions, before the one device->host read of R_max. skip_count_read (fused path only;
+        for consumers whose cost follows the mask): no read of R_max; R = N rows without
+        autograd, else R = the guess of `_guessed_rows` (module docstring), zero and masked
+        beyond each image's count. With autograd, R_max is still copied to the host
+        asynchronously: `key_count_hint` returns it once it has arrived (0 before), for the
+        attention backward's work split, and the next guess uses it.
         """
         if not self.honour_mask:
             key_padding_mask = None  # the official code's padding handling (module docstring)
@@ -149,17 +170,22 @@ class _ENACTRegions(nn.Module):
             unit = _unit_stride(info_keys)
             tensors = tuple(unit if t is info_keys else _unit_stride(t) for t in tensors)
             info_keys = unit
-        self._pending = None
+        self._note_last_guess()
         if cb is not None and paper and cb.fused_supported(info_keys, tensors, self.sigma):
-            hint = upper_bound and torch.is_grad_enabled()
+            N = info_keys.shape[1]
+            training = torch.is_grad_enabled()
+            rows = 0 if not skip_count_read else self._guessed_rows(N) if training else N
             state = cb.fused_begin(info_keys, self.W_prob.weight, self.W_prob.bias,
                                    key_padding_mask, self.sigma, self.row_breaks, hw,
-                                   read_rmax=hint or not upper_bound, gauss_taps=self.gauss_taps)
+                                   read_rmax=training or not skip_count_read,
+                                   gauss_taps=self.gauss_taps)
             early = before_sync() if before_sync is not None else None
-            clustered, cluster_mask = cb.fused_finish(state, info_keys, tensors, upper_bound)
+            clustered, cluster_mask = cb.fused_finish(state, info_keys, tensors, rows)
             pend = state.pending
-            if hint:
-                self._pending = pend
+            if training and rows:
+                self._pending, self._guess = pend, (clustered[0].shape[1], N)
+            elif training:
+                self._shares.append(clustered[0].shape[1] / N)  # R_max, read back
             stats = pend.stats  # (3, B): clusters, valid pixels, mean region length
             self.last_stats = {"clusters_per_image": stats[0], "pixels_per_image": stats[1],
                                "mean_region_length": stats[2]}
@@ -185,16 +211,40 @@ class _ENACTRegions(nn.Module):
         early = before_sync() if before_sync is not None else None
         return backend, clustered, _cluster_mask(counts, R), region_index, early
 
+    def _note_last_guess(self):
+        """Forget the last forward's guess, keeping its R_max / N share if the count has reached
+        the host (it has after the step's read; never waits)."""
+        if self._pending is not None:
+            r_max = self._pending.r_max_if_ready()
+            if r_max > 0:
+                self._shares.append(r_max / self._guess[1])
+        self._pending, self._guess = None, (0, 0)
+
+    def _guessed_rows(self, N: int) -> int:
+        """Cluster rows for a training forward without the count read (module docstring)."""
+        if not self._shares:
+            return N
+        return min(N, math.ceil(max(self._shares) * (1.0 + ROWS_MARGIN) * N) + ROWS_SLACK)
+
     @property
     def key_count_hint(self):
-        """After a training forward with clusters at N rows: () -> R_max once it has reached
+        """After a training forward without the count read: () -> R_max once it has reached
         the host, else 0 (for clustered_attention's key_count_hint); None otherwise."""
         return None if self._pending is None else self._pending.r_max_if_ready
 
+    def count_overflow(self) -> torch.Tensor | None:
+        """After a training forward that guessed its cluster rows: 0-d bool device tensor, True
+        when an image had more clusters than the rows (the forward left clusters out; its
+        output and gradients are wrong). None when that cannot have happened."""
+        rows, N = self._guess
+        if self._pending is None or rows >= N:
+            return None
+        return (self._pending.counts > rows).any()
+
     def may_skip_count_read(self) -> bool:
-        """Whether this forward may allocate its clusters at N rows instead of reading the
-        cluster count back: without autograd (eval), or with wait_for_counts=False. The caller
-        adds the other condition, that the attention's cost follows the mask
+        """Whether this forward may allocate its clusters without reading the cluster count
+        back: without autograd (eval, N rows), or with wait_for_counts=False (guessed rows).
+        The caller adds the other condition, that the attention's cost follows the mask
         (uses_cuda_kernel)."""
         return not torch.is_grad_enabled() or not self.wait_for_counts
 
@@ -234,8 +284,8 @@ class ENACTAttention(_ENACTRegions):
     After a forward: `last_stats` (detached (B,) float tensors: clusters_per_image,
     pixels_per_image, mean_region_length), `information` and `smoothed_information` (B, N).
     Without autograd (eval), or with wait_for_counts=False, and with the CUDA attention kernel,
-    the clusters are allocated at N rows so the forward never waits for the GPU (the kernel's
-    cost follows the mask; module docstring).
+    the clusters are allocated at N rows (eval) or at guessed rows (training), so the forward
+    never waits for the GPU (the kernel's cost follows the mask; module docstring).
     mode: "paper_regions" or "official_fixed_chunk"; numerics: "standard" or "official";
     gauss_taps: "paper" or "code"; honour_mask: False = the official padding handling (module
     docstring).
@@ -260,11 +310,11 @@ class ENACTAttention(_ENACTRegions):
                 key_padding_mask: torch.Tensor | None = None, hw=None) -> torch.Tensor:
         _check_inputs(src, key_padding_mask, hw, "ENACTAttention")
         keys = src if pos is None else src + pos
-        upper_bound = (self.may_skip_count_read()
-                       and uses_cuda_kernel(src, self.d_model // self.nhead, self.impl))
+        skip = (self.may_skip_count_read()
+                and uses_cuda_kernel(src, self.d_model // self.nhead, self.impl))
         backend, (ck, cv), cluster_mask, _, q = self._cluster(
             keys, (keys, src), key_padding_mask, hw, before_sync=lambda: self.W_q(keys),
-            upper_bound=upper_bound)
+            skip_count_read=skip)
         return self.attend(q, ck, cv, cluster_mask,
                            impl="torch" if backend == "torch" else self.impl,
                            key_count_hint=self.key_count_hint)
@@ -297,23 +347,52 @@ class ENACTClustering(_ENACTRegions):
     """ENACT clustering only (Anchor DETR): one set of regions for several tensors.
 
     forward(info_keys (B, N, d) the keys the information is computed from, tensors: tuple of
-    (B, N, d_t), key_padding_mask (B, N) or None, hw, upper_bound) -> Clusters(keys=None,
+    (B, N, d_t), key_padding_mask (B, N) or None, hw, skip_count_read) -> Clusters(keys=None,
     values=tuple of (B, R, d_t), key_padding_mask (B, R), region_index (B, N)). Same
     attributes as ENACTAttention after a forward (last_stats, information,
     smoothed_information); the same constructor (mode, gauss_taps, honour_mask,
     wait_for_counts, as in ENACTAttention; wait_for_counts is read by the caller, which decides
-    upper_bound). upper_bound=True lets the fused CUDA path return R = N rows (zero
-    and masked beyond each image's count) without waiting for the GPU; pass it only when the
-    consumer's cost follows the mask (enact_cuda.uses_cuda_kernel). After such a forward with
-    autograd, `key_count_hint` is the hint to give the consumer's clustered_attention.
+    skip_count_read with may_skip_count_read()). skip_count_read=True lets the fused CUDA path
+    allocate the clusters without waiting for the GPU: R = N rows without autograd, guessed
+    rows in training (module docstring), zero and masked beyond each image's count; pass it
+    only when the consumer's cost follows the mask (enact_cuda.uses_cuda_kernel). After such a
+    training forward, `key_count_hint` is the hint to give the consumer's clustered_attention.
     """
 
     def forward(self, info_keys: torch.Tensor, tensors, key_padding_mask=None,
-                hw=None, upper_bound: bool = False) -> Clusters:
+                hw=None, skip_count_read: bool = False) -> Clusters:
         _check_inputs(info_keys, key_padding_mask, hw, "ENACTClustering")
         tensors = tuple(tensors)
         if not tensors:
             raise ValueError("ENACTClustering: tensors must be a non-empty tuple")
         _, clustered, cluster_mask, region_index, _ = self._cluster(
-            info_keys, tensors, key_padding_mask, hw, upper_bound=upper_bound)
+            info_keys, tensors, key_padding_mask, hw, skip_count_read=skip_count_read)
         return Clusters(None, tuple(clustered), cluster_mask, region_index)
+
+
+def _regions_modules(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, _ENACTRegions)]
+
+
+def cluster_overflow(model: nn.Module) -> torch.Tensor | None:
+    """After a training forward of `model`: 0-d bool device tensor, True when an ENACT layer
+    that guessed its cluster rows (wait_for_counts=False) left clusters out, so the step must be
+    redone under exact_cluster_counts(model); None when no layer guessed short of N rows.
+    Read it with the step's other values (it does not wait for the GPU itself)."""
+    flags = [f for m in _regions_modules(model) if (f := m.count_overflow()) is not None]
+    return torch.stack(flags).any() if flags else None
+
+
+@contextmanager
+def exact_cluster_counts(model: nn.Module):
+    """Within the block, every ENACT layer of `model` reads its cluster count back in training
+    (wait_for_counts=True): for redoing a step whose guessed rows fell short."""
+    layers = _regions_modules(model)
+    saved = [m.wait_for_counts for m in layers]
+    for m in layers:
+        m.wait_for_counts = True
+    try:
+        yield
+    finally:
+        for m, w in zip(layers, saved):
+            m.wait_for_counts = w

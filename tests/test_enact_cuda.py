@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import enact_cuda
 from enact_cuda.attention import clustered_attention_torch
@@ -741,9 +742,10 @@ def test_enact_clustering_module_cuda_matches_torch(cb, dev):
     assert torch.equal(m_cuda.last_stats["pixels_per_image"], m_torch.last_stats["pixels_per_image"])
 
 
-def test_upper_bound_clusters_equal_exact_ones(cb, dev):
-    """ENACTClustering(upper_bound=True): N rows, the exact clusters first, zeros and a True
-    mask after each image's count (no R_max read)."""
+def test_clusters_without_the_count_read_equal_exact_ones(cb, dev):
+    """ENACTClustering(skip_count_read=True): N rows without autograd; in training, rows
+    guessed from the last training forward's R_max (ceil(1.25 R_max) + 8); in both, the exact
+    clusters first, zeros and a True mask after each image's count."""
     torch.manual_seed(5)
     B, H, W, d = 3, 12, 17, 64
     m = enact_cuda.ENACTClustering(d, sigma=3, impl="cuda", row_breaks=False).to(dev)
@@ -752,14 +754,21 @@ def test_upper_bound_clusters_equal_exact_ones(cb, dev):
     keys = torch.randn(B, H * W, d, generator=gen).to(dev)
     vals = torch.randn(B, H * W, 32, generator=gen).to(dev)
     exact = m(keys, (keys, vals), mask, (H, W))
-    wide = m(keys, (keys, vals), mask, (H, W), upper_bound=True)
     R = exact.key_padding_mask.shape[1]
+    with torch.no_grad():
+        wide = m(keys, (keys, vals), mask, (H, W), skip_count_read=True)
+    guessed = m(keys, (keys, vals), mask, (H, W), skip_count_read=True)
+    rows = math.ceil(R / (H * W) * 1.25 * (H * W)) + 8  # the documented formula, as computed
+    assert R < rows < H * W
     assert wide.key_padding_mask.shape == (B, H * W)
-    assert torch.equal(wide.key_padding_mask[:, :R], exact.key_padding_mask)
-    assert wide.key_padding_mask[:, R:].all()
-    for a, b_ in zip(wide.values, exact.values):
-        assert torch.equal(a[:, :R], b_)
-        assert not a[:, R:].any()
+    assert guessed.key_padding_mask.shape == (B, rows)
+    assert not bool(m.count_overflow())
+    for got in (wide, guessed):
+        assert torch.equal(got.key_padding_mask[:, :R], exact.key_padding_mask)
+        assert got.key_padding_mask[:, R:].all()
+        for a, b_ in zip(got.values, exact.values):
+            assert torch.equal(a[:, :R], b_)
+            assert not a[:, R:].any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -806,9 +815,10 @@ def test_attention_backward_with_a_key_count_hint_is_unchanged(cb, dev, monkeypa
 
 @pytest.mark.parametrize("numerics", ["standard", "official"])
 def test_enact_attention_training_without_waiting_equals_waiting(cb, dev, numerics):
-    """wait_for_counts=False: in training the clusters are N rows (W_k sees (B, N, d)) and the
-    cluster count is not read back, with the same output and gradients as the waiting layer;
-    its count hint reaches the host once the GPU is done."""
+    """wait_for_counts=False: in training the cluster count is not read back; the clusters are
+    N rows in the first step (W_k sees (B, N, d)), then rows guessed from the last R_max, with
+    the same output and gradients as the waiting layer each time; the count hint reaches the
+    host once the GPU is done."""
     torch.manual_seed(9)
     B, H, W, d = 3, 19, 26, 256
     waiting = enact_cuda.ENACTAttention(d, 8, sigma=3, impl="cuda", numerics=numerics).to(dev)
@@ -816,28 +826,99 @@ def test_enact_attention_training_without_waiting_equals_waiting(cb, dev, numeri
                                         wait_for_counts=False).to(dev)
     no_wait.load_state_dict(waiting.state_dict())
     src, pos, mask, go = layer_inputs(B, H, W, d, dev, seed=10)
-    results, rows = [], []
-    for m in (waiting, no_wait):
-        hook = m.W_k.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[1]))
-        s = src.clone().requires_grad_(True)
-        out = m(s, pos, mask, (H, W))
-        (out * go).sum().backward()
-        hook.remove()
-        results.append((out.detach(), s.grad, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    for step in range(2):
+        results, rows = [], []
+        for m in (waiting, no_wait):
+            hook = m.W_k.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[1]))
+            m.zero_grad(set_to_none=True)
+            s = src.clone().requires_grad_(True)
+            out = m(s, pos, mask, (H, W))
+            (out * go).sum().backward()
+            hook.remove()
+            results.append((out.detach(), s.grad,
+                            {n: p.grad.clone() for n, p in m.named_parameters()}))
+        R = int(waiting.last_stats["clusters_per_image"].max())
+        guess = math.ceil(R / (H * W) * 1.25 * (H * W)) + 8
+        assert rows == [R, H * W if step == 0 else guess] and rows[1] > R
+        assert waiting.key_count_hint is None and no_wait.key_count_hint is not None
+        overflow = enact_cuda.cluster_overflow(no_wait)
+        assert (overflow is None) == (step == 0)  # N rows cannot fall short; a guess can
+        assert overflow is None or not bool(overflow)
+        torch.cuda.synchronize()
+        assert no_wait.key_count_hint() == R
+        assert_results_close(results[1], results[0])
+        assert torch.equal(no_wait.last_stats["clusters_per_image"],
+                           waiting.last_stats["clusters_per_image"])
+
+
+def test_a_short_guess_is_flagged_and_exact_counts_redo_it(cb, dev):
+    """Guessed rows below R_max: cluster_overflow says so (the output is then wrong), and the
+    same forward under exact_cluster_counts reads the count back and equals the waiting
+    layer."""
+    torch.manual_seed(13)
+    B, H, W, d = 2, 15, 22, 256
+    waiting = enact_cuda.ENACTAttention(d, 8, sigma=3, impl="cuda").to(dev)
+    no_wait = enact_cuda.ENACTAttention(d, 8, sigma=3, impl="cuda", wait_for_counts=False).to(dev)
+    no_wait.load_state_dict(waiting.state_dict())
+    src, pos, mask, _ = layer_inputs(B, H, W, d, dev, seed=14)
+    ref = waiting(src, pos, mask, (H, W))
     R = int(waiting.last_stats["clusters_per_image"].max())
-    assert rows == [R, H * W] and R < H * W
-    assert waiting.key_count_hint is None and no_wait.key_count_hint is not None
-    torch.cuda.synchronize()
-    assert no_wait.key_count_hint() == R
-    assert_results_close(results[1], results[0])
-    assert torch.equal(no_wait.last_stats["clusters_per_image"],
-                       waiting.last_stats["clusters_per_image"])
+    no_wait._shares.append(0.2 * R / (H * W))  # a history that guesses 0.25 R + 8 rows
+    short = no_wait(src, pos, mask, (H, W))
+    assert math.ceil(0.25 * R) + 8 < R
+    assert bool(enact_cuda.cluster_overflow(no_wait))
+    assert rel(short, ref) > 1e-2
+    with enact_cuda.exact_cluster_counts(no_wait):
+        assert no_wait.wait_for_counts
+        redone = no_wait(src, pos, mask, (H, W))
+    assert not no_wait.wait_for_counts
+    assert enact_cuda.cluster_overflow(no_wait) is None
+    assert rel(redone, ref) <= FP32_TOL
+    assert max(no_wait._shares) == R / (H * W)  # the short forward's R_max, then the redo's
+
+
+def test_engine_step_redoes_an_overflowed_step_as_the_waiting_step(cb, dev):
+    """detr_common.engine.train_step with a short guess: the step is redone with exact counts,
+    and the weights after it are those of the waiting layer's step."""
+    from detr_common.data.collate import ImageBatch
+    from detr_common.engine import train_step
+
+    class Net(nn.Module):  # one ENACT layer on a fixed (B, N, d) input; "images" unused
+        def __init__(self, wait):
+            super().__init__()
+            self.attn = enact_cuda.ENACTAttention(d, 8, sigma=3, impl="cuda",
+                                                  wait_for_counts=wait)
+
+        def forward(self, batch):
+            return {"out": self.attn(src, pos, mask, (H, W))}
+
+    class Criterion(nn.Module):
+        weight_dict = {"loss": 1.0}
+
+        def forward(self, outputs, targets):
+            return {"loss": (outputs["out"] * go).sum()}
+
+    torch.manual_seed(15)
+    B, H, W, d = 2, 15, 22, 256
+    src, pos, mask, go = layer_inputs(B, H, W, d, dev, seed=16)
+    batch = ImageBatch(torch.zeros(B, 3, 4, 4, device=dev),
+                       torch.zeros(B, 4, 4, dtype=torch.bool, device=dev))
+    nets = [Net(True).to(dev), Net(False).to(dev)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    nets[1].attn._shares.append(0.01)  # guesses far fewer rows than R_max
+    redone = []
+    for net in nets:
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        redone.append(train_step(net, Criterion(), opt, batch, [{}] * B, clip_max_norm=0.0)[2])
+    assert redone == [False, True]
+    for (name, a), b_ in zip(nets[0].named_parameters(), nets[1].parameters()):
+        assert torch.allclose(a, b_, rtol=1e-4, atol=1e-6), name
 
 
 def test_anchor_detr_layer_training_without_waiting_equals_waiting(cb, dev):
     """Anchor DETR's ENACT layer (ENACTClustering + the joint row-column attention, (64, 32)
-    head dims) with wait_for_counts=False: N-row clusters in training, same output and
-    gradients."""
+    head dims) with wait_for_counts=False: N-row clusters in the first training step, guessed
+    rows in the second, the same output and gradients as the waiting layer."""
     from anchor_detr.layers import EncoderLayerSpatial
     from anchor_detr.rcda import grid_mask
     torch.manual_seed(11)
@@ -852,13 +933,20 @@ def test_anchor_detr_layer_training_without_waiting_equals_waiting(cb, dev):
     mask = make_mask(B, H, W, dev, gen=gen).reshape(B, H, W)
     grid = grid_mask(mask, mask.shape, src.dtype, dev)
     go = torch.randn(B, H, W, E, generator=gen).to(dev)
-    results = []
-    for layer in layers:
-        s = src.clone().requires_grad_(True)
-        out = layer(s, grid, pe_row, pe_col)
-        (out * go).sum().backward()
-        results.append((out.detach(), s.grad,
-                        {n: p.grad.clone() for n, p in layer.named_parameters()}))
-    assert layers[0].ENACT.key_count_hint is None and layers[1].ENACT.key_count_hint is not None
-    assert_results_close(results[1], results[0], src_tol=5 * FP32_TOL,
-                         rounding_zero=("ENACT.W_prob.bias",))
+    for step in range(2):  # N rows, then guessed rows
+        results = []
+        for layer in layers:
+            layer.zero_grad(set_to_none=True)
+            s = src.clone().requires_grad_(True)
+            out = layer(s, grid, pe_row, pe_col)
+            (out * go).sum().backward()
+            results.append((out.detach(), s.grad,
+                            {n: p.grad.clone() for n, p in layer.named_parameters()}))
+        assert layers[0].ENACT.key_count_hint is None
+        assert layers[1].ENACT.key_count_hint is not None
+        overflow = enact_cuda.cluster_overflow(layers[1])
+        assert (overflow is None) == (step == 0)  # N rows cannot fall short; a guess can
+        assert overflow is None or not bool(overflow)
+        assert_results_close(results[1], results[0], src_tol=5 * FP32_TOL,
+                             rounding_zero=("ENACT.W_prob.bias",))
+        torch.cuda.synchronize()  # R_max reaches the host: the next step guesses from it

@@ -330,3 +330,48 @@ def test_fixed_chunk_mode_reports_the_regions_mean_length():
     assert torch.allclose(stats["mean_region_length"], 23 / region_counts.float())
     chunks = fixed_chunks(region_counts, None, 23)[1]
     assert torch.equal(stats["clusters_per_image"], chunks.float())
+
+
+class _Pending:
+    """Stand-in for the fused path's pending R_max copy (cuda_backend.fused_begin)."""
+
+    def __init__(self, r_max, counts):
+        self.r_max, self.counts = r_max, torch.tensor(counts)
+
+    def r_max_if_ready(self):
+        return self.r_max
+
+
+def test_guessed_rows_follow_the_largest_recent_cluster_share():
+    """Rows for training without the count read (module docstring): N without history, then
+    min(N, ceil(max share x 1.25 x N) + 8) over the last 16 forwards' R_max / N; a pending
+    count is taken into the history once it has landed (0 = not yet: skipped)."""
+    m = ENACTAttention(32, 4, sigma=2, wait_for_counts=False)
+    assert m._guessed_rows(1000) == 1000
+    m._pending, m._guess = _Pending(100, [100, 40]), (150, 1000)
+    m._note_last_guess()
+    assert m._pending is None and m.key_count_hint is None
+    assert m._guessed_rows(1000) == 125 + 8
+    assert m._guessed_rows(400) == 50 + 8  # the share, not the count: N changes with the batch
+    assert m._guessed_rows(8) == 8  # capped at N
+    m._pending, m._guess = _Pending(0, [1]), (9, 10)  # its count has not reached the host
+    m._note_last_guess()
+    assert list(m._shares) == [0.1]
+    for r in [300] + [10] * 15:  # 300 / 1000 leaves the history after 16 newer forwards
+        m._pending, m._guess = _Pending(r, [r]), (1000, 1000)
+        m._note_last_guess()
+        assert m._guessed_rows(1000) == 375 + 8
+    m._pending, m._guess = _Pending(10, [10]), (1000, 1000)
+    m._note_last_guess()
+    assert m._guessed_rows(1000) == math.ceil(0.01 * 1.25 * 1000) + 8
+
+
+def test_count_overflow_compares_every_image_with_the_guessed_rows():
+    m = ENACTClustering(32, sigma=2, wait_for_counts=False)
+    assert m.count_overflow() is None  # no guessed forward
+    m._pending, m._guess = _Pending(5, [3, 5]), (5, 50)
+    assert not bool(m.count_overflow())
+    m._guess = (4, 50)
+    assert bool(m.count_overflow())
+    m._guess = (50, 50)  # N rows hold every cluster
+    assert m.count_overflow() is None

@@ -1,6 +1,8 @@
 """engine.train_one_epoch on a two-parameter toy model: the logged gradient norm, clipping,
-and the stop before the optimizer step on a non-finite loss or gradient."""
+the stop before the optimizer step on a non-finite loss or gradient, and the redo of a step
+whose ENACT cluster rows fell short."""
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -72,3 +74,53 @@ def test_non_finite_loss_stops_with_its_terms():
     with pytest.raises(NonFiniteLossError, match=r"training loss is inf .*'loss_a': inf"):
         _train(model, clip=0.1)
     assert model.v.item() == 1.0
+
+
+def test_an_overflowed_step_is_redone_with_exact_counts_before_the_weights_change(monkeypatch):
+    """A step whose ENACT cluster rows fell short (cluster_overflow is True) is redone under
+    exact_cluster_counts: the logged losses and the optimizer step are those of the redo, and
+    the epoch counts the redone step. A stand-in layer gives a wrong output unless exact."""
+    import detr_common.engine as engine
+
+    model = Toy(3.0, 4.0)
+    model.exact = False
+    forward = model.forward
+    model.forward = lambda batch: {k: (v if model.exact else 10 * v)
+                                   for k, v in forward(batch).items()}
+    exact_passes = []
+
+    @contextmanager
+    def exact_counts(m):
+        exact_passes.append(m is model)
+        model.exact = True
+        try:
+            yield
+        finally:
+            model.exact = False
+
+    monkeypatch.setattr(engine, "exact_cluster_counts", exact_counts)
+    monkeypatch.setattr(engine, "cluster_overflow",
+                        lambda m: None if model.exact else torch.tensor(True))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    stats = engine.train_one_epoch(model, ToyCriterion(), _loader(), opt, torch.device("cpu"), 0,
+                                   clip_max_norm=0.0, stats_fn=lambda m: {})
+    assert exact_passes == [True]
+    assert stats["enact_redone_steps"] == 1
+    assert stats["loss"] == pytest.approx(9.0 + 8.0)  # w^2 + 2|v|, not the 10x pass
+    assert stats["grad_norm"] == pytest.approx(math.sqrt(40.0), rel=1e-6)
+    assert torch.allclose(model.w.detach(), torch.tensor(0.0))  # 3 - 0.5 * 6
+    assert torch.allclose(model.v.detach(), torch.tensor(3.0))  # 4 - 0.5 * 2
+
+
+def test_a_step_without_overflow_is_taken_once(monkeypatch):
+    import detr_common.engine as engine
+
+    calls = []
+    monkeypatch.setattr(engine, "cluster_overflow",
+                        lambda m: calls.append(1) or torch.tensor(False))
+    model = Toy(3.0, 4.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    stats = engine.train_one_epoch(model, ToyCriterion(), _loader(), opt, torch.device("cpu"), 0,
+                                   clip_max_norm=0.0, stats_fn=lambda m: {})
+    assert calls == [1] and stats["enact_redone_steps"] == 0
+    assert torch.allclose(model.w.detach(), torch.tensor(0.0))

@@ -77,15 +77,15 @@ class EncoderLayerSpatial(nn.Module):
             from enact_cuda import uses_cuda_kernel
             mask = grid.key_padding_mask
             flat_mask = None if mask is None else mask.reshape(b, h * w)
-            # eval (and training with wait_for_counts=False): clusters at N rows, no wait for
+            # eval (N rows) and training with wait_for_counts=False (guessed rows): no wait for
             # R_max, when the CUDA kernel attends (q / k head dim 2 d_h; values d_h, or padded
             # to 2 d_h where the kernel lacks that pair)
             d_h = self.self_attn.head_dim
-            upper_bound = self.ENACT.may_skip_count_read() and (
+            skip = self.ENACT.may_skip_count_read() and (
                 uses_cuda_kernel(src, 2 * d_h, self.enact_impl, d_h)
                 or uses_cuda_kernel(src, 2 * d_h, self.enact_impl))
             clusters = self.ENACT(q_row, (q_row, q_col, src.reshape(b, h * w, e)), flat_mask,
-                                  (h, w), upper_bound=upper_bound)
+                                  (h, w), skip_count_read=skip)
             c_row, c_col, c_val = clusters.values
             out = self.self_attn.forward_clustered(q_row, q_col, c_row, c_col, c_val,
                                                    clusters.key_padding_mask, impl=self.enact_impl,

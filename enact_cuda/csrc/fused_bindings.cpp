@@ -6,17 +6,21 @@
 //     statistics), then R_max is copied (4 bytes, non-blocking) into pinned host memory behind
 //     an event; nothing waits yet, so the caller can launch work that does not depend on
 //     R_max (e.g. the query projection).
-//   fused_finish(pending, keys, tensors, w, bias, alias, upper_bound) -> [clustered tensors...,
-//     key mask]: waits on the event (the one device->host read), ONE launch clusters every
-//     tensor and writes the key padding mask. Differentiable w.r.t. keys, tensors, w and bias.
-//     upper_bound: allocate R = N cluster rows (every region has at least one pixel) instead of
-//     R_max, so nothing waits; rows r >= R_b are zero and masked. fused_begin's read_rmax =
-//     false then skips the copy and the event.
+//   fused_finish(pending, keys, tensors, w, bias, alias, rows) -> [clustered tensors...,
+//     key mask]: rows = 0 waits on the event (the one device->host read) and allocates R =
+//     R_max cluster rows; rows > 0 allocates R = min(rows, N) without waiting (rows = N always
+//     holds every cluster: each region has at least one pixel); rows r >= R_b are zero and
+//     masked. With R < R_max the clusters r >= R are left out (the caller checks the counts
+//     and redoes the step; the backward then leaves those pixels' gradients unwritten).
+//     ONE launch clusters every tensor and writes the key padding mask. Differentiable w.r.t.
+//     keys, tensors, w and bias. fused_begin's read_rmax = false skips the copy and the event
+//     (for rows > 0 without autograd).
 //   backward, 3 launches: cluster_backward (grads of the tensors and of smoothed; it also zeroes
 //     the grad w / bias accumulator), info_backward (grad z), key_grad (gz * w into the keys'
 //     gradient, grad w = sum gz keys, grad bias = sum gz).
 // alias = the information keys ARE tensors[0] (ENACTAttention: keys = src + pos), so the keys'
 // two gradient terms are written once into one tensor.
+#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -221,7 +225,7 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
                                at::TensorList tensors, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias,
                                const std::shared_ptr<FusedPending>& p, bool alias,
-                               bool upper_bound) {
+                               int64_t rows) {
     const int n = static_cast<int>(tensors.size());
     TORCH_CHECK(n >= 1 && n <= enact::kMaxClusterTensors, "enact_cuda: fused clustering takes 1 to ",
                 enact::kMaxClusterTensors, " tensors");
@@ -237,7 +241,8 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
       TORCH_CHECK(xs[t].scalar_type() == xs[0].scalar_type(),
                   "enact_cuda: fused clustering needs one dtype for all tensors");
     }
-    const int64_t R = upper_bound ? N : p->R();  // R(): waits for the forward kernel
+    TORCH_CHECK(rows >= 0, "enact_cuda: fused_finish rows must be >= 0, got ", rows);
+    const int64_t R = rows > 0 ? std::min(rows, N) : p->R();  // R(): waits for the forward kernel
     variable_list outs;
     outs.reserve(n + 1);
     for (int t = 0; t < n; ++t) outs.push_back(at::empty({B, R, xs[t].size(2)}, xs[t].options()));
@@ -283,7 +288,7 @@ struct FusedClusterFn : public torch::autograd::Function<FusedClusterFn> {
     const int64_t sigma = ctx->saved_data["sigma"].toInt();
     const int64_t taps_half = ctx->saved_data["taps_half"].toInt();
     variable_list result(static_cast<size_t>(n) + 6);  // keys, tensors.., w, bias, pending, alias,
-                                                       // upper_bound
+                                                       // rows
     bool any = false;
     for (int t = 0; t < n; ++t) any = any || grads[t].defined();
     if (!any) return result;
@@ -384,10 +389,9 @@ std::vector<at::Tensor> fused_finish(const std::shared_ptr<FusedPending>& p,
                                      const std::vector<at::Tensor>& tensors,
                                      const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, bool alias,
-                                     bool upper_bound) {
+                                     int64_t rows) {
   TORCH_CHECK(p != nullptr, "enact_cuda: fused_finish needs fused_begin's result");
-  return FusedClusterFn::apply(info_keys, at::TensorList(tensors), weight, bias, p, alias,
-                               upper_bound);
+  return FusedClusterFn::apply(info_keys, at::TensorList(tensors), weight, bias, p, alias, rows);
 }
 
 }  // namespace
