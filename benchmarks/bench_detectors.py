@@ -23,9 +23,8 @@ Variants: plain_eager (--no_enact --attn_impl eager: the paper's baseline, mater
   attention weights), plain_sdpa (--no_enact --attn_impl sdpa), enact (--enact_impl auto, the
   other attentions at the default sdpa: what a user gets), enact_eager (ENACT with the other
   attentions eager, to separate ENACT from the decoder's attention implementation),
-  enact_nowait (enact with --enact_no_wait: training clusters at rows guessed from the last
-  steps' counts, no per-layer read of the cluster count; the targets are judged for it too, in
-  a second table).
+  enact_wait (enact with --enact_wait_for_counts: training reads each layer's cluster count
+  back instead of guessing the rows; the targets are judged for it too, in a second table).
 Modes: fp32 (the protocol; the targets are judged on it), bf16 (the same under
   torch.autocast bf16; criterion in fp32), mixed (fp32, a padded batch alternating 800x1216 and
   800x900 images with the padding mask; training only, since a batch-1 image has no padding).
@@ -67,7 +66,7 @@ VARIANTS = {
     "plain_sdpa": ["--no_enact", "--attn_impl", "sdpa"],
     "enact": ["--enact_impl", "auto", "--attn_impl", "sdpa"],
     "enact_eager": ["--enact_impl", "auto", "--attn_impl", "eager"],
-    "enact_nowait": ["--enact_impl", "auto", "--attn_impl", "sdpa", "--enact_no_wait"],
+    "enact_wait": ["--enact_impl", "auto", "--attn_impl", "sdpa", "--enact_wait_for_counts"],
 }
 MODES = {"fp32": "off", "bf16": "bf16", "mixed": "off"}  # mode -> --amp value
 NUM_CLASSES = 91  # COCO's largest category id + 1, as on COCO
@@ -493,7 +492,7 @@ def reference_markdown(rows, detectors):
     return "\n".join(lines)
 
 
-def write_markdown(path, meta, rows, targets, targets_nowait=None):
+def write_markdown(path, meta, rows, targets, targets_wait=None):
     detectors = list(dict.fromkeys(r["detector"] for r in rows))
     met = sum(t["status"] == "met" for t in targets)
     missed = [t for t in targets if t["status"] == "missed"]
@@ -526,11 +525,11 @@ def write_markdown(path, meta, rows, targets, targets_nowait=None):
     if missed:
         parts += ["Missed: " + "; ".join(f"{t['id']} {t['detector']} ({t['text']})"
                                          for t in missed), ""]
-    if targets_nowait:
-        met_nw = sum(t["status"] == "met" for t in targets_nowait)
-        missed_nw = sum(t["status"] == "missed" for t in targets_nowait)
-        parts += [f"## Targets with ENACT = enact_nowait (--enact_no_wait; fp32 rows): {met_nw} "
-                  f"met, {missed_nw} missed", "", ref.targets_markdown(targets_nowait), ""]
+    if targets_wait:
+        met_w = sum(t["status"] == "met" for t in targets_wait)
+        missed_w = sum(t["status"] == "missed" for t in targets_wait)
+        parts += [f"## Targets with ENACT = enact_wait (--enact_wait_for_counts; fp32 rows): "
+                  f"{met_w} met, {missed_w} missed", "", ref.targets_markdown(targets_wait), ""]
     path.write_text("\n".join(parts))
 
 
@@ -713,13 +712,13 @@ def main(argv=None):
         meta["wall_s"] = time.perf_counter() - run_start
         add_ratios(rows)
         targets = ref.evaluate_targets(rows, gpu, detectors)
-        targets_nowait = (ref.evaluate_targets(rows, gpu, detectors, "enact_nowait")
-                          if any(r["variant"] == "enact_nowait" for r in rows) else None)
+        targets_wait = (ref.evaluate_targets(rows, gpu, detectors, "enact_wait")
+                        if any(r["variant"] == "enact_wait" for r in rows) else None)
         json_path.write_text(json.dumps({**meta, "rows": [{k: v for k, v in r.items()
                                                            if not k.startswith("profile")}
                                                   for r in rows],
                                          "targets": targets,
-                                         "targets_enact_nowait": targets_nowait,
+                                         "targets_enact_wait": targets_wait,
                                          "reference": {"gpu": ref.REFERENCE_GPU,
                                                        "torch": ref.REFERENCE_TORCH,
                                                        "upstream": ref.UPSTREAM,
@@ -728,7 +727,7 @@ def main(argv=None):
                                                        "paper_pct": ref.PAPER_PCT,
                                                        "floor_pct": ref.FLOOR_PCT}},
                                         indent=1))
-        write_markdown(md_path, meta, rows, targets, targets_nowait)
+        write_markdown(md_path, meta, rows, targets, targets_wait)
         return targets
 
     def show(row, what):

@@ -97,12 +97,12 @@ def get_args_parser(description, num_queries=100, enact_attention=True, **defaul
                    help="ENACT's key-padding mask: honoured (each image clustered alone), or "
                         "ignored as in the official code (padded pixels clustered too, one "
                         "fixed-chunk size per batch; compat, for its checkpoints)")
-    g.add_argument("--enact_no_wait", action="store_true",
-                   help="ENACT training never waits for the GPU: each layer's clusters are "
-                        "allocated at one row per pixel (as in eval) instead of reading the "
-                        "layer's cluster count back. Faster where the step is host-bound, "
-                        "more memory (about +0.14 GiB for DETR R50 at batch 8); only with "
-                        "the CUDA attention kernel (float32), otherwise no effect")
+    g.add_argument("--enact_wait_for_counts", action="store_true",
+                   help="ENACT training reads each layer's cluster count back (one wait for "
+                        "the GPU per layer) instead of guessing the rows from the layer's "
+                        "recent counts and redoing the rare step whose guess falls short "
+                        "(the default with the CUDA attention kernel, float32). Same results; "
+                        "slower where the step is host-bound")
     g.add_argument("--enact_attn_dropout", type=float, default=None,
                    help="dropout on ENACT's clustered attention weights (default: --dropout; "
                         "the official ENACT code applies none, i.e. 0)")
@@ -163,8 +163,9 @@ def enact_gauss_taps(args) -> str:
 
 
 def enact_waits_for_counts(args) -> bool:
-    """Not --enact_no_wait (True for args saved before the flag)."""
-    return not getattr(args, "enact_no_wait", False)
+    """--enact_wait_for_counts (False for args saved before the flag: results do not depend
+    on it)."""
+    return getattr(args, "enact_wait_for_counts", False)
 
 
 def enact_padding(args) -> str:

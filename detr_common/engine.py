@@ -137,9 +137,10 @@ def train_step(model, criterion, optimizer, images, targets, *, amp="off", scale
     overflow flag, averaged over processes), finiteness check (NonFiniteLossError, before the
     weights change; ``epoch`` / ``step`` name the place), clipping, optimizer step.
 
-    A step in which an ENACT layer's guessed cluster rows fell short (--enact_no_wait;
-    enact_cuda.cluster_overflow) is redone with exact cluster counts before any weight
-    changes (only float32 / bf16 use guessed rows, so a GradScaler never meets a redo).
+    A step in which an ENACT layer's guessed cluster rows fell short
+    (enact_cuda.cluster_overflow; the detectors guess unless --enact_wait_for_counts) is redone
+    with exact cluster counts before any weight changes (only the float32 / bf16 CUDA attention
+    kernel uses guessed rows, so a GradScaler never meets a redo).
     -> (loss value, {name: float} of the losses and "grad_norm", whether the step was redone).
     """
     logged, params, grad_norm = _forward_backward(model, criterion, optimizer, images,

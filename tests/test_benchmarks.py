@@ -101,10 +101,10 @@ def test_evaluate_targets_hand_made_numbers():
 
 
 def test_targets_judged_for_another_enact_variant():
-    """enact_variant="enact_nowait": every ENACT figure comes from those rows (the relative
+    """enact_variant="enact_wait": every ENACT figure comes from those rows (the relative
     targets and our-ENACT-vs-official), the plain ones stay."""
-    rows = HAND_ROWS + [_row("detr", "enact_nowait", 0.0104, 6.5, 0.0110)]
-    entries = ref.evaluate_targets(rows, "NVIDIA H200", ["detr"], "enact_nowait")
+    rows = HAND_ROWS + [_row("detr", "enact_wait", 0.0104, 6.5, 0.0110)]
+    entries = ref.evaluate_targets(rows, "NVIDIA H200", ["detr"], "enact_wait")
     assert _by(entries, "train_vs_eager", "detr")["value"] == pytest.approx(-20.0)
     e = _by(entries, "mem_vs_sdpa", "detr")  # 6.5 vs 6.2 GiB: more than plain SDPA
     assert e["status"] == "missed" and e["value"] == pytest.approx(4.839, abs=1e-3)

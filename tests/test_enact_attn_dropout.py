@@ -54,10 +54,11 @@ def _enact_modules(folder, *flags):
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_enact_no_wait_flag_reaches_every_enact_layer(folder):
-    """--enact_no_wait: every ENACT layer allocates its training clusters at N rows (the
-    forward-level behaviour is a CUDA test: tests/test_enact_cuda.py)."""
-    waiting = _enact_modules(folder)
-    assert waiting and all(m.wait_for_counts for m in waiting)
-    no_wait = _enact_modules(folder, "--enact_no_wait")
-    assert len(no_wait) == len(waiting) and not any(m.wait_for_counts for m in no_wait)
+def test_enact_wait_for_counts_flag_reaches_every_enact_layer(folder):
+    """By default every ENACT layer guesses its training cluster rows; with
+    --enact_wait_for_counts every one reads its count back (the forward-level behaviour is a
+    CUDA test: tests/test_enact_cuda.py)."""
+    guessing = _enact_modules(folder)
+    assert guessing and not any(m.wait_for_counts for m in guessing)
+    waiting = _enact_modules(folder, "--enact_wait_for_counts")
+    assert len(waiting) == len(guessing) and all(m.wait_for_counts for m in waiting)
