@@ -32,7 +32,8 @@ Waiting for the cluster count (wait_for_counts, spec-neutral): the clusters are 
 they are allocated at R = N rows instead and nothing waits. wait_for_counts=False never waits in
 training either: each layer allocates its clusters at a guess of R_max, the largest share
 R_max / N of its last COUNT_HISTORY training forwards times (1 + ROWS_MARGIN) times N, plus
-ROWS_SLACK (N rows while it has no history). Faster where the step is host-bound (the host keeps
+ROWS_SLACK, at most N (a layer's first training forward, without history, reads its count, so
+no step allocates more than the guesses do). Faster where the step is host-bound (the host keeps
 launching ahead of the GPU), at nearly the memory of exact counts. A guess can fall short: the
 forward then leaves clusters out, so its output and gradients are wrong. The training loop must
 check `cluster_overflow(model)` (a device flag, read with the loss) and redo such a step under
@@ -150,8 +151,8 @@ class _ENACTRegions(nn.Module):
         not need R_max, e.g. the query projection) is launched while the GPU computes the
         regions, before the one device->host read of R_max. skip_count_read (fused path only;
         for consumers whose cost follows the mask): no read of R_max; R = N rows without
-        autograd, else R = the guess of `_guessed_rows` (module docstring), zero and masked
-        beyond each image's count. With autograd, R_max is still copied to the host
+        autograd, else R = the guess of `_guessed_rows` (module docstring; without history
+        the count is read), zero and masked beyond each image's count. With autograd, R_max is still copied to the host
         asynchronously: `key_count_hint` returns it once it has arrived (0 before), for the
         attention backward's work split, and the next guess uses it.
         """
@@ -221,9 +222,10 @@ class _ENACTRegions(nn.Module):
         self._pending, self._guess = None, (0, 0)
 
     def _guessed_rows(self, N: int) -> int:
-        """Cluster rows for a training forward without the count read (module docstring)."""
+        """Cluster rows for a training forward without the count read (module docstring); 0 =
+        read the count (no history yet)."""
         if not self._shares:
-            return N
+            return 0
         return min(N, math.ceil(max(self._shares) * (1.0 + ROWS_MARGIN) * N) + ROWS_SLACK)
 
     @property

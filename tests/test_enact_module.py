@@ -343,11 +343,11 @@ class _Pending:
 
 
 def test_guessed_rows_follow_the_largest_recent_cluster_share():
-    """Rows for training without the count read (module docstring): N without history, then
-    min(N, ceil(max share x 1.25 x N) + 8) over the last 16 forwards' R_max / N; a pending
-    count is taken into the history once it has landed (0 = not yet: skipped)."""
+    """Rows for training without the count read (module docstring): 0 (read the count) without
+    history, then min(N, ceil(max share x 1.25 x N) + 8) over the last 16 forwards' R_max / N;
+    a pending count is taken into the history once it has landed (0 = not yet: skipped)."""
     m = ENACTAttention(32, 4, sigma=2, wait_for_counts=False)
-    assert m._guessed_rows(1000) == 1000
+    assert m._guessed_rows(1000) == 0
     m._pending, m._guess = _Pending(100, [100, 40]), (150, 1000)
     m._note_last_guess()
     assert m._pending is None and m.key_count_hint is None
