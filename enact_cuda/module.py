@@ -152,9 +152,10 @@ class _ENACTRegions(nn.Module):
         regions, before the one device->host read of R_max. skip_count_read (fused path only;
         for consumers whose cost follows the mask): no read of R_max; R = N rows without
         autograd, else R = the guess of `_guessed_rows` (module docstring; without history
-        the count is read), zero and masked beyond each image's count. With autograd, R_max is still copied to the host
-        asynchronously: `key_count_hint` returns it once it has arrived (0 before), for the
-        attention backward's work split, and the next guess uses it.
+        the count is read), zero and masked beyond each image's count. With autograd, R_max
+        is still copied to the host asynchronously: `key_count_hint` returns it once it has
+        arrived (0 before), for the attention backward's work split, and the next guess
+        uses it.
         """
         if not self.honour_mask:
             key_padding_mask = None  # the official code's padding handling (module docstring)
@@ -175,7 +176,12 @@ class _ENACTRegions(nn.Module):
         if cb is not None and paper and cb.fused_supported(info_keys, tensors, self.sigma):
             N = info_keys.shape[1]
             training = torch.is_grad_enabled()
-            rows = 0 if not skip_count_read else self._guessed_rows(N) if training else N
+            if not skip_count_read:
+                rows = 0  # read R_max
+            elif training:
+                rows = self._guessed_rows(N)  # 0 (read R_max) without history
+            else:
+                rows = N  # eval: every image's clusters fit
             state = cb.fused_begin(info_keys, self.W_prob.weight, self.W_prob.bias,
                                    key_padding_mask, self.sigma, self.row_breaks, hw,
                                    read_rmax=training or not skip_count_read,
