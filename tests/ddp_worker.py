@@ -4,9 +4,12 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT   # 2 x 2
 
 Each process takes its share of the same global batches; rank 0 writes the epoch statistics
-and the final weights to OUT.
+and the final weights to OUT. With DDP_OVERFLOW_RANK=r, rank r reports an ENACT cluster
+overflow at its first step (engine.cluster_overflow replaced), as a layer whose guessed rows
+fell short would; the statistics then count the redone steps.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from _cli import TINY, load_main  # noqa: E402
 
 from detr_common.data.collate import pad_images  # noqa: E402
 from detr_common.distributed import get_rank, get_world_size, init_distributed  # noqa: E402
-from detr_common.engine import train_one_epoch  # noqa: E402
+import detr_common.engine as engine  # noqa: E402
 
 BOXES_PER_IMAGE = [1, 2, 2, 1]   # each rank of two gets 3 boxes: equal loss normalisers
 
@@ -59,7 +62,17 @@ def main(out):
     for images, targets in global_batches():
         share = slice(rank * per_rank, (rank + 1) * per_rank)
         loader.append((pad_images(images[share]), tuple(targets[share])))
-    stats = train_one_epoch(model, criterion, loader, optimizer, device, 0, clip_max_norm=0.1)
+    stats_fn = None
+    if "DDP_OVERFLOW_RANK" in os.environ:
+        reports = [rank == int(os.environ["DDP_OVERFLOW_RANK"])]  # this rank's first step
+
+        def overflow(m):
+            return torch.tensor(reports.pop() if reports else False)
+
+        engine.cluster_overflow = overflow
+        stats_fn = lambda m: {}  # noqa: E731  (only to get enact_redone_steps)
+    stats = engine.train_one_epoch(model, criterion, loader, optimizer, device, 0,
+                                   clip_max_norm=0.1, stats_fn=stats_fn)
     if rank == 0:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
