@@ -101,8 +101,9 @@ def get_args_parser(description, num_queries=100, enact_attention=True, **defaul
                    help="ENACT training reads each layer's cluster count back (one wait for "
                         "the GPU per layer) instead of guessing the rows from the layer's "
                         "recent counts and redoing the rare step whose guess falls short "
-                        "(the default with the CUDA attention kernel, float32). Same results; "
-                        "slower where the step is host-bound")
+                        "(the default wherever the CUDA attention kernel attends: float32, "
+                        "and bf16 with --enact_impl cuda). Each forward's outputs and "
+                        "gradients are the same; slower where the step is host-bound")
     g.add_argument("--enact_attn_dropout", type=float, default=None,
                    help="dropout on ENACT's clustered attention weights (default: --dropout; "
                         "the official ENACT code applies none, i.e. 0)")

@@ -107,8 +107,9 @@ _OVERFLOW = "enact_cluster_overflow"
 
 def _forward_backward(model, criterion, optimizer, images, targets, amp, scaler):
     """Forward, losses, backward, gradient norm, and the step's one device->host read ->
-    (logged {loss name: float, "grad_norm", and _OVERFLOW when an ENACT layer guessed its
-    cluster rows}, the parameters with gradients, the gradient norm tensor)."""
+    (logged {loss name: float, "grad_norm", _OVERFLOW: > 0 when an ENACT layer's guessed
+    cluster rows fell short on any process}, the parameters with gradients, the gradient norm
+    tensor)."""
     with autocast(images.images.device, amp):
         outputs = model(images)
     loss_dict = criterion(to_float(outputs), targets)
@@ -121,12 +122,11 @@ def _forward_backward(model, criterion, optimizer, images, targets, amp, scaler)
         loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    read = {**loss_dict, "grad_norm": grad_norm}
     overflow = cluster_overflow(model)
-    if overflow is not None:
-        read[_OVERFLOW] = overflow
-    # The read happens after the backward is queued; averaged over processes, so every process
-    # sees an overflow of any of them.
+    # Every process sends the flag (a zero where nothing was guessed: the all-reduce pairs
+    # values by position), and the mean tells every process of an overflow of any of them.
+    read = {**loss_dict, "grad_norm": grad_norm,
+            _OVERFLOW: grad_norm.new_zeros(()) if overflow is None else overflow}
     return reduce_dict(read), params, grad_norm
 
 
@@ -139,17 +139,21 @@ def train_step(model, criterion, optimizer, images, targets, *, amp="off", scale
 
     A step in which an ENACT layer's guessed cluster rows fell short
     (enact_cuda.cluster_overflow; the detectors guess unless --enact_wait_for_counts) is redone
-    with exact cluster counts before any weight changes (only the float32 / bf16 CUDA attention
-    kernel uses guessed rows, so a GradScaler never meets a redo).
+    with exact cluster counts before any weight changes; the redo draws its dropout anew. Only
+    the CUDA attention kernel's float32 / bf16 inputs use guessed rows, so a GradScaler (fp16)
+    never meets a redo.
     -> (loss value, {name: float} of the losses and "grad_norm", whether the step was redone).
     """
     logged, params, grad_norm = _forward_backward(model, criterion, optimizer, images,
                                                   targets, amp, scaler)
-    redone = logged.pop(_OVERFLOW, 0.0) > 0
+    redone = logged.pop(_OVERFLOW) > 0
     if redone:
+        # unscale_ may run once per step: a GradScaler (fp16) must never get here
+        assert scaler is None, "ENACT guesses cluster rows only where fp16 is not used"
         with exact_cluster_counts(model):
             logged, params, grad_norm = _forward_backward(model, criterion, optimizer, images,
                                                           targets, amp, scaler)
+        logged.pop(_OVERFLOW)
     loss_value = weighted_total(logged, criterion.weight_dict)
     _check_finite(loss_value, logged, model, scaler, images, targets, epoch, step)
     if clip_max_norm > 0:

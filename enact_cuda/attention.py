@@ -110,8 +110,9 @@ def uses_cuda_kernel(x: torch.Tensor, head_dim: int, impl: str,
     """Whether clustered_attention(impl) runs the fused CUDA kernel on attention inputs computed
     from `x` (its dtype, or autocast's on its device) with this q / k head dim and value head
     dim (default: the same), assuming the extension is usable. The kernel's cost follows each
-    image's cluster count, not the padded R, so callers may then allocate clusters at an upper
-    bound (cuda_backend.fused_finish)."""
+    image's cluster count, not the padded R, so callers may then allocate more cluster rows
+    than the counts need (N rows in eval, guessed rows in training; cuda_backend.fused_finish)
+    without reading the count back."""
     if impl == "torch" or not x.is_cuda:
         return False
     dtype = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
@@ -132,9 +133,10 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     impl: "auto" | "cuda" | "torch" (see enact_cuda.backend_info()). "auto" picks per dtype
     what the benchmark measured faster: the fused CUDA kernel for float32 CUDA inputs, torch's
     SDPA (tensor cores) for bfloat16 / float16; "cuda" uses the kernel for float32 and
-    bfloat16 alike. key_count_hint: None, or for k allocated at an upper bound (R = N) a
-    callable returning the largest key count once it is known on the host (0 before); the
-    CUDA backward sizes its work split with it (results do not depend on it).
+    bfloat16 alike. key_count_hint: None, or for k allocated without reading the key count
+    back (N or guessed rows) a callable returning the largest key count once it is known on
+    the host (0 before; clamped to R); the CUDA backward sizes its work split with it
+    (results do not depend on it).
     """
     _check_attention_args(q, k, v, key_padding_mask, dropout_p)
     backend = resolve_impl(impl, q, k, v)

@@ -36,9 +36,9 @@ ROWS_SLACK, at most N (a layer's first training forward, without history, reads 
 no step allocates more than the guesses do). Faster where the step is host-bound (the host keeps
 launching ahead of the GPU), at nearly the memory of exact counts. A guess can fall short: the
 forward then leaves clusters out, so its output and gradients are wrong. The training loop must
-check `cluster_overflow(model)` (a device flag, read with the loss) and redo such a step under
-`exact_cluster_counts(model)`; detr_common.engine.train_step does. Otherwise, the same outputs
-and gradients.
+check `cluster_overflow(model)` once per step (a device flag covering the step's forwards, read
+with the loss) and redo such a step under `exact_cluster_counts(model)`;
+detr_common.engine.train_step does. Otherwise, the same outputs and gradients.
 Row breaks (row_breaks=True, off in the paper): a region also starts at each valid row start.
 The valid row width is read from an image's first row, so the mask must pad at the bottom and
 right only (each image's valid pixels its top-left h x w block), as the detectors' batching
@@ -131,11 +131,12 @@ class _ENACTRegions(nn.Module):
         self.row_breaks = bool(row_breaks)
         self.wait_for_counts = bool(wait_for_counts)
         # A training forward without the count read: its pending R_max copy (kept until the
-        # next forward: releasing it before the copy lands would wait for the GPU), its rows
-        # and N. _shares: R_max / N of the last training forwards, for the next guess.
-        self._pending = None
-        self._guess = (0, 0)
+        # next forward: releasing it before the copy lands would wait for the GPU) and its N.
+        # _shares: R_max / N of the last training forwards, for the next guess. _overflow:
+        # device flag, whether a guess since the last count_overflow() fell short.
+        self._pending, self._pending_n = None, 0
         self._shares = deque(maxlen=COUNT_HISTORY)
+        self._overflow = None
         self.W_prob = _linear(d_model, 1)
         self.last_stats: dict = {}
         self.information: torch.Tensor | None = None
@@ -190,7 +191,8 @@ class _ENACTRegions(nn.Module):
             clustered, cluster_mask = cb.fused_finish(state, info_keys, tensors, rows)
             pend = state.pending
             if training and rows:
-                self._pending, self._guess = pend, (clustered[0].shape[1], N)
+                self._pending, self._pending_n = pend, N
+                self._note_overflow(pend.counts, clustered[0].shape[1], N)
             elif training:
                 self._shares.append(clustered[0].shape[1] / N)  # R_max, read back
             stats = pend.stats  # (3, B): clusters, valid pixels, mean region length
@@ -219,13 +221,21 @@ class _ENACTRegions(nn.Module):
         return backend, clustered, _cluster_mask(counts, R), region_index, early
 
     def _note_last_guess(self):
-        """Forget the last forward's guess, keeping its R_max / N share if the count has reached
-        the host (it has after the step's read; never waits)."""
+        """Forget the last forward's pending count, keeping its R_max / N share if the count has
+        reached the host (it has after the step's read; never waits)."""
         if self._pending is not None:
             r_max = self._pending.r_max_if_ready()
             if r_max > 0:
-                self._shares.append(r_max / self._guess[1])
-        self._pending, self._guess = None, (0, 0)
+                self._shares.append(r_max / self._pending_n)
+        self._pending, self._pending_n = None, 0
+
+    def _note_overflow(self, counts: torch.Tensor, rows: int, N: int):
+        """Fold "an image of this forward has more than `rows` clusters" (counts (B,) on the
+        device) into the flag count_overflow() returns; rows = N cannot fall short."""
+        if rows >= N:
+            return
+        short = (counts > rows).any()
+        self._overflow = short if self._overflow is None else self._overflow | short
 
     def _guessed_rows(self, N: int) -> int:
         """Cluster rows for a training forward without the count read (module docstring); 0 =
@@ -241,13 +251,12 @@ class _ENACTRegions(nn.Module):
         return None if self._pending is None else self._pending.r_max_if_ready
 
     def count_overflow(self) -> torch.Tensor | None:
-        """After a training forward that guessed its cluster rows: 0-d bool device tensor, True
-        when an image had more clusters than the rows (the forward left clusters out; its
-        output and gradients are wrong). None when that cannot have happened."""
-        rows, N = self._guess
-        if self._pending is None or rows >= N:
-            return None
-        return (self._pending.counts > rows).any()
+        """Whether a training forward since the last call guessed too few cluster rows: 0-d
+        bool device tensor, True when an image had more clusters than its forward's rows (that
+        forward left clusters out; its output and gradients are wrong); None when no guess
+        since the last call could fall short. Each call starts a new period."""
+        flag, self._overflow = self._overflow, None
+        return flag
 
     def may_skip_count_read(self) -> bool:
         """Whether this forward may allocate its clusters without reading the cluster count
@@ -383,10 +392,11 @@ def _regions_modules(model: nn.Module):
 
 
 def cluster_overflow(model: nn.Module) -> torch.Tensor | None:
-    """After a training forward of `model`: 0-d bool device tensor, True when an ENACT layer
-    that guessed its cluster rows (wait_for_counts=False) left clusters out, so the step must be
-    redone under exact_cluster_counts(model); None when no layer guessed short of N rows.
-    Read it with the step's other values (it does not wait for the GPU itself)."""
+    """Whether an ENACT layer of `model` that guessed its cluster rows (wait_for_counts=False)
+    left clusters out in a training forward since the last call: 0-d bool device tensor (then
+    the step must be redone under exact_cluster_counts(model)); None when no layer guessed
+    short of N rows. Call it once per step, after the step's forwards (a layer run twice is
+    covered), and read it with the step's other values (it does not wait for the GPU)."""
     flags = [f for m in _regions_modules(model) if (f := m.count_overflow()) is not None]
     return torch.stack(flags).any() if flags else None
 

@@ -37,9 +37,10 @@ def test_two_processes_match_one(tmp_path):
 
 @pytest.mark.slow
 def test_an_overflow_on_one_rank_is_redone_by_both(tmp_path):
-    """Rank 1 alone reports a cluster overflow at its first step: the flag travels in the
-    step's all-reduce, so rank 0 redoes the step too (otherwise their backward all-reduces
-    would no longer pair up), and the weights equal the single process's without a redo."""
+    """Rank 1 alone reports a cluster overflow at its first step, rank 0 has nothing guessed
+    (None): the flag travels in the step's all-reduce, so rank 0 redoes the step too
+    (otherwise their backward all-reduces would no longer pair up), and the weights equal the
+    single process's without a redo."""
     run([sys.executable, str(WORKER), str(tmp_path / "single")])
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(WORKER), str(tmp_path / "ddp")], DDP_OVERFLOW_RANK="1")

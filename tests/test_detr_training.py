@@ -114,7 +114,7 @@ def test_enact_one_epoch_train_and_eval(shapes_coco, tmp_path):
     assert 1 <= record["train_enact_clusters_per_img"]
     assert 0 < record["train_enact_cluster_ratio"] < 1
     assert 0 < record["test_enact_cluster_ratio"] < 1
-    assert record["train_enact_redone_steps"] == 0  # the torch backend reads its counts
+    assert record["train_enact_redone_steps"] == 0  # logged; 0: the torch backend never guesses
     state = torch.load(out / "checkpoint.pth", weights_only=False)["model"]
     assert "transformer.encoder.layers.0.self_attn.W_prob.weight" in state
 

@@ -348,30 +348,35 @@ def test_guessed_rows_follow_the_largest_recent_cluster_share():
     a pending count is taken into the history once it has landed (0 = not yet: skipped)."""
     m = ENACTAttention(32, 4, sigma=2, wait_for_counts=False)
     assert m._guessed_rows(1000) == 0
-    m._pending, m._guess = _Pending(100, [100, 40]), (150, 1000)
+    m._pending, m._pending_n = _Pending(100, [100, 40]), 1000
     m._note_last_guess()
     assert m._pending is None and m.key_count_hint is None
     assert m._guessed_rows(1000) == 125 + 8
     assert m._guessed_rows(400) == 50 + 8  # the share, not the count: N changes with the batch
     assert m._guessed_rows(8) == 8  # capped at N
-    m._pending, m._guess = _Pending(0, [1]), (9, 10)  # its count has not reached the host
+    m._pending, m._pending_n = _Pending(0, [1]), 10  # its count has not reached the host
     m._note_last_guess()
     assert list(m._shares) == [0.1]
     for r in [300] + [10] * 15:  # 300 / 1000 leaves the history after 16 newer forwards
-        m._pending, m._guess = _Pending(r, [r]), (1000, 1000)
+        m._pending, m._pending_n = _Pending(r, [r]), 1000
         m._note_last_guess()
         assert m._guessed_rows(1000) == 375 + 8
-    m._pending, m._guess = _Pending(10, [10]), (1000, 1000)
+    m._pending, m._pending_n = _Pending(10, [10]), 1000
     m._note_last_guess()
     assert m._guessed_rows(1000) == math.ceil(0.01 * 1.25 * 1000) + 8
 
 
-def test_count_overflow_compares_every_image_with_the_guessed_rows():
+def test_count_overflow_flags_every_short_guess_since_the_last_call():
+    """count_overflow(): whether some image of a guessed forward since the last call had more
+    clusters than that forward's rows; a layer run twice before the check is flagged when
+    either forward fell short; N rows never are."""
     m = ENACTClustering(32, sigma=2, wait_for_counts=False)
     assert m.count_overflow() is None  # no guessed forward
-    m._pending, m._guess = _Pending(5, [3, 5]), (5, 50)
+    m._note_overflow(torch.tensor([3, 5]), 5, 50)
     assert not bool(m.count_overflow())
-    m._guess = (4, 50)
+    assert m.count_overflow() is None  # each call starts a new period
+    m._note_overflow(torch.tensor([3, 5]), 4, 50)  # the first forward falls short
+    m._note_overflow(torch.tensor([3, 3]), 4, 50)
     assert bool(m.count_overflow())
-    m._guess = (50, 50)  # N rows hold every cluster
+    m._note_overflow(torch.tensor([60]), 50, 50)  # N rows hold every cluster
     assert m.count_overflow() is None
