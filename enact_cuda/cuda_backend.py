@@ -47,8 +47,8 @@ __all__ = ["information_regions", "regions", "cluster_tensors", "clustered_atten
            "dropout_keep_mask", "extension", "fused_supported", "fused_begin", "fused_finish",
            "FusedState"]
 
-# Query splits of the dk/dv backward kernel (0 = automatic, to fill the GPU); tests set 1
-# to exercise the non-atomic path.
+# Query splits of the dk/dv backward kernel (0 = automatic: sized to the GPU's waves of
+# resident blocks); tests set 1 (the non-atomic path) and more splits than query tiles.
 DKDV_NSPLIT = 0
 
 

@@ -441,10 +441,13 @@ def test_clustered_attention_matches_torch(cb, dev, B, h, N, R, e, ev, dtype):
         assert torch.all(dk_c[b, :, lengths[b]:] == 0) and torch.all(dv_c[b, :, lengths[b]:] == 0)
 
 
+@pytest.mark.parametrize("nsplit", [1, 64])
 @pytest.mark.parametrize("e,ev", [(32, 32), (64, 64), (64, 32)])
-def test_clustered_attention_unsplit_backward_and_scale(cb, dev, monkeypatch, e, ev):
-    """The dk/dv kernel without query splits (direct stores), and a custom scale."""
-    monkeypatch.setattr(cb, "DKDV_NSPLIT", 1)
+def test_clustered_attention_fixed_split_backward_and_scale(cb, dev, monkeypatch, e, ev, nsplit):
+    """The dk/dv kernel without query splits (direct stores) and with more splits than query
+    tiles (257 queries: 5 tiles, so 59 of the 64 splits are empty and return at once), and a
+    custom scale."""
+    monkeypatch.setattr(cb, "DKDV_NSPLIT", nsplit)
     q, k, v, kpm, go = _attn_inputs(3, 4, 257, 50, e, torch.float32, dev, seed=7, ev=ev)
     out_c, dq_c, dk_c, dv_c = _run_attn(cb.clustered_attention, q, k, v, kpm, go, scale=0.3)
     out_t, dq_t, dk_t, dv_t = _run_attn(

@@ -11,71 +11,95 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kBN = 64;  // keys per shared tile
-constexpr int kKC = 16;  // keys per online-softmax step
+constexpr int kQPT = 2;  // query rows per TP-thread group (kQPT * kThreads / TP per block)
+constexpr int kKC = 8;   // keys per online-softmax step
 
-template <typename T, int E, int EV, bool DROP>
+// Each TP-thread group owns QPT query rows, so that every key / value row read from shared
+// memory serves QPT queries (shared-memory reads, not FMAs, bound this kernel); KC keys per
+// online-softmax step. QPT = 2, KC = 8: 1.2-1.5x faster than one row per group on an H200
+// (fp32, Anchor / DETR shapes), at 157-240 registers.
+template <typename T, int E, int EV, bool DROP, int QPT, int KC>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a, DropoutParams dp) {
   using P = AttnParts<E, EV>;
   using LayK = typename P::LayK;
   using LayV = typename P::LayV;
-  constexpr int TP = P::TP, WK = P::WK, WV = P::WV, BM = kThreads / TP;
+  constexpr int TP = P::TP, WK = P::WK, WV = P::WV, G = kThreads / TP, BM = G * QPT;
   __shared__ __align__(16) float Ks[kBN * LayK::RS];
   __shared__ __align__(16) float Vs[kBN * LayV::RS];
 
   const auto [bh, b, h, Lk] = block_head(a);
-  const int tid = threadIdx.x, part = tid % TP, qi = blockIdx.x * BM + tid / TP;
-  const bool active = qi < a.N;
+  const int tid = threadIdx.x, part = tid % TP;
   const T* kb = head_row<T>(a.k, a.sk, b, h, 0);
   const T* vb = head_row<T>(a.v, a.sv, b, h, 0);
 
   const float c = a.scale * kLog2e;  // scores in log2 units
-  float q[WK], o[WV];
-  load_part_or_zero<T, WK>(active, head_row<T>(a.q, a.sq, b, h, qi) + part * WK, q);
+  float q[QPT][WK], o[QPT][WV], m[QPT], l[QPT];
+  uint32_t rk[QPT];
 #pragma unroll
-  for (int e = 0; e < WK; ++e) q[e] *= c;
-  fill<WV>(o, 0.f);
-  float m = -INFINITY, l = 0.f;
-  uint32_t rk = 0;
-  if (DROP) rk = dropout_row_key(a.seed, static_cast<uint64_t>(query_row(a, bh, qi)));
+  for (int r = 0; r < QPT; ++r) {
+    const int qi = blockIdx.x * BM + r * G + tid / TP;
+    load_part_or_zero<T, WK>(qi < a.N, head_row<T>(a.q, a.sq, b, h, qi) + part * WK, q[r]);
+#pragma unroll
+    for (int e = 0; e < WK; ++e) q[r][e] *= c;
+    fill<WV>(o[r], 0.f);
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+    rk[r] = DROP ? dropout_row_key(a.seed, static_cast<uint64_t>(query_row(a, bh, qi))) : 0u;
+  }
 
   for (int kt = 0; kt < Lk; kt += kBN) {
     const int nk = min(kBN, Lk - kt);
     load_tile<T, LayK, kBN>(Ks, kb, a.sk[2], kt, nk);
     load_tile<T, LayV, kBN>(Vs, vb, a.sv[2], kt, nk);
     __syncthreads();
-    for (int c0 = 0; c0 < nk; c0 += kKC) {
-      float s[kKC];
+    for (int c0 = 0; c0 < nk; c0 += KC) {
+      float s[QPT][KC];
 #pragma unroll
-      for (int j = 0; j < kKC; ++j)
-        s[j] = dot_part<WK>(q, Ks + (c0 + j) * LayK::RS + part * LayK::PW);
-      float cm = -INFINITY;
+      for (int j = 0; j < KC; ++j) {
+        const float* krow = Ks + (c0 + j) * LayK::RS + part * LayK::PW;
 #pragma unroll
-      for (int j = 0; j < kKC; ++j) {
-        s[j] = finish_dot<TP>(s[j]);
-        if (c0 + j >= nk) s[j] = -INFINITY;
-        cm = fmaxf(cm, s[j]);
+        for (int r = 0; r < QPT; ++r) s[r][j] = dot_part<WK>(q[r], krow);
       }
-      const float mn = fmaxf(m, cm);
-      const float alpha = exp2f(m - mn);
-      l *= alpha;
+      float alpha[QPT];
 #pragma unroll
-      for (int e = 0; e < WV; ++e) o[e] *= alpha;
+      for (int r = 0; r < QPT; ++r) {
+        float cm = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < kKC; ++j) {
-        float p = exp2f(s[j] - mn);
-        l += p;
-        if (DROP) p = dropout_keep(rk, kt + c0 + j, dp.threshold) ? p * dp.inv_keep : 0.f;
-        axpy_part<WV>(o, p, Vs + (c0 + j) * LayV::RS + part * LayV::PW);
+        for (int j = 0; j < KC; ++j) {
+          s[r][j] = finish_dot<TP>(s[r][j]);
+          if (c0 + j >= nk) s[r][j] = -INFINITY;
+          cm = fmaxf(cm, s[r][j]);
+        }
+        const float mn = fmaxf(m[r], cm);
+        alpha[r] = exp2f(m[r] - mn);
+        m[r] = mn;
+        l[r] *= alpha[r];
+#pragma unroll
+        for (int e = 0; e < WV; ++e) o[r][e] *= alpha[r];
       }
-      m = mn;
+#pragma unroll
+      for (int j = 0; j < KC; ++j) {
+        const float* vrow = Vs + (c0 + j) * LayV::RS + part * LayV::PW;
+#pragma unroll
+        for (int r = 0; r < QPT; ++r) {
+          float p = exp2f(s[r][j] - m[r]);
+          l[r] += p;
+          if (DROP) p = dropout_keep(rk[r], kt + c0 + j, dp.threshold) ? p * dp.inv_keep : 0.f;
+          axpy_part<WV>(o[r], p, vrow);
+        }
+      }
     }
     __syncthreads();
   }
 
-  if (!active) return;
-  const float inv = Lk > 0 ? 1.f / l : 0.f;
-  store_part<T, WV>(head_row_out<T>(a.o_mut, a.so, b, h, qi) + part * WV, o, inv);
-  if (part == 0) a.lse[query_row(a, bh, qi)] = Lk > 0 ? (m + log2f(l)) * kLn2 : 0.f;
+#pragma unroll
+  for (int r = 0; r < QPT; ++r) {
+    const int qi = blockIdx.x * BM + r * G + tid / TP;
+    if (qi >= a.N) continue;
+    const float inv = Lk > 0 ? 1.f / l[r] : 0.f;
+    store_part<T, WV>(head_row_out<T>(a.o_mut, a.so, b, h, qi) + part * WV, o[r], inv);
+    if (part == 0) a.lse[query_row(a, bh, qi)] = Lk > 0 ? (m[r] + log2f(l[r])) * kLn2 : 0.f;
+  }
 }
 
 __global__ void dropout_mask_kernel(uint8_t* out, int B, int H, int N, int R, uint32_t threshold,
@@ -105,12 +129,12 @@ cudaError_t attn_forward(const AttnArgs& a, DType dtype, cudaStream_t stream) {
   return dispatch_attn(dtype, a.E, a.EV, [&](auto tag, auto e, auto ev) {
     using T = typename decltype(tag)::type;
     constexpr int E = decltype(e)::value, EV = decltype(ev)::value;
-    constexpr int BM = kThreads / RowThreads<E>::value;
+    constexpr int BM = kThreads / RowThreads<E>::value * kQPT;
     const dim3 grid((a.N + BM - 1) / BM, a.B * a.H);
     if (a.dropout_p > 0.f)
-      attn_fwd_kernel<T, E, EV, true><<<grid, kThreads, 0, stream>>>(a, dp);
+      attn_fwd_kernel<T, E, EV, true, kQPT, kKC><<<grid, kThreads, 0, stream>>>(a, dp);
     else
-      attn_fwd_kernel<T, E, EV, false><<<grid, kThreads, 0, stream>>>(a, dp);
+      attn_fwd_kernel<T, E, EV, false, kQPT, kKC><<<grid, kThreads, 0, stream>>>(a, dp);
     return cudaGetLastError();
   });
 }
