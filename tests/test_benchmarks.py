@@ -609,3 +609,43 @@ def test_accuracy_parity_multi_gpu_script_pretrains_a_backbone(tmp_path):
     assert "run the same command again to continue it" in proc.stdout
     assert (fresh / "pretrain" / "anchor_detr_plain" / "checkpoint.pth").is_file()
     assert not (fresh / "conditional_detr_plain").exists()
+
+
+# ------------------------------------------------------------------ bench_attention_kernel.py
+def test_attention_kernel_bench_inputs_follow_a_training_guess():
+    """Each detector's layer: clusters allocated at the largest count x 1.25 + 8 rows, the key
+    padding mask a suffix after each image's count, shapes (B,h,N,e) / (B,h,R,e) / (B,h,R,ev)."""
+    mod = _load("bench_attention_kernel")
+    for name, shape in mod.SHAPES.items():
+        B, H, N, e, ev, _, shares = shape
+        q, k, v, kpm, grad, kmax = mod.layer_inputs(shape, "cpu")
+        counts = [round(s * N) for s in shares]
+        assert kmax == max(counts)
+        rows = -(-kmax * 5 // 4) + 8  # ceil(1.25 kmax) + 8
+        assert q.shape == (B, H, N, e) and grad.shape == (B, H, N, ev)
+        assert k.shape == (B, H, rows, e) and v.shape == (B, H, rows, ev)
+        assert kpm.tolist() == [[r >= c for r in range(rows)] for c in counts]
+
+
+def test_attention_kernel_bench_rejects_bad_arguments(monkeypatch):
+    mod = _load("bench_attention_kernel")
+    with pytest.raises(SystemExit):
+        mod.main(["--detectors", "detr,yolo"])
+    with pytest.raises(SystemExit):
+        mod.main(["--splits", "0,2"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        mod.main(["--detectors", "detr"])
+
+
+@pytest.mark.cuda
+def test_attention_kernel_bench_runs_and_writes_json(tmp_path, capsys):
+    mod = _load("bench_attention_kernel")
+    out = tmp_path / "a.json"
+    mod.main(["--detectors", "detr", "--splits", "1,3", "--warmup", "1", "--iters", "2",
+              "--out", str(out)])
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert row["detector"] == "detr" and set(row["fwdbwd_ms_by_split"]) == {"1", "3"}
+    assert row["fwd_ms"] > 0 and row["fwdbwd_ms_auto"] > 0 and row["best_split"] in (1, 3)
+    assert "GPU:" in capsys.readouterr().out
