@@ -9,8 +9,11 @@ clusters allocated at a training guess's rows (the largest count x 1.25 + 8). Ra
 Times (CUDA events around each call, median of --iters after --warmup): the forward, and forward +
 backward (torch.autograd.grad with the output gradient made beforehand) with the automatic query
 split of the dK/dV kernel and with each fixed split of --splits (cuda_backend.DKDV_NSPLIT), so the
-split the kernel chooses can be compared with the best fixed one. Prints the GPU, torch version,
-shapes and a table; writes JSON (--out, default benchmarks/results/attention_kernel_<gpu>.json).
+split the kernel chooses can be compared with the best fixed one. The times include the host's
+work per call: at DETR's and Conditional DETR's shapes the autograd forward + backward takes more
+host time than GPU time (about 0.3 ms of kernels), so only Anchor DETR's layer ranks the splits.
+Prints the GPU, torch version, shapes and a table; writes JSON (--out, default
+benchmarks/results/attention_kernel_<gpu>.json).
 """
 from __future__ import annotations
 
