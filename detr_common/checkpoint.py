@@ -28,6 +28,19 @@ _ENACT_SETTINGS = {
 }
 
 
+# Flags that build the model: weights are only meaningful in a model built with the values they
+# were trained with (some change shapes, e.g. --hidden_dim; some only what the weights compute,
+# e.g. --nheads, --dilation). Compared with the checkpoint's saved args on load.
+MODEL_FLAGS = ("backbone", "dilation", "backbone_train_all", "hidden_dim", "nheads",
+               "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "num_classes",
+               "pre_norm", "num_feature_levels", "num_query_position", "num_query_pattern",
+               "spatial_prior")
+
+
+# Model flags that fine-tuning from --pretrained weights may change on purpose.
+_FINE_TUNING_FLAGS = ("num_classes", "backbone_train_all")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used here; the message names the file and the problem."""
 
@@ -76,7 +89,7 @@ def strip_ddp_prefix(state: dict) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
-def _describe_mismatch(path, model_state, ckpt_state, ckpt_args, args):
+def _describe_mismatch(path, model_state, ckpt_state, ckpt_args, args, ignore_flags=()):
     missing = [k for k in model_state if k not in ckpt_state]
     unexpected = [k for k in ckpt_state if k not in model_state]
     shapes = [f"{k}: checkpoint {list(ckpt_state[k].shape)} vs model {list(v.shape)}"
@@ -94,7 +107,23 @@ def _describe_mismatch(path, model_state, ckpt_state, ckpt_args, args):
             and ckpt_args.no_enact != args.no_enact:
         hint = (" — it was trained " + ("without" if ckpt_args.no_enact else "with")
                 + " ENACT: " + ("add" if ckpt_args.no_enact else "drop") + " --no_enact")
+    changes = model_setting_changes(ckpt_args, args, ignore_flags)
+    if changes:
+        hint += (" — its model was built with other flags (" + "; ".join(changes)
+                 + "): give the checkpoint's values")
     return f"{path}: checkpoint does not fit this model: " + "; ".join(parts) + hint
+
+
+def model_setting_changes(ckpt_args, args, ignore_flags=()) -> list:
+    """["--hidden_dim: checkpoint 64, this run 256", ...] for the MODEL_FLAGS (but
+    ``ignore_flags``) in which ``args`` differ from the checkpoint's saved args (those both
+    have); [] without saved args."""
+    if ckpt_args is None or args is None:
+        return []
+    return [f"--{name}: checkpoint {getattr(ckpt_args, name)}, this run {getattr(args, name)}"
+            for name in MODEL_FLAGS
+            if name not in ignore_flags and hasattr(ckpt_args, name) and hasattr(args, name)
+            and getattr(ckpt_args, name) != getattr(args, name)]
 
 
 def check_detector(path, ckpt, detector):
@@ -103,14 +132,16 @@ def check_detector(path, ckpt, detector):
         raise CheckpointError(f"{path}: this is a '{found}' checkpoint, not '{detector}'")
 
 
-def load_model_state(model, path, ckpt, args):
-    """Load ``ckpt['model']`` strictly, or raise a one-line CheckpointError saying why not."""
+def load_model_state(model, path, ckpt, args, ignore_flags=()):
+    """Load ``ckpt['model']`` strictly, or raise a one-line CheckpointError saying why not
+    (naming the model flags, but ``ignore_flags``, that differ from the checkpoint's)."""
     state = ckpt["model"]
     model_state = model.state_dict()
     ckpt_args = ckpt.get("args")
     if set(state) != set(model_state) or any(
             tuple(state[k].shape) != tuple(v.shape) for k, v in model_state.items()):
-        raise CheckpointError(_describe_mismatch(path, model_state, state, ckpt_args, args))
+        raise CheckpointError(_describe_mismatch(path, model_state, state, ckpt_args, args,
+                                                 ignore_flags))
     model.load_state_dict(state, strict=True)
 
 
@@ -136,11 +167,17 @@ def load_weights(model, path, detector, args):
     ckpt = load_checkpoint(path)
     check_detector(path, ckpt, detector)
     load_model_state(model, path, ckpt, args)
-    _warn_enact_changes(path, ckpt, args)
+    _warn_setting_changes(path, ckpt, args)
     return ckpt
 
 
-def _warn_enact_changes(path, ckpt, args):
+def _warn_setting_changes(path, ckpt, args, ignore_flags=()):
+    """Warnings for weights that fit but were trained in another model: other model flags
+    (e.g. --nheads; but ``ignore_flags``), other ENACT settings."""
+    changes = model_setting_changes(ckpt.get("args"), args, ignore_flags)
+    if changes:
+        log.warning("%s was trained in a model built with other flags (the weights fit, the "
+                    "results will not): %s", path, "; ".join(changes))
     changes = enact_setting_changes(ckpt.get("args"), args)
     if changes:
         log.warning("%s was trained with other ENACT settings (the weights fit, the results "
@@ -150,8 +187,10 @@ def _warn_enact_changes(path, ckpt, args):
 def load_pretrained(model, path, detector, args=None,
                     class_head_prefixes=("class_embed",)):
     """Weights only (fine-tuning). A class head whose shape differs is left re-initialised.
-    With the run's ``args``: the --no_enact hint on a mismatch, and a warning when the ENACT
-    settings differ from the checkpoint's (as load_weights)."""
+    With the run's ``args``: the --no_enact and model-flag hints on a mismatch, and warnings
+    when the model flags or ENACT settings differ from the checkpoint's (as load_weights);
+    a new --num_classes or --backbone_train_all is what fine-tuning may change, so neither is
+    named."""
     ckpt = load_checkpoint(path)
     check_detector(path, ckpt, detector)
     state = dict(ckpt["model"])
@@ -167,8 +206,8 @@ def load_pretrained(model, path, detector, args=None,
                  path, ", ".join(skipped))
     for k in skipped:
         state[k] = model_state[k]
-    load_model_state(model, path, {**ckpt, "model": state}, args)
-    _warn_enact_changes(path, ckpt, args)
+    load_model_state(model, path, {**ckpt, "model": state}, args, _FINE_TUNING_FLAGS)
+    _warn_setting_changes(path, ckpt, args, _FINE_TUNING_FLAGS)
 
 
 # torch.load(weights_only=True) refuses argparse.Namespace; allow it for anyone who loads

@@ -115,10 +115,12 @@ def test_checkpoint_of_another_shape_and_resume_past_the_end(shapes_coco, tmp_pa
     detr(shapes_coco, run, "--epochs", "1")
     ckpt = run / "checkpoint.pth"
     fails_with(detr(shapes_coco, tmp_path / "o", "--resume", ckpt, "--eval",
-                    "--num_queries", "12"), "checkpoint.pth", "query_embed.weight")
+                    "--num_queries", "12"), "checkpoint.pth", "query_embed.weight",
+               "this run 12): give the checkpoint's values")
     # fine-tuning re-initialises a class head of another size; evaluating must not
     fails_with(detr(shapes_coco, tmp_path / "o", "--pretrained", ckpt, "--eval",
-                    "--num_classes", "30"), "checkpoint.pth", "class_embed.weight")
+                    "--num_classes", "30"), "checkpoint.pth", "class_embed.weight",
+               "--num_classes: checkpoint")
     fails_with(detr(shapes_coco, tmp_path / "o", "--resume", ckpt, "--epochs", "1"),
                "checkpoint.pth", "already finished epoch 0")
     # resuming continues the checkpoint's schedule: a changed one is refused, not ignored

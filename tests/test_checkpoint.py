@@ -90,6 +90,55 @@ def test_enact_mismatch_hint(tmp_path):
         ck.load_model_state(tiny_model(), path, ckpt, argparse.Namespace(no_enact=False))
 
 
+def test_model_flags_named_on_a_mismatch_and_warned_when_the_weights_fit(tmp_path, caplog):
+    """A checkpoint that does not fit names the model flags it was built with that differ
+    (e.g. --resume --eval without the training flags); weights that fit but were trained with
+    another --nheads load with a warning naming it; equal flags give neither."""
+    path = tmp_path / "c.pth"
+    trained = argparse.Namespace(no_enact=True, hidden_dim=4, nheads=2, num_queries=7,
+                                 lr=1e-4)
+    state = {**tiny_model().state_dict(), "body.weight": torch.zeros(8, 8)}
+    ckpt = {"model": state, "args": trained}
+    now = argparse.Namespace(no_enact=True, hidden_dim=8, nheads=2, num_queries=5, lr=2e-4)
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.load_model_state(tiny_model(), path, ckpt, now)
+    assert str(err.value).endswith(
+        "— its model was built with other flags (--hidden_dim: checkpoint 4, this run 8; "
+        "--num_queries: checkpoint 7, this run 5): give the checkpoint's values")
+    ck.save_checkpoint({"model": tiny_model().state_dict(), "args": trained}, path)
+    other_heads = argparse.Namespace(**{**vars(trained), "nheads": 4, "lr": 1.0})
+    with caplog.at_level("WARNING", logger=ck.log.name):
+        ck.load_weights(tiny_model(), path, "detr", other_heads)
+    (record,) = caplog.records
+    assert "built with other flags" in record.message
+    assert record.message.endswith("--nheads: checkpoint 2, this run 4")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=ck.log.name):
+        ck.load_weights(tiny_model(), path, "detr", argparse.Namespace(**vars(trained)))
+        ck.load_weights(tiny_model(), path, "detr", argparse.Namespace(no_enact=True))  # older
+    assert not caplog.records
+
+
+def test_pretrained_does_not_name_what_fine_tuning_changes(tmp_path, caplog):
+    """Fine-tuning may change --num_classes and --backbone_train_all without a word; another
+    --dilation is still named."""
+    path = tmp_path / "c.pth"
+    trained = argparse.Namespace(no_enact=True, num_classes=7, backbone_train_all=False,
+                                 dilation=False)
+    ck.save_checkpoint({"model": tiny_model(7).state_dict(), "args": trained,
+                        "detector": "detr"}, path)
+    tuned = argparse.Namespace(no_enact=True, num_classes=3, backbone_train_all=True,
+                               dilation=False)
+    with caplog.at_level("WARNING", logger=ck.log.name):
+        ck.load_pretrained(tiny_model(3), path, "detr", tuned)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger=ck.log.name):
+        ck.load_pretrained(tiny_model(3), path, "detr",
+                           argparse.Namespace(**{**vars(tuned), "dilation": True}))
+    (record,) = caplog.records
+    assert record.message.endswith("--dilation: checkpoint False, this run True")
+
+
 def test_pretrained_warns_and_hints_as_resume(tmp_path, caplog):
     """--pretrained (fine-tuning) gives the ENACT-settings warning and the --no_enact hint
     that --resume gives."""
