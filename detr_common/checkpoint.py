@@ -37,6 +37,10 @@ MODEL_FLAGS = ("backbone", "dilation", "backbone_train_all", "hidden_dim", "nhea
                "spatial_prior")
 
 
+# The flags --resume / --eval take from the checkpoint when the command line leaves them out:
+# what builds the model, with or without ENACT, and ENACT's settings.
+ADOPTED_FLAGS = MODEL_FLAGS + ("no_enact",) + tuple(_ENACT_SETTINGS)
+
 # Model flags that fine-tuning from --pretrained weights may change on purpose.
 _FINE_TUNING_FLAGS = ("num_classes", "backbone_train_all")
 
@@ -70,18 +74,29 @@ def save_checkpoint(state, path):
         raise
 
 
-def load_checkpoint(path):
-    """Load a checkpoint dict from a trusted file (weights_only=False: it holds ``args``)."""
+def load_checkpoint(path, mmap=False):
+    """Load a checkpoint dict from a trusted file (weights_only=False: it holds ``args``);
+    mmap=True maps the tensors instead of reading them (for a look at ``args``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:  # pickle / zip errors come in many types
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a detector checkpoint (no 'model' entry)")
     return ckpt
+
+
+def saved_args(path):
+    """The argparse Namespace the checkpoint at ``path`` was trained with, or None."""
+    try:
+        ckpt = load_checkpoint(path, mmap=True)
+    except CheckpointError:  # e.g. a legacy (non-zip) file cannot be mapped: read it whole
+        ckpt = load_checkpoint(path)
+    args = ckpt.get("args")
+    return args if isinstance(args, argparse.Namespace) else None
 
 
 def strip_ddp_prefix(state: dict) -> dict:

@@ -148,6 +148,19 @@ def get_args_parser(description, num_queries=100, enact_attention=True, **defaul
     return p
 
 
+_NOT_GIVEN = object()
+
+
+def given_flags(parser: argparse.ArgumentParser, argv=None) -> set:
+    """The dests of the flags given on the command line ``argv`` (None: sys.argv[1:]),
+    abbreviations and ``--flag=value`` included: argparse leaves a namespace's existing
+    attributes alone unless their flag is given, so every dest starts as a marker."""
+    probe = argparse.Namespace(**{a.dest: _NOT_GIVEN for a in parser._actions
+                                  if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=probe)
+    return {name for name, value in vars(probe).items() if value is not _NOT_GIVEN}
+
+
 def enact_mode(args) -> str:
     """ENACT's clusters, --enact_mode ("paper_regions" for args saved before the flag)."""
     return getattr(args, "enact_mode", "paper_regions")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from . import checkpoint as ckpt_io
 from .backbone import BackboneWeightsError
+from .cli import given_flags
 from .data import DatasetError, build_dataset
 from .data.collate import collate_fn
 from .data.seeding import SeededDataset, SeededSampler
@@ -210,11 +211,40 @@ def _report_eval(evaluator, stats, output_dir):
             json.dumps({f"test_{k}": v for k, v in stats.items()}, indent=1))
 
 
-def run(args, detector):
-    """Train (or with ``--eval`` evaluate) ``detector`` as the flags say."""
+def _adopt_checkpoint_flags(args, given):
+    """--resume, or --eval of --pretrained weights: the model flags (ckpt_io.ADOPTED_FLAGS)
+    that the command line does not give (``given``: cli.given_flags) take the checkpoint's
+    saved values, so a checkpoint is evaluated or continued as it was built. Returns
+    "--flag value" for each one that changed. Explicit flags win (a mismatch then fails or
+    warns on load)."""
+    path = args.resume or (args.pretrained if args.eval else "")
+    if not path or args.resume and args.pretrained:
+        return []
+    saved = ckpt_io.saved_args(path)
+    if saved is None:
+        return []
+    adopted = []
+    for name in ckpt_io.ADOPTED_FLAGS:
+        if name in given or not hasattr(saved, name) or not hasattr(args, name):
+            continue
+        value = getattr(saved, name)
+        if value != getattr(args, name):
+            setattr(args, name, value)
+            adopted.append(f"--{name} {value}")
+    return adopted
+
+
+def run(args, detector, given=None):
+    """Train (or with ``--eval`` evaluate) ``detector`` as the flags say. ``given``: the
+    flags on the command line (cli.given_flags); with it, --resume / --eval take the model
+    flags left out from the checkpoint."""
+    adopted = _adopt_checkpoint_flags(args, given) if given is not None else []
     _check_args(args)
     device = init_distributed(args.device)
     setup_console_logging()
+    if adopted:
+        log.info("%s: flags from the checkpoint (not on the command line): %s",
+                 args.resume or args.pretrained, ", ".join(adopted))
     _seed_everything(args.seed + get_rank())
     output_dir = Path(args.output_dir) if args.output_dir else None
     _check_output_dir(output_dir, args)
@@ -361,12 +391,13 @@ def main(parser, detector, argv=None):
     exit status 130; a checkpoint being written is never left half-written or as a stray
     temporary file."""
     args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
     try:
         previous = signal.signal(signal.SIGTERM, _interrupt)
     except ValueError:  # not the main thread: signals stay as they are
         previous = None
     try:
-        run(args, detector)
+        run(args, detector, given)
     except EXPECTED_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -138,3 +138,15 @@ def test_smoothing_sigma_out_of_range_is_a_usage_error(sigma, capsys):
         get_args_parser("t").parse_args(["--smoothing_sigma", sigma])
     assert info.value.code == 2 and "--smoothing_sigma" in capsys.readouterr().err
     assert get_args_parser("t").parse_args(["--smoothing_sigma", "64"]).smoothing_sigma == 64
+
+
+def test_given_flags_sees_abbreviations_equals_forms_and_store_false():
+    """The flags on the command line (what --resume / --eval keep instead of the checkpoint's),
+    however they are spelled; the ones left out are absent."""
+    from detr_common.cli import get_args_parser, given_flags
+    parser = get_args_parser("t")
+    argv = ["--coco_path", "d", "--hidden", "64", "--lr=1e-4", "--no_aux_loss", "--no_enact",
+            "--eval"]
+    assert given_flags(parser, argv) == {"coco_path", "hidden_dim", "lr", "aux_loss",
+                                         "no_enact", "eval"}
+    assert given_flags(parser, []) == set()

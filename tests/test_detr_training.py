@@ -64,6 +64,18 @@ def test_eval_reproduces_the_logged_numbers(shapes_coco, tmp_path):
     dets = json.loads((tmp_path / "ev" / "detections.json").read_text())
     assert len(dets) == 4 * 10                                    # 4 val images x 10 queries
     assert set(dets[0]) == {"image_id", "category_id", "bbox", "score"}
+    # the model flags (and --no_enact) left out: taken from the checkpoint, the same numbers
+    run_flags = ["--device", "cpu", "--eval_size", "64", "--max_size", "96", "--batch_size", "4",
+                 "--num_workers", "0"]
+    ev2 = run_main("DETR-ENACT", "--coco_path", shapes_coco, "--output_dir", tmp_path / "ev2",
+                   *run_flags, "--resume", run / "checkpoint.pth", "--eval")
+    assert "flags from the checkpoint (not on the command line): --backbone resnet18, " \
+           "--hidden_dim 32, --nheads 4, --enc_layers 1, --dec_layers 1, " \
+           "--dim_feedforward 64, --num_queries 10, --num_classes" in ev2.stderr
+    assert "--no_enact True" in ev2.stderr
+    stats2 = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert stats2["test_coco_eval_bbox"] == stats["test_coco_eval_bbox"]
+    assert stats2["test_loss"] == stats["test_loss"]
 
 
 class _Stop(Exception):
@@ -221,7 +233,7 @@ def test_sigterm_while_saving_a_checkpoint_leaves_no_temporary_file(tmp_path, mo
         real_save(obj, f, *a, **kw)
         os.kill(os.getpid(), signal.SIGTERM)  # mid-write: before the rename
 
-    def fake_run(args, detector):
+    def fake_run(args, detector, given=None):
         monkeypatch.setattr(torch, "save", save_then_signal)
         ckpt_io.save_checkpoint({"epoch": 1}, out / "checkpoint.pth")
 
