@@ -32,7 +32,6 @@ import datetime
 import importlib.util
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -540,8 +539,7 @@ def run(opts, argv):
     aps = {d: {r["variant"]: r.get("AP_last") for r in rows if r["detector"] == d}
            for d in detectors}
     targets = ref.evaluate_parity(aps)
-    stem = opts.name or ("accuracy_parity_" + re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
-                         + ("_tiny" if opts.tiny else ""))
+    stem = opts.name or ("accuracy_parity_" + ref.gpu_slug(gpu) + ("_tiny" if opts.tiny else ""))
     results = Path(opts.results)
     results.mkdir(parents=True, exist_ok=True)
     chart = draw_curves(rows, results / f"{stem}.png",

@@ -4,7 +4,7 @@ One ENACT encoder layer's attention per detector, as in bench_detectors.py's fp3
   DETR R50 (C5)            B = 8, 8 heads, N = 25 x 38 = 950, q / k head dim 32, values 32, dropout 0.1
   Conditional DETR R101    B = 8, 8 heads, N = 950, q / k 64 (content + position), values 32, dropout 0.1
   Anchor DETR R50-DC5      B = 4, 8 heads, N = 50 x 76 = 3800, q / k 64 (row + column), values 32, no dropout
-with per-image cluster counts like those the detector benchmark logs (--clusters, share of N), and
+with per-image cluster counts like those the detector benchmark logs (SHAPES: shares of N), and
 clusters allocated at a training guess's rows (the largest count x 1.25 + 8). Random fp32 inputs.
 Times (CUDA events around each call, median of --iters after --warmup): the forward, and forward +
 backward (torch.autograd.grad with the output gradient made beforehand) with the automatic query
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_enact_kernels import bench  # noqa: E402
+from bench_reference import gpu_slug  # noqa: E402
 
 # name: (batch, heads, pixels, q / k head dim, value head dim, attention dropout, counts / N)
 SHAPES = {
@@ -123,8 +123,8 @@ def main(argv=None):
               f"dropout={row['dropout']}\n  forward {row['fwd_ms']:.3f} ms   forward+backward: "
               f"automatic split {row['fwdbwd_ms_auto']:.3f} ms ({row['auto_vs_best_pct']:+.1f} % "
               f"vs the best fixed split, {row['best_split']})\n  fixed splits (ms): {splits}")
-    slug = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"attention_kernel_{slug}.json"
+    out = Path(args.out) if args.out else (ROOT / "benchmarks" / "results"
+                                           / f"attention_kernel_{gpu_slug(gpu)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
                                "command": " ".join(["python"] + sys.argv), "dtype": "float32",

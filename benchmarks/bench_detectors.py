@@ -39,7 +39,6 @@ import gc
 import importlib.util
 import json
 import platform
-import re
 import statistics
 import sys
 import time
@@ -699,8 +698,7 @@ def main(argv=None):
           flush=True)
     print(f"protocol: {meta['protocol']}", flush=True)
 
-    stem = opts.name or (re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
-                         + ("_tiny" if opts.tiny else ""))
+    stem = opts.name or (ref.gpu_slug(gpu) + ("_tiny" if opts.tiny else ""))
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (out / f"{stem}.{e}" for e in ("json", "md", "png"))

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -46,6 +45,7 @@ import enact_cuda  # noqa: E402
 from enact_cuda.attention import clustered_attention_torch  # noqa: E402
 from enact_cuda.clustering import cluster_tensors as torch_cluster_tensors  # noqa: E402
 from enact_cuda.information import information_from_logits, regions as torch_regions  # noqa: E402
+from bench_reference import gpu_slug  # noqa: E402
 
 # Datasheet memory bandwidth (bytes/s) by device-name substring.
 NOMINAL_BW = [("H200", 4.8e12), ("H100 80GB HBM3", 3.35e12), ("H100 PCIe", 2.0e12),
@@ -530,8 +530,8 @@ def main(argv=None):
               f"x{r['tensors']} R={r['R_max']}: {r['ms']:.3f} ms, {r['bandwidth_GBps']:.0f} GB/s "
               f"= {100 * r['fraction_of_copy_bw']:.0f}% of measured copy bandwidth{nom}")
 
-    slug = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"enact_kernels_{slug}.json"
+    out = Path(args.out) if args.out else (ROOT / "benchmarks" / "results"
+                                           / f"enact_kernels_{gpu_slug(gpu)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
         gpu=gpu, sms=props.multi_processor_count, torch=torch.__version__,

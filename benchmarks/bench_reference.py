@@ -11,8 +11,15 @@ Relative figures are percentages: (ENACT / plain - 1) x 100, negative = less / f
 """
 from __future__ import annotations
 
+import re
+
 FOLDERS = {"detr": "DETR-ENACT", "conditional_detr": "Conditional-DETR-ENACT",
            "anchor_detr": "Anchor-DETR-ENACT"}
+
+
+def gpu_slug(gpu: str) -> str:
+    """A GPU name as a result-file stem: "NVIDIA H200" -> "nvidia_h200"."""
+    return re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
 
 
 def choices(text, allowed, flag):

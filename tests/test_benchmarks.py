@@ -70,6 +70,12 @@ def _by(entries, tid, det):
     return e
 
 
+def test_gpu_slug_names_result_files():
+    assert ref.gpu_slug("NVIDIA H200") == "nvidia_h200"
+    assert ref.gpu_slug("NVIDIA A100-SXM4-80GB") == "nvidia_a100_sxm4_80gb"
+    assert ref.gpu_slug("cpu") == "cpu"
+
+
 def test_evaluate_targets_hand_made_numbers():
     entries = ref.evaluate_targets(HAND_ROWS, "NVIDIA H200")
     # DETR: memory 5.9 / 9.0 - 1 = -34.4 % <= -32 %: met with 2.4 pp to spare
