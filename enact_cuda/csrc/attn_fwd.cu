@@ -15,9 +15,10 @@ constexpr int kQPT = 2;  // query rows per TP-thread group (kQPT * kThreads / TP
 constexpr int kKC = 8;   // keys per online-softmax step
 
 // Each TP-thread group owns QPT query rows, so that every key / value row read from shared
-// memory serves QPT queries (shared-memory reads, not FMAs, bound this kernel); KC keys per
-// online-softmax step. QPT = 2, KC = 8: 1.2-1.5x faster than one row per group on an H200
-// (fp32, Anchor / DETR shapes), at 157-240 registers.
+// memory serves QPT queries (its shared-memory reads rather than its FMAs seem to limit this
+// kernel: halving them per query row is what made it faster); KC keys per online-softmax
+// step. QPT = 2, KC = 8: 1.2-1.5x faster than one row per group on an H200 (fp32, Anchor /
+// DETR shapes), at 157-240 registers.
 template <typename T, int E, int EV, bool DROP, int QPT, int KC>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a, DropoutParams dp) {
   using P = AttnParts<E, EV>;
