@@ -103,11 +103,18 @@ class RCDA(nn.Module):
         nn.init.zeros_(self.in_proj_bias)
         nn.init.zeros_(self.out_proj.bias)
 
-    def project(self, x: Tensor, slot: int) -> Tensor:
-        """Apply in_proj slice ``slot`` (Q_ROW .. V) to x (..., E)."""
+    def slots(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The five in_proj slots (Q_ROW .. V) as views: (weights, each (E, E); biases, each
+        (E,)). One unbind per forward, so the backward stacks the five slots' gradients in one
+        kernel instead of zero-filling, copying and summing five slices."""
         e = self.embed_dim
-        return F.linear(x, self.in_proj_weight[slot * e:(slot + 1) * e],
-                        self.in_proj_bias[slot * e:(slot + 1) * e])
+        return self.in_proj_weight.view(5, e, e).unbind(0), self.in_proj_bias.view(5, e).unbind(0)
+
+    def project(self, x: Tensor, slot: int, slots=None) -> Tensor:
+        """Apply in_proj slot ``slot`` (Q_ROW .. V) to x (..., E); ``slots``: this forward's
+        `slots()`, or None to take them here."""
+        weights, biases = self.slots() if slots is None else slots
+        return F.linear(x, weights[slot], biases[slot])
 
     def _heads(self, x: Tensor) -> Tensor:
         """(B, L, E) -> (B, h, L, d_h)."""
@@ -134,11 +141,13 @@ class RCDA(nn.Module):
         nh, dh = self.num_heads, self.head_dim
         scale = dh ** -0.5
         # averaging commutes with the affine projection, so pool first (W and H rows, not H*W)
-        k_row = self._heads(self.project(row_keys, K_ROW))                            # (B,h,W,d)
-        k_col = self._heads(self.project(col_keys, K_COL))                            # (B,h,H,d)
-        q_row = self._heads(self.project(query_row, Q_ROW)) * scale                    # (B,h,L,d)
-        q_col = self._heads(self.project(query_col, Q_COL)) * scale
-        v = self.project(value, V).reshape(b, h, w, nh, dh).permute(0, 3, 1, 2, 4)    # (B,h,H,W,d)
+        slots = self.slots()
+        k_row = self._heads(self.project(row_keys, K_ROW, slots))                     # (B,h,W,d)
+        k_col = self._heads(self.project(col_keys, K_COL, slots))                     # (B,h,H,d)
+        q_row = self._heads(self.project(query_row, Q_ROW, slots)) * scale             # (B,h,L,d)
+        q_col = self._heads(self.project(query_col, Q_COL, slots)) * scale
+        v = self.project(value, V, slots).reshape(b, h, w, nh, dh)
+        v = v.permute(0, 3, 1, 2, 4)                                                  # (B,h,H,W,d)
 
         a_row = torch.matmul(q_row, k_row.transpose(-2, -1))                          # (B,h,L,W)
         a_col = torch.matmul(q_col, k_col.transpose(-2, -1))                          # (B,h,L,H)
@@ -170,11 +179,12 @@ class RCDA(nn.Module):
         """
         import enact_cuda
 
-        q = torch.cat((self._heads(self.project(query_row, Q_ROW)),
-                       self._heads(self.project(query_col, Q_COL))), dim=-1)     # (B,h,N,2d)
-        k = torch.cat((self._heads(self.project(key_row, K_ROW)),
-                       self._heads(self.project(key_col, K_COL))), dim=-1)       # (B,h,R,2d)
-        v = self._heads(self.project(value, V))                                   # (B,h,R,d)
+        slots = self.slots()
+        q = torch.cat((self._heads(self.project(query_row, Q_ROW, slots)),
+                       self._heads(self.project(query_col, Q_COL, slots))), dim=-1)  # (B,h,N,2d)
+        k = torch.cat((self._heads(self.project(key_row, K_ROW, slots)),
+                       self._heads(self.project(key_col, K_COL, slots))), dim=-1)    # (B,h,R,2d)
+        v = self._heads(self.project(value, V, slots))                                # (B,h,R,d)
         pad = self.pad_values
         if pad is None:
             pad = q.is_cuda and impl != "torch" and bool(enact_cuda.attention.kernel_gap(
