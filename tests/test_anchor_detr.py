@@ -127,6 +127,14 @@ def test_rcda_matches_dense_reference_with_padding(hw):
     out = m(q_row, q_col, *grid, key_padding_mask=mask)
     ref = rcda_dense_reference(m, q_row, q_col, *grid, mask)
     assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-4)
+    # the packed in_proj's gradient (all five slots, RCDA.slots) against the reference's
+    weight = torch.randn_like(ref)
+    params = (m.in_proj_weight, m.in_proj_bias)
+    grads = torch.autograd.grad((out.double() * weight).sum(), params)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), params)
+    for got, want in zip(grads, ref_grads):
+        assert want.abs().amax() > 0.1
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("padded", [True, False])
