@@ -8,6 +8,7 @@
 // fp32 atomics into zero-initialised buffers when the queries are split. Its register budget
 // is sized for 3 resident blocks per SM where the head dims allow it without spilling.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "attn_common.cuh"
@@ -33,6 +34,12 @@ constexpr int dkdv_min_blocks() {
 // 240-255 registers (2 blocks per SM instead of 3); the backward is still 3-9 % faster on an
 // H200 (fp32, DETR / Conditional DETR shapes; unchanged for Anchor DETR's).
 constexpr int kDqQPT = 2;
+
+// Queries of each of the dk/dv kernel's `nsplit` query splits: N / nsplit rounded up to whole
+// kBQ tiles (the last splits may get fewer queries or none). The kernel and choose_nsplit share it.
+__host__ __device__ __forceinline__ int queries_per_split(int N, int nsplit) {
+  return ((N + nsplit - 1) / nsplit + kBQ - 1) / kBQ * kBQ;
+}
 
 template <typename T, int E, int EV, bool DROP, int QPT>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttnArgs a, DropoutParams dp) {
@@ -135,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, dkdv_min_blocks<E, EV>())
   fill<WK>(dk, 0.f);
   fill<WV>(dv, 0.f);
 
-  const int per = ((a.N + a.nsplit - 1) / a.nsplit + kBQ - 1) / kBQ * kBQ;
+  const int per = queries_per_split(a.N, a.nsplit);
   const int qs = blockIdx.z * per, qe = min(a.N, qs + per);
   if (qs >= qe) return;  // an empty split (only with nsplit > 1: zeroed accumulators)
   const T* qb = head_row<T>(a.q, a.sq, b, h, 0);
@@ -201,14 +208,14 @@ __global__ void __launch_bounds__(kThreads, dkdv_min_blocks<E, EV>())
 // per image when R is an upper bound.
 static int choose_nsplit(const AttnArgs& a, int slots) {
   const int TP = a.E / 32, BK = kThreads / TP;
-  const int keys = a.key_hint > 0 && a.key_hint < a.R ? a.key_hint : a.R;
+  const int keys = a.key_hint > 0 ? a.key_hint : a.R;  // the binding clamps it to R
   const int64_t per_split = static_cast<int64_t>((keys + BK - 1) / BK) * a.B * a.H;
   if (per_split <= 0 || slots <= 0) return 1;
   const int max_split = std::min((a.N + kBQ - 1) / kBQ, 64);
   int best = 1;
   int64_t best_cost = INT64_MAX;
   for (int s = 1; s <= max_split; ++s) {
-    const int per = ((a.N + s - 1) / s + kBQ - 1) / kBQ * kBQ;  // as in the kernel
+    const int per = queries_per_split(a.N, s);
     const int64_t used = (a.N + per - 1) / per;                 // splits with queries
     const int64_t waves = (per_split * used + slots - 1) / slots;
     const int64_t cost = waves * (per + kBQ);
@@ -231,12 +238,31 @@ static int resident_blocks(Kernel kernel) {
   return std::max(n, 1);
 }
 
+// resident_blocks of the dk/dv kernel instantiation <T, E, EV, DROP> on the current device,
+// asked of the runtime once per device (it is a property of the compiled kernel and the GPU).
+template <typename T, int E, int EV, bool DROP>
+static int dkdv_resident_blocks() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices];  // 0 = not asked yet on that device
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
+    cudaGetLastError();
+    return resident_blocks(attn_bwd_dkdv_kernel<T, E, EV, DROP>);
+  }
+  int n = cached[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    n = resident_blocks(attn_bwd_dkdv_kernel<T, E, EV, DROP>);
+    cached[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
 template <typename T, int E, int EV, bool DROP>
 static void launch_backward(AttnArgs a, const DropoutParams& dp, int num_sms,
                             cudaStream_t stream) {
   constexpr int BK = kThreads / RowThreads<E>::value, BM = BK * kDqQPT;
   const auto dkdv = attn_bwd_dkdv_kernel<T, E, EV, DROP>;
-  if (a.nsplit <= 0) a.nsplit = choose_nsplit(a, num_sms * resident_blocks(dkdv));
+  if (a.nsplit <= 0) a.nsplit = choose_nsplit(a, num_sms * dkdv_resident_blocks<T, E, EV, DROP>());
   const dim3 grid_q((a.N + BM - 1) / BM, a.B * a.H);
   const dim3 grid_k((a.R + BK - 1) / BK, a.B * a.H, a.nsplit);
   attn_bwd_dq_kernel<T, E, EV, DROP, kDqQPT><<<grid_q, kThreads, 0, stream>>>(a, dp);

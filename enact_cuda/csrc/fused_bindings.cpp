@@ -107,7 +107,7 @@ struct FusedPending {
     TORCH_CHECK(event != nullptr, "enact_cuda: fused_begin was called with read_rmax=False");
     if (r_max < 0) {
       ENACT_CHECK_CUDA(cudaEventSynchronize(event));
-      r_max = std::max<int64_t>(static_cast<int64_t>(pinned.data_ptr<int>()[0]), 1);
+      read_landed();
     }
     return r_max;
   }
@@ -120,8 +120,12 @@ struct FusedPending {
       return 0;
     }
     ENACT_CHECK_CUDA(st);
-    r_max = std::max<int64_t>(static_cast<int64_t>(pinned.data_ptr<int>()[0]), 1);
+    read_landed();
     return r_max;
+  }
+  // r_max from the pinned copy, once the event says it has landed.
+  void read_landed() {
+    r_max = std::max<int64_t>(static_cast<int64_t>(pinned.data_ptr<int>()[0]), 1);
   }
   ~FusedPending() {
     if (event != nullptr) {
