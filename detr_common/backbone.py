@@ -41,7 +41,10 @@ class FrozenBatchNorm2d(nn.Module):
     y = (x - running_mean) * weight * rsqrt(running_var + eps) + bias, eps = 1e-5, computed as
     one fused multiply-add x * scale + shift; the per-channel (scale, shift) are cached until a
     buffer changes (in place, e.g. load_state_dict, or replaced, e.g. .to()), so a forward is
-    one kernel instead of six (a ResNet-50 forward launches ~270 fewer kernels).
+    one kernel instead of six (a ResNet-50 forward launches ~270 fewer kernels). In the
+    backbone the layer is not called: `fold` merges it into the preceding convolution
+    (conv_bn), which saves the multiply-add over the activations and, in training, its
+    backward.
     ``num_batches_tracked`` entries of a BatchNorm2d state_dict are ignored on load.
     """
 
@@ -54,6 +57,8 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
         self._affine_key = None
         self._affine = None
+        self._fold_key = None
+        self._fold = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
@@ -78,6 +83,107 @@ class FrozenBatchNorm2d(nn.Module):
         scale, shift = self.scale_shift(x.dtype)
         return torch.addcmul(shift, x, scale)
 
+    def fold(self, conv: nn.Conv2d) -> Tuple[Tensor, Tensor]:
+        """(weight, bias) of ``conv`` followed by this layer as one convolution: conv.weight
+        times scale per output channel, bias shift (+ conv.bias * scale). Differentiable w.r.t.
+        the conv's parameters when autograd needs them; otherwise (eval, frozen convs) cached
+        until a parameter or buffer changes."""
+        weight, bias = conv.weight, conv.bias
+        scale, shift = self.scale_shift(weight.dtype)
+        params = (weight,) if bias is None else (weight, bias)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return _folded(weight, bias, scale, shift)
+        key = (self._affine_key, *((p.data_ptr(), p._version) for p in params))
+        if key != self._fold_key:
+            with torch.no_grad():
+                self._fold = _folded(weight, bias, scale, shift)
+            self._fold_key = key
+        return self._fold
+
+
+def _folded(weight: Tensor, bias, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
+    """conv weight (C, ...) and bias (C,) or None, then y * scale + shift ((1, C, 1, 1) each)
+    -> the one convolution's (weight, bias)."""
+    weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+    if bias is None:
+        return weight, shift.flatten()
+    return weight, torch.addcmul(shift.flatten(), bias, scale.flatten())
+
+
+class _ScaledConv(torch.autograd.Function):
+    """conv2d(x, weight * scale, bias) for a trainable weight and a constant (scale, bias): it
+    saves the weight itself and recomputes the scaled copy in the backward (saving that copy
+    would add the trainable convolutions' weights to the activation memory). Under autocast it
+    computes in the autocast dtype, as F.conv2d would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, stride, padding, dilation, groups):
+        device = x.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else x.dtype)
+        with torch.autocast(device, enabled=False):
+            x = x.to(dtype)
+            out = F.conv2d(x, (weight * scale).to(dtype), bias.to(dtype), stride, padding,
+                           dilation, groups)
+        ctx.save_for_backward(x, weight, scale)
+        ctx.conv = (stride, padding, dilation, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, scale = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad.to(x.dtype), x, (weight * scale).to(x.dtype), None, stride, padding, dilation,
+            False, [0] * len(stride), groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype) * scale
+        return grad_x, grad_w, None, None, None, None, None, None
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> Tensor:
+    """bn(conv(x)): one convolution with a FrozenBatchNorm2d folded in (no per-pixel
+    multiply-add forward or backward), else the two modules (BatchNorm2d). A trainable
+    bias-free conv goes through _ScaledConv (no extra saved tensor); the rest through
+    FrozenBatchNorm2d.fold (cached when nothing needs gradients)."""
+    if not isinstance(bn, FrozenBatchNorm2d):
+        return bn(conv(x))
+    if torch.is_grad_enabled() and conv.weight.requires_grad and conv.bias is None:
+        scale, shift = bn.scale_shift(conv.weight.dtype)
+        return _ScaledConv.apply(x, conv.weight, scale.view(-1, 1, 1, 1), shift.flatten(),
+                                 conv.stride, conv.padding, conv.dilation, conv.groups)
+    weight, bias = bn.fold(conv)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class _Block(nn.Module):
+    """A torchvision BasicBlock / Bottleneck computed with conv_bn: the same children, hence the
+    same state_dict keys, and the same function (relu after every conv / BN pair, the residual
+    added before the last relu)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.downsample = block.downsample  # None (no child) when the shapes match
+        convs = [self.conv1, self.conv2] + ([self.conv3] if hasattr(self, "conv3") else [])
+        if self.downsample is not None:
+            convs.append(self.downsample[0])
+        if any(c.padding_mode != "zeros" for c in convs):
+            raise ValueError("conv_bn expects zero-padded convolutions, as torchvision's ResNets")
+        self.num_pairs = 3 if hasattr(self, "conv3") else 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = x
+        for i in range(1, self.num_pairs + 1):
+            out = conv_bn(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), out)
+            if i < self.num_pairs:
+                out = self.relu(out)
+        identity = x if self.downsample is None else conv_bn(*self.downsample, x)
+        out += identity
+        return self.relu(out)
+
 @torch.no_grad()
 def calibrate_frozen_batchnorm(model: nn.Module, images: Tensor) -> None:
     """Give every FrozenBatchNorm2d of ``model`` the statistics of its own input on ``images``
@@ -89,34 +195,47 @@ def calibrate_frozen_batchnorm(model: nn.Module, images: Tensor) -> None:
     the end of a random ResNet-101), and attention logits of 1e10 and more make fused
     attention backward passes overflow.
     """
+    called = []
+
     def use_input_statistics(bn, inputs):
         x = inputs[0].float()
         bn.running_mean.copy_(x.mean((0, 2, 3)))
         bn.running_var.copy_(x.var((0, 2, 3), unbiased=False))
+        called.append(bn)
 
-    handles = [m.register_forward_pre_hook(use_input_statistics)
-               for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    frozen = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    handles = [m.register_forward_pre_hook(use_input_statistics) for m in frozen]
     try:
         model(images)
     finally:
         for handle in handles:
             handle.remove()
+    if len(called) != len(frozen):
+        raise RuntimeError(f"calibrate_frozen_batchnorm: {len(frozen) - len(called)} of "
+                           f"{len(frozen)} FrozenBatchNorm2d layers were not called (folded "
+                           "into their convolutions: calibrate the torchvision ResNet first)")
 
 
 class _Body(nn.Module):
-    """The ResNet trunk (conv1, bn1, relu, maxpool, layer1..layerK) returning chosen layers."""
+    """The ResNet trunk (conv1, bn1, relu, maxpool, layer1..layerK) returning chosen layers,
+    with torchvision's children and state_dict keys; every conv / BN pair is computed by
+    conv_bn (a frozen BN folded into its convolution)."""
 
     def __init__(self, resnet: nn.Module, return_layers: Tuple[str, ...]):
         super().__init__()
         last = max(_LAYERS.index(name) for name in return_layers)
-        for name in _STEM + _LAYERS[: last + 1]:
+        for name in _STEM:
             self.add_module(name, getattr(resnet, name))
+        self.layers = _LAYERS[: last + 1]
+        for name in self.layers:
+            self.add_module(name, nn.Sequential(*(_Block(b) for b in getattr(resnet, name))))
         self.return_layers = tuple(return_layers)
 
     def forward(self, x: Tensor) -> List[Tensor]:
+        x = self.maxpool(self.relu(conv_bn(self.conv1, self.bn1, x)))
         out = []
-        for name, module in self.named_children():
-            x = module(x)
+        for name in self.layers:
+            x = getattr(self, name)(x)
             if name in self.return_layers:
                 out.append(x)
         return out

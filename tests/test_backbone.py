@@ -7,7 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from detr_common.backbone import Backbone, FrozenBatchNorm2d, Joiner, build_backbone
+from detr_common.backbone import (Backbone, FrozenBatchNorm2d, Joiner, build_backbone,
+                                  calibrate_frozen_batchnorm, conv_bn)
 from detr_common.data.collate import ImageBatch
 from detr_common.position_encoding import PositionEmbeddingSine
 
@@ -268,3 +269,98 @@ def test_random_backbone_has_calibrated_statistics():
     assert torch.allclose(stem_bn.running_mean, conv_out.mean((0, 2, 3)), atol=1e-5)
     assert torch.allclose(stem_bn.running_var, conv_out.var((0, 2, 3), unbiased=False),
                           rtol=1e-4)
+
+
+def _torchvision_trunk(resnet, x):
+    """torchvision's own forward up to layer4 (each FrozenBatchNorm2d called as a module)."""
+    x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))
+    return resnet.layer4(resnet.layer3(resnet.layer2(resnet.layer1(x))))
+
+
+@pytest.mark.parametrize("name,dilation", [("resnet18", False), ("resnet50", True)])
+def test_folded_frozen_bn_matches_torchvision_resnet(name, dilation):
+    """The body folds every frozen BN into its convolution (conv_bn): in float64 its output and
+    the conv weights' gradients equal torchvision's ResNet calling the BN modules, in training
+    and in eval (cached folds), also after an in-place change of a weight and of a BN buffer.
+    (In float32 the two differ by rounding only, which a random 50-layer network amplifies to
+    ~0.3 % in the first layers' weight gradients.)"""
+    torch.manual_seed(0)
+    bb = Backbone(name, train_backbone=True, dilation=dilation, weights="none")
+    with torch.no_grad():  # an affine map far from the identity in every frozen BN
+        for m in bb.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.7, 1.3)
+                m.bias.normal_(0.0, 0.2)
+    ref = getattr(torchvision.models, name)(
+        norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, dilation])
+    missing, unexpected = ref.load_state_dict(bb.body.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("fc.") for k in missing)
+    bb.double()
+    ref.double()
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    out, expected = bb.body(x)[-1], _torchvision_trunk(ref, x)
+    assert torch.allclose(out, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    convs = ("layer2.0.conv1", "layer3.0.downsample.0", "layer4.1.conv2")
+    ours = torch.autograd.grad((out * grad).sum(),
+                               [bb.body.get_submodule(c).weight for c in convs])
+    theirs = torch.autograd.grad((expected * grad).sum(),
+                                 [ref.get_submodule(c).weight for c in convs])
+    for got, want in zip(ours, theirs):
+        assert want.abs().amax() > 0
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-9)
+    bb.eval()
+    with torch.no_grad():
+        assert torch.allclose(bb.body(x)[-1], expected, rtol=1e-10, atol=1e-10)
+        for model in (bb.body, ref):  # the cached folds must follow both
+            model.get_submodule("layer3.0.conv1").weight.mul_(1.5)
+            model.get_submodule("layer2.1.bn2").running_var.mul_(2.0)
+        changed = _torchvision_trunk(ref, x)
+        assert not torch.allclose(changed, expected, rtol=1e-3)
+        assert torch.allclose(bb.body(x)[-1], changed, rtol=1e-10, atol=1e-10)
+
+
+def test_calibration_refuses_a_folded_body():
+    """calibrate_frozen_batchnorm needs the BN modules called: on the folded body it says so."""
+    bb = Backbone("resnet18", train_backbone=False, weights="none")
+    with pytest.raises(RuntimeError, match="not called"):
+        calibrate_frozen_batchnorm(bb.body, torch.randn(1, 3, 32, 32))
+
+
+def test_trainable_folded_conv_saves_its_weight_not_a_scaled_copy():
+    """A trainable conv with its frozen BN folded in keeps no scaled weight copy for the
+    backward (it would add the trainable convs' weights to the activation memory)."""
+    bb = Backbone("resnet18", train_backbone=True, weights="none")
+    block = bb.body.layer2[0]
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(1, 64, 16, 16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = conv_bn(block.conv1, block.bn1, x)
+    weight_like = [t for t in saved if t.shape == block.conv1.weight.shape]
+    assert weight_like and all(t.data_ptr() == block.conv1.weight.data_ptr()
+                               for t in weight_like)
+    out.sum().backward()
+    assert block.conv1.weight.grad is not None and x.grad is not None
+
+
+def test_folded_conv_under_bf16_autocast_matches_the_bn_modules():
+    """Under autocast the folded convolutions compute in bf16 as F.conv2d does; forward and
+    weight gradients stay within bf16 rounding of the unfolded float32 computation."""
+    torch.manual_seed(0)
+    bb = Backbone("resnet18", train_backbone=True, weights="none")
+    block = bb.body.layer3[0]
+    x = torch.randn(2, 128, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv_bn(block.conv1, block.bn1, x)
+    assert out.dtype == torch.bfloat16
+    (grad,) = torch.autograd.grad(out.float().square().sum(), block.conv1.weight)
+    assert grad.dtype == torch.float32
+    ref = block.bn1(block.conv1(x))
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), block.conv1.weight)
+    assert torch.allclose(out.float(), ref, rtol=0.05, atol=0.05 * ref.abs().amax().item())
+    assert torch.allclose(grad, ref_grad, rtol=0.1, atol=0.05 * ref_grad.abs().amax().item())
