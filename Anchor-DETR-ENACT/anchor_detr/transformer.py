@@ -125,6 +125,8 @@ class AnchorTransformer(nn.Module):
         return x, grid, pe_row, pe_col
 
     def forward(self, srcs: Tensor, mask: Tensor):
+        """srcs (B,L,E,H,W), mask (B,H,W) True = padding -> (logits (D,B,Q,C), boxes (D,B,Q,4)
+        normalised cxcywh), one row per decoder layer."""
         b = srcs.shape[0]
         memory, grid, pe_row, pe_col = self.encode(srcs, mask)
         # the decoder's row and column keys, pooled once for all its layers
@@ -136,13 +138,14 @@ class AnchorTransformer(nn.Module):
         tgt = tgt.unsqueeze(0).expand(b, -1, -1)
         ref = inverse_sigmoid(anchors)
         ref = torch.cat((ref, torch.zeros_like(ref)), dim=-1)                 # (Q, 4)
-        logits, boxes = [], []
-        for layer, class_embed, bbox_embed in zip(self.decoder_layers, self.class_embed,
-                                                  self.bbox_embed):
+        hs = []
+        for layer in self.decoder_layers:
             tgt = layer(tgt, query_pos, query_pos_x, query_pos_y, memory, memory_keys, grid)
-            logits.append(class_embed(tgt))
-            boxes.append((bbox_embed(tgt) + ref).sigmoid())
-        return torch.stack(logits), torch.stack(boxes)
+            hs.append(tgt)
+        hs = torch.stack(hs)                                                  # (D, B, Q, E)
+        # the heads are shared by the decoder layers (and the anchors the same for each):
+        # one pass over all layers' outputs
+        return self.class_embed[0](hs), (self.bbox_embed[0](hs) + ref).sigmoid()
 
     def enact_stats(self):
         """Per-layer ``ENACT.last_stats`` of the spatial encoder layers (empty without ENACT)."""
