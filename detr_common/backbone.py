@@ -86,12 +86,13 @@ class FrozenBatchNorm2d(nn.Module):
     def fold(self, conv: nn.Conv2d) -> Tuple[Tensor, Tensor]:
         """(weight, bias) of ``conv`` followed by this layer as one convolution: conv.weight
         times scale per output channel, bias shift (+ conv.bias * scale). Differentiable w.r.t.
-        the conv's parameters when autograd needs them; otherwise (eval, frozen convs) cached
-        until a parameter or buffer changes."""
+        the conv's parameters when autograd needs them. Cached until a parameter or buffer
+        changes for a frozen conv, and in eval mode for a trainable one; train() drops the
+        cache, so that a training run holds no copy of the weights it trains."""
         weight, bias = conv.weight, conv.bias
         scale, shift = self.scale_shift(weight.dtype)
         params = (weight,) if bias is None else (weight, bias)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        if any(p.requires_grad for p in params) and (self.training or torch.is_grad_enabled()):
             return _folded(weight, bias, scale, shift)
         key = (self._affine_key, *((p.data_ptr(), p._version) for p in params))
         if key != self._fold_key:
@@ -99,6 +100,11 @@ class FrozenBatchNorm2d(nn.Module):
                 self._fold = _folded(weight, bias, scale, shift)
             self._fold_key = key
         return self._fold
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._fold, self._fold_key = None, None
+        return super().train(mode)
 
 
 def _folded(weight: Tensor, bias, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:

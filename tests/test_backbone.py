@@ -318,6 +318,13 @@ def test_folded_frozen_bn_matches_torchvision_resnet(name, dilation):
         changed = _torchvision_trunk(ref, x)
         assert not torch.allclose(changed, expected, rtol=1e-3)
         assert torch.allclose(bb.body(x)[-1], changed, rtol=1e-10, atol=1e-10)
+    # eval cached the trainable convs' folded weights; training keeps no copy of them
+    trained_bn = bb.body.get_submodule("layer3.0.bn1")
+    assert trained_bn._fold is not None
+    bb.train()
+    assert trained_bn._fold is None
+    out = bb.body(x)[-1]
+    assert trained_bn._fold is None and torch.allclose(out, changed, rtol=1e-10, atol=1e-10)
 
 
 def test_calibration_refuses_a_folded_body():
