@@ -6,12 +6,14 @@ One ENACT encoder layer's attention per detector, as in bench_detectors.py's fp3
   Anchor DETR R50-DC5      B = 4, 8 heads, N = 50 x 76 = 3800, q / k 64 (row + column), values 32, no dropout
 with per-image cluster counts like those the detector benchmark logs (SHAPES: shares of N), and
 clusters allocated at a training guess's rows (the largest count x 1.25 + 8). Random fp32 inputs.
-Times (CUDA events around each call, median of --iters after --warmup): the forward, and forward +
-backward (torch.autograd.grad with the output gradient made beforehand) with the automatic query
-split of the dK/dV kernel and with each fixed split of --splits (cuda_backend.DKDV_NSPLIT), so the
-split the kernel chooses can be compared with the best fixed one. The times include the host's
-work per call: at DETR's and Conditional DETR's shapes the autograd forward + backward takes more
-host time than GPU time (about 0.3 ms of kernels), so only Anchor DETR's layer ranks the splits.
+Two times per case: wall (CUDA events around each call, median of --iters after --warmup), which
+includes the host's work per call, and GPU kernel time (the profiler's sum of the call's device
+events, averaged over --iters calls), which does not. Cases: the forward, and forward + backward
+(torch.autograd.grad with the output gradient made beforehand) with the automatic query split of
+the dK/dV kernel and with each fixed split of --splits (cuda_backend.DKDV_NSPLIT), so the split
+the kernel chooses can be compared with the best fixed one. The splits are ranked by GPU kernel
+time: at DETR's and Conditional DETR's shapes the autograd forward + backward takes more host
+time than GPU time (about 0.3 ms of kernels), so their wall times cannot rank them.
 Prints the GPU, torch version, shapes and a table; writes JSON (--out, default
 benchmarks/results/attention_kernel_<gpu>.json).
 """
@@ -28,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_enact_kernels import bench  # noqa: E402
+from bench_enact_kernels import bench, profile  # noqa: E402
 from bench_reference import gpu_slug  # noqa: E402
 
 # name: (batch, heads, pixels, q / k head dim, value head dim, attention dropout, counts / N)
@@ -68,21 +70,29 @@ def measure_shape(name, cb, args, device):
         out = cb.clustered_attention(q, k, v, kpm, drop, seed=1, key_count_hint=lambda: kmax)
         torch.autograd.grad(out, (q, k, v), grad)
 
+    def timed(fn):
+        """(wall ms, GPU kernel ms) per call of fn."""
+        wall = bench(fn, args.warmup, args.iters)
+        return wall, profile(name, fn, reps=args.iters, quiet=True) / 1e3
+
+    fwd_ms, fwd_gpu_ms = timed(forward)
     row = {"detector": name, "B": B, "heads": H, "N": N, "rows": k.shape[2], "max_clusters": kmax,
-           "e": e, "ev": ev, "dropout": drop, "fwd_ms": bench(forward, args.warmup, args.iters)}
+           "e": e, "ev": ev, "dropout": drop, "fwd_ms": fwd_ms, "fwd_gpu_ms": fwd_gpu_ms}
     saved = cb.DKDV_NSPLIT
     try:
         cb.DKDV_NSPLIT = 0
-        row["fwdbwd_ms_auto"] = bench(forward_backward, args.warmup, args.iters)
-        row["fwdbwd_ms_by_split"] = {}
+        row["fwdbwd_ms_auto"], row["fwdbwd_gpu_ms_auto"] = timed(forward_backward)
+        row["fwdbwd_ms_by_split"], row["fwdbwd_gpu_ms_by_split"] = {}, {}
         for s in args.splits:
             cb.DKDV_NSPLIT = s
-            row["fwdbwd_ms_by_split"][s] = bench(forward_backward, args.warmup, args.iters)
+            row["fwdbwd_ms_by_split"][s], row["fwdbwd_gpu_ms_by_split"][s] = timed(
+                forward_backward)
     finally:
         cb.DKDV_NSPLIT = saved
-    best = min(row["fwdbwd_ms_by_split"], key=row["fwdbwd_ms_by_split"].get)
+    by_split = row["fwdbwd_gpu_ms_by_split"]
+    best = min(by_split, key=by_split.get)
     row["best_split"] = best
-    row["auto_vs_best_pct"] = 100.0 * (row["fwdbwd_ms_auto"] / row["fwdbwd_ms_by_split"][best] - 1)
+    row["auto_vs_best_pct"] = 100.0 * (row["fwdbwd_gpu_ms_auto"] / by_split[best] - 1)
     return row
 
 
@@ -117,12 +127,14 @@ def main(argv=None):
     for name in names:
         row = measure_shape(name, cb, args, device)
         rows.append(row)
-        splits = "  ".join(f"{s}:{t:.3f}" for s, t in row["fwdbwd_ms_by_split"].items())
+        splits = "  ".join(f"{s}:{t:.3f}" for s, t in row["fwdbwd_gpu_ms_by_split"].items())
         print(f"{name:17s} B={row['B']} h={row['heads']} N={row['N']} rows={row['rows']} "
               f"max clusters={row['max_clusters']} e={row['e']} ev={row['ev']} "
-              f"dropout={row['dropout']}\n  forward {row['fwd_ms']:.3f} ms   forward+backward: "
-              f"automatic split {row['fwdbwd_ms_auto']:.3f} ms ({row['auto_vs_best_pct']:+.1f} % "
-              f"vs the best fixed split, {row['best_split']})\n  fixed splits (ms): {splits}")
+              f"dropout={row['dropout']}\n  GPU kernel time (wall): forward "
+              f"{row['fwd_gpu_ms']:.3f} ({row['fwd_ms']:.3f}) ms   forward+backward, automatic "
+              f"split {row['fwdbwd_gpu_ms_auto']:.3f} ({row['fwdbwd_ms_auto']:.3f}) ms, "
+              f"{row['auto_vs_best_pct']:+.1f} % vs the best fixed split ({row['best_split']})"
+              f"\n  fixed splits, GPU kernel ms: {splits}")
     out = Path(args.out) if args.out else (ROOT / "benchmarks" / "results"
                                            / f"attention_kernel_{gpu_slug(gpu)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -654,4 +654,9 @@ def test_attention_kernel_bench_runs_and_writes_json(tmp_path, capsys):
     (row,) = data["rows"]
     assert row["detector"] == "detr" and set(row["fwdbwd_ms_by_split"]) == {"1", "3"}
     assert row["fwd_ms"] > 0 and row["fwdbwd_ms_auto"] > 0 and row["best_split"] in (1, 3)
+    gpu = row["fwdbwd_gpu_ms_by_split"]
+    assert set(gpu) == {"1", "3"} and min(gpu, key=gpu.get) == str(row["best_split"])
+    # kernel time excludes the host's share of a call; the backward adds kernels
+    assert 0 < row["fwd_gpu_ms"] < row["fwdbwd_gpu_ms_auto"]
+    assert row["fwd_gpu_ms"] <= row["fwd_ms"] * 1.05
     assert "GPU:" in capsys.readouterr().out
