@@ -190,6 +190,7 @@ class _Block(nn.Module):
         out += identity
         return self.relu(out)
 
+
 @torch.no_grad()
 def calibrate_frozen_batchnorm(model: nn.Module, images: Tensor) -> None:
     """Give every FrozenBatchNorm2d of ``model`` the statistics of its own input on ``images``

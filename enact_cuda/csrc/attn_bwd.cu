@@ -36,7 +36,8 @@ constexpr int dkdv_min_blocks() {
 constexpr int kDqQPT = 2;
 
 // Queries of each of the dk/dv kernel's `nsplit` query splits: N / nsplit rounded up to whole
-// kBQ tiles (the last splits may get fewer queries or none). The kernel and choose_nsplit share it.
+// kBQ tiles (the last splits may get fewer queries or none); the kernel and choose_nsplit
+// share it.
 __host__ __device__ __forceinline__ int queries_per_split(int N, int nsplit) {
   return ((N + nsplit - 1) / nsplit + kBQ - 1) / kBQ * kBQ;
 }
@@ -216,7 +217,7 @@ static int choose_nsplit(const AttnArgs& a, int slots) {
   int64_t best_cost = INT64_MAX;
   for (int s = 1; s <= max_split; ++s) {
     const int per = queries_per_split(a.N, s);
-    const int64_t used = (a.N + per - 1) / per;                 // splits with queries
+    const int64_t used = (a.N + per - 1) / per;  // splits with queries
     const int64_t waves = (per_split * used + slots - 1) / slots;
     const int64_t cost = waves * (per + kBQ);
     if (cost < best_cost) {
