@@ -129,16 +129,22 @@ def _describe_mismatch(path, model_state, ckpt_state, ckpt_args, args, ignore_fl
     return f"{path}: checkpoint does not fit this model: " + "; ".join(parts) + hint
 
 
+def _flag_changes(values) -> list:
+    """["--flag: checkpoint X, this run Y", ...] for each (flag, X, Y) of ``values`` with
+    X != Y."""
+    return [f"--{name}: checkpoint {before}, this run {now}"
+            for name, before, now in values if before != now]
+
+
 def model_setting_changes(ckpt_args, args, ignore_flags=()) -> list:
-    """["--hidden_dim: checkpoint 64, this run 256", ...] for the MODEL_FLAGS (but
-    ``ignore_flags``) in which ``args`` differ from the checkpoint's saved args (those both
-    have); [] without saved args."""
+    """_flag_changes for the MODEL_FLAGS (but ``ignore_flags``) that both ``args`` and the
+    checkpoint's saved args have; [] without saved args."""
     if ckpt_args is None or args is None:
         return []
-    return [f"--{name}: checkpoint {getattr(ckpt_args, name)}, this run {getattr(args, name)}"
-            for name in MODEL_FLAGS
-            if name not in ignore_flags and hasattr(ckpt_args, name) and hasattr(args, name)
-            and getattr(ckpt_args, name) != getattr(args, name)]
+    return _flag_changes((name, getattr(ckpt_args, name), getattr(args, name))
+                         for name in MODEL_FLAGS
+                         if name not in ignore_flags and hasattr(ckpt_args, name)
+                         and hasattr(args, name))
 
 
 def check_detector(path, ckpt, detector):
@@ -161,18 +167,13 @@ def load_model_state(model, path, ckpt, args, ignore_flags=()):
 
 
 def enact_setting_changes(ckpt_args, args) -> list:
-    """["--flag: checkpoint X, this run Y", ...] for the ENACT settings (clusters, Gaussian,
-    padding, attention numerics, sigma) in which ``args`` differ from the checkpoint's saved
-    args; [] when either has no ENACT or the checkpoint has no args."""
+    """_flag_changes for the ENACT settings (clusters, Gaussian, padding, attention numerics,
+    sigma) known on both sides; [] when either has no ENACT or the checkpoint has no args."""
     if (ckpt_args is None or getattr(ckpt_args, "no_enact", True)
             or getattr(args, "no_enact", True)):
         return []
-    changes = []
-    for name, value in _ENACT_SETTINGS.items():
-        before, now = value(ckpt_args), value(args)
-        if before is not None and now is not None and before != now:
-            changes.append(f"--{name}: checkpoint {before}, this run {now}")
-    return changes
+    values = ((name, value(ckpt_args), value(args)) for name, value in _ENACT_SETTINGS.items())
+    return _flag_changes(v for v in values if v[1] is not None and v[2] is not None)
 
 
 def load_weights(model, path, detector, args):
