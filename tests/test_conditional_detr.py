@@ -420,7 +420,10 @@ def one_thread():
 @pytest.mark.slow
 @pytest.mark.parametrize("enact", [True, False], ids=["enact", "plain"])
 def test_overfit_two_images(enact, one_thread):
-    """40-50 steps (~20 s) suffice for seeds 0-3; the bound is 120 steps."""
+    """30-130 steps (0.3 s each) sufficed for seeds 0-9, ENACT on and off; the training path
+    is chaotic enough that float rounding moves a seed across that range (seed 0 with ENACT:
+    80 steps before the backbone folded its BNs into the convolutions, 130 after, on an AMD
+    EPYC CPU; under 120 after on another CI machine). The bound is 300 steps."""
     torch.manual_seed(0)
     model, criterion, _ = conditional_detr.build(make_args(enact, lr_backbone=1e-4))
     batch, targets = _two_images()
@@ -430,7 +433,7 @@ def test_overfit_two_images(enact, one_thread):
     with torch.no_grad():
         assert not _matched_ok(model(batch), targets, criterion.matcher)
     ok = False
-    for step in range(120):
+    for step in range(300):
         model.train()
         losses = criterion(model(batch), targets)
         loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
