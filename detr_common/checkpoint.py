@@ -173,7 +173,8 @@ def enact_setting_changes(ckpt_args, args) -> list:
             or getattr(args, "no_enact", True)):
         return []
     values = ((name, value(ckpt_args), value(args)) for name, value in _ENACT_SETTINGS.items())
-    return _flag_changes(v for v in values if v[1] is not None and v[2] is not None)
+    return _flag_changes((name, before, now) for name, before, now in values
+                         if before is not None and now is not None)
 
 
 def load_weights(model, path, detector, args):
