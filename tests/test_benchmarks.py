@@ -664,3 +664,72 @@ def test_attention_kernel_bench_runs_and_writes_json(tmp_path, capsys):
     assert 0 < row["fwd_gpu_ms"] < row["fwdbwd_gpu_ms_auto"]
     assert row["fwd_gpu_ms"] <= row["fwd_ms"] * 1.05
     assert "GPU:" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ step_timeline.py
+@pytest.fixture(scope="module")
+def timeline():
+    return _load("step_timeline")
+
+
+def test_step_timeline_tiny_cpu(timeline, tmp_path):
+    import detr_common.engine as engine
+    read = engine.reduce_dict
+    assert timeline.main(["--tiny", "--device", "cpu", "--detectors", "anchor_detr",
+                          "--variants", "plain_eager,enact", "--warmup", "1", "--steps", "2",
+                          "--out", str(tmp_path), "--name", "t"]) == 0
+    assert engine.reduce_dict is read  # the engine's read is put back
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["gpu"] == "cpu" and "2 timed steps" in data["protocol"]
+    assert [(r["detector"], r["variant"], r["error"]) for r in data["rows"]] == [
+        ("anchor_detr", "plain_eager", None), ("anchor_detr", "enact", None)]
+    for row in data["rows"]:
+        phases = [p["phase"] for p in row["phases"]]
+        # a step in order: forward, criterion, backward (heads first), the read, the optimizer
+        expected = ["step", "fwd:backbone", "fwd:encoder_layers", "fwd:decoder_layers",
+                    "fwd:criterion", "bwd:decoder_layers", "bwd:encoder_layers", "read",
+                    "after:read", "optimizer"]
+        assert [p for p in phases if p in expected] == expected
+        assert len(set(phases)) == len(phases)  # a layer list is one row
+        assert all(p["gpu_ms"] is None and p["lag_ms"] is None for p in row["phases"])
+        s = row["summary"]
+        # the phases split the step from its first marker to its last: their host times add
+        # up to the step's wall time less the moments before and after the markers
+        assert 0.8 * s["wall_ms"] <= s["host_ms"] <= s["wall_ms"]
+        assert s["host_bound_ms"] is None and s["gpu_tail_ms"] is None
+    md = (tmp_path / "t.md").read_text()
+    assert "## anchor_detr enact" in md and "| fwd:encoder_layers |" in md
+
+
+def test_step_timeline_marks_each_layer_and_undoes_its_hooks(timeline):
+    import detr_common.engine as engine
+    _, detector = _load("bench_detectors").load_detector("anchor_detr")
+    bench = timeline.bench
+    args = bench.detector_args("anchor_detr", "enact", torch.device("cpu"), True)
+    model, criterion, _ = detector.build(args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch, targets = bench.random_batch(2, [bench.TINY_SIZE], 0, torch.device("cpu"))
+    labels, read = [], engine.reduce_dict
+    with timeline.marked(model, criterion, optimizer, labels.append):
+        bench.train_step(model, criterion, optimizer, batch, targets, "off", 0.1)
+    # every module once: the class head shared by the decoder layers marks its first label
+    assert labels.count("fwd:class_embed.0") == 1 and "fwd:class_embed.1" not in labels
+    assert labels.index("fwd:encoder_layers.0") < labels.index("after:encoder_layers.0")
+    assert labels.index("bwd:decoder_layers.0") < labels.index("bwd:encoder_layers.0")
+    assert labels[-3:] == ["read", "after:read", "optimizer"]
+    assert "step" not in vars(optimizer) and engine.reduce_dict is read
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    grouped = {timeline._group(label, False) for label in labels}
+    assert "fwd:encoder_layers" in grouped and "fwd:encoder_layers.0" not in grouped
+    assert timeline._group("fwd:encoder_layers.0", True) == "fwd:encoder_layers.0"
+
+
+def test_step_timeline_summary_splits_host_bound_phases_from_the_gpu_tail(timeline):
+    rows = [{"phase": "a", "host_ms": 5.0, "gpu_ms": 5.0, "lag_ms": 0.0},
+            {"phase": "b", "host_ms": 2.0, "gpu_ms": 4.0, "lag_ms": 0.05},
+            {"phase": "c", "host_ms": 1.0, "gpu_ms": 6.0, "lag_ms": 2.0},
+            {"phase": "d", "host_ms": 3.0, "gpu_ms": 3.0, "lag_ms": 0.02},
+            {"phase": "e", "host_ms": 1.0, "gpu_ms": 7.0, "lag_ms": 1.0},
+            {"phase": "f", "host_ms": 0.5, "gpu_ms": 2.0, "lag_ms": 4.0}]
+    s = timeline.summarise(rows, 30.0)
+    assert s == {"wall_ms": 30.0, "host_ms": 12.5, "host_bound_ms": 10.0, "gpu_tail_ms": 9.0}
