@@ -733,3 +733,18 @@ def test_step_timeline_summary_splits_host_bound_phases_from_the_gpu_tail(timeli
             {"phase": "f", "host_ms": 0.5, "gpu_ms": 2.0, "lag_ms": 4.0}]
     s = timeline.summarise(rows, 30.0)
     assert s == {"wall_ms": 30.0, "host_ms": 12.5, "host_bound_ms": 10.0, "gpu_tail_ms": 9.0}
+
+
+@pytest.mark.cuda
+def test_step_timeline_tiny_cuda(timeline, tmp_path):
+    """On the GPU every phase has a GPU time and a lag; the phases' GPU times add up to the
+    step (the events split it from its first marker to its last)."""
+    assert timeline.main(["--tiny", "--device", "cuda", "--detectors", "detr",
+                          "--variants", "plain_eager,enact", "--warmup", "2", "--steps", "3",
+                          "--out", str(tmp_path), "--name", "t"]) == 0
+    for row in json.loads((tmp_path / "t.json").read_text())["rows"]:
+        assert all(p["gpu_ms"] >= 0 and p["lag_ms"] is not None for p in row["phases"]), row
+        s = row["summary"]
+        gpu = sum(p["gpu_ms"] for p in row["phases"])
+        assert 0.8 * s["wall_ms"] <= gpu <= 1.05 * s["wall_ms"], (gpu, s)
+        assert 0 < s["host_bound_ms"] <= s["host_ms"] and s["gpu_tail_ms"] >= 0
