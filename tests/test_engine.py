@@ -1,6 +1,6 @@
 """engine.train_one_epoch on a two-parameter toy model: the logged gradient norm, clipping,
 the stop before the optimizer step on a non-finite loss or gradient, and the redo of a step
-whose ENACT cluster rows fell short."""
+whose ENACT cluster rows fell short; the training loss and to_float."""
 import math
 from contextlib import contextmanager
 
@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from detr_common.data.collate import ImageBatch
-from detr_common.engine import NonFiniteLossError, train_one_epoch
+from detr_common.engine import (NonFiniteLossError, to_float, train_one_epoch, training_loss,
+                                weighted_total)
 
 
 class Toy(nn.Module):
@@ -124,3 +125,28 @@ def test_a_step_without_overflow_is_taken_once(monkeypatch):
                                    clip_max_norm=0.0, stats_fn=lambda m: {})
     assert calls == [1] and stats["enact_redone_steps"] == 0
     assert torch.allclose(model.w.detach(), torch.tensor(0.0))
+
+
+def test_training_loss_is_the_weighted_sum_and_its_gradient():
+    # 19 terms as a DETR step has (3 per decoder layer), one unweighted (class_error)
+    torch.manual_seed(0)
+    raw = torch.rand(19, dtype=torch.float64, requires_grad=True)
+    names = ["class_error"] + [f"loss_{i}" for i in range(18)]
+    weight_dict = {f"loss_{i}": float(i % 3 + 1) / 2 for i in range(18)}
+    losses = dict(zip(names, raw.unbind(0)))
+    loss = training_loss(losses, weight_dict)
+    (grad,) = torch.autograd.grad(loss, raw)
+    reference = weighted_total(losses, weight_dict)  # one multiply and one add per term
+    (grad_ref,) = torch.autograd.grad(reference, raw)
+    assert loss.dim() == 0 and loss.dtype == torch.float64
+    assert torch.allclose(loss, reference)
+    assert torch.equal(grad, grad_ref)  # the weights themselves; class_error 0
+    assert grad[0] == 0 and grad[1] == 0.5
+    with pytest.raises(ValueError, match="no loss has a weight"):
+        training_loss({"class_error": raw[0]}, weight_dict)
+
+
+def test_to_float_casts_other_dtypes_and_passes_float32_through():
+    x32, x16 = torch.ones(2), torch.ones(2, dtype=torch.bfloat16)
+    out = to_float({"a": x32, "aux": [{"b": x16}], "n": 3})
+    assert out["a"] is x32 and out["aux"][0]["b"].dtype == torch.float32 and out["n"] == 3
