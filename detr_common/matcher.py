@@ -89,7 +89,9 @@ class HungarianMatcher(nn.Module):
             tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device)
             cost = self.cost_matrix(logits.flatten(0, 2), boxes.flatten(0, 2), tgt_labels,
                                     tgt_boxes)
-        cost = cost.view(n_layers, bs, num_queries, -1).cpu().double()
+        # float32 on the host: scipy takes each image's (Q, T_b) block to float64 itself,
+        # where converting the whole stack (B times the blocks) cost 1-5 ms per step
+        cost = cost.view(n_layers, bs, num_queries, -1).cpu()
         result = []
         for layer_cost in cost:
             indices = []
