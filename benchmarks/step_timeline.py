@@ -18,7 +18,8 @@ times are not inflated). Per phase (mean over the steps):
 A phase starting at lag ~0 with GPU ms ~ host ms is host-bound: the GPU runs its kernels as
 fast as the host launches them, and a faster kernel there saves no wall time. A step's wall
 time is then about the host time up to the last such phase plus the GPU time of the rest.
-Writes <out>/<stem>.json and .md (stem: step_timeline_<gpu>) and prints the tables.
+Writes <out>/<stem>.json and .md (stem: step_timeline_<gpu>) and prints the tables; with
+matplotlib, <stem>.png: each variant's phases end to end on a host lane and a GPU lane.
 """
 from __future__ import annotations
 
@@ -257,6 +258,66 @@ def markdown(meta, rows) -> str:
     return "\n".join(header + [row_markdown(r) for r in rows])
 
 
+def _module_of(phase: str) -> str:
+    """'bwd:encoder_layers' -> 'encoder_layers'; 'after:read' -> 'read'."""
+    return phase.split(":", 1)[-1]
+
+
+def write_chart(path, meta, rows):
+    """One panel per detector variant: the step's phases laid end to end on a host lane and a
+    GPU lane (one colour per module; backward hatched, the code after a module's forward pale);
+    where a phase sits further right on the GPU lane, the GPU lags the host. Returns the path,
+    or None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("chart skipped: matplotlib is not installed (pip install matplotlib, or "
+              "pip install -e \".[plots]\")")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in rows if not r["error"]]
+    if not rows:
+        return None
+    modules = list(dict.fromkeys(_module_of(p["phase"]) for r in rows for p in r["phases"]))
+    palette = plt.get_cmap("tab20").colors
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(modules)}
+    fig, axes = plt.subplots(len(rows), 1, figsize=(15, 1.2 + 1.5 * len(rows)), squeeze=False)
+    for ax, row in zip(axes[:, 0], rows):
+        lanes = [("host", "host_ms")] + ([("GPU", "gpu_ms")] if row["phases"][0]["gpu_ms"]
+                                         is not None else [])
+        wall = row["summary"]["wall_ms"]
+        for y, (lane, key) in enumerate(lanes):
+            start = 0.0
+            for p in row["phases"]:
+                width = p[key]
+                module = _module_of(p["phase"])
+                ax.barh(y, width, left=start, height=0.7, color=colour[module],
+                        hatch="//" if p["phase"].startswith("bwd:") else None,
+                        alpha=0.45 if p["phase"].startswith("after:") else 1.0,
+                        edgecolor="white", linewidth=0.3)
+                if width > 0.05 * wall:
+                    ax.text(start + width / 2, y, p["phase"], ha="center", va="center",
+                            fontsize=6, clip_on=True)
+                start += width
+        ax.set_yticks(range(len(lanes)))
+        ax.set_yticklabels([lane for lane, _ in lanes])
+        ax.invert_yaxis()
+        ax.set_xlim(0, wall)
+        ax.set_title(f"{row['detector']} {row['variant']}: {wall:.1f} ms per step", fontsize=9)
+        ax.set_xlabel("ms from the step's start", fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[m]) for m in modules]
+    fig.legend(handles, modules, loc="lower center", ncol=min(len(modules), 8), fontsize=7,
+               frameon=False)
+    fig.suptitle(f"{meta['gpu']}, torch {meta['torch']}: a training step's phases on the "
+                 f"host and on the GPU (backward hatched; after a module's forward pale)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -315,7 +376,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     (out / f"{stem}.md").write_text(markdown(meta, rows))
-    print(f"wrote {out / stem}.json / .md", flush=True)
+    chart = write_chart(out / f"{stem}.png", meta, rows)
+    print(f"wrote {out / stem}.json / .md" + (" / .png" if chart else ""), flush=True)
     return 1 if any(r["error"] for r in rows) else 0
 
 

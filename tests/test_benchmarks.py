@@ -699,6 +699,7 @@ def test_step_timeline_tiny_cpu(timeline, tmp_path):
         assert s["host_bound_ms"] is None and s["gpu_tail_ms"] is None
     md = (tmp_path / "t.md").read_text()
     assert "## anchor_detr enact" in md and "| fwd:encoder_layers |" in md
+    assert (tmp_path / "t.png").is_file() == _has_matplotlib()
 
 
 def test_step_timeline_marks_each_layer_and_undoes_its_hooks(timeline):
