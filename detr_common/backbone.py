@@ -13,7 +13,6 @@ from typing import Iterable, List, Tuple
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 # (importing checkpoint also lets weights_only loads read our checkpoints' args)
@@ -33,6 +32,14 @@ _WEIGHTS = {
     "resnet50": "ResNet50_Weights",
     "resnet101": "ResNet101_Weights",
 }
+
+
+def _torchvision_models():
+    """torchvision.models, imported when a backbone is built: importing torchvision takes
+    about 3 s (it loads torch._dynamo), which a command that stops before the model (--help,
+    a missing --coco_path, a malformed annotation file) need not wait for."""
+    import torchvision.models
+    return torchvision.models
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -280,7 +287,7 @@ def _resnet_state_dict(name: str, weights: str) -> dict:
     entries are taken (e.g. a backbone trained by another detector on the same data); either
     may have been saved from a DDP wrapper (every key under ``module.``)."""
     if weights == "imagenet":
-        enum = getattr(torchvision.models, _WEIGHTS[name]).IMAGENET1K_V1
+        enum = getattr(_torchvision_models(), _WEIGHTS[name]).IMAGENET1K_V1
         try:
             return enum.get_state_dict(progress=False)
         except Exception as exc:  # offline, proxy, corrupt cache ...
@@ -366,7 +373,7 @@ class Backbone(nn.Module):
             raise ValueError(f"return_layers must be names among {_LAYERS}, got {return_layers}")
         basic = name in ("resnet18", "resnet34")
         train_all = bool(train_all) and train_backbone
-        resnet = getattr(torchvision.models, name)(
+        resnet = getattr(_torchvision_models(), name)(
             weights=None, norm_layer=nn.BatchNorm2d if train_all else FrozenBatchNorm2d,
             replace_stride_with_dilation=[False, False, bool(dilation) and not basic])
         if dilation and basic:

@@ -11,7 +11,6 @@ scipy's linear_sum_assignment always succeeds. One assignment per image on the C
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
@@ -92,6 +91,9 @@ class HungarianMatcher(nn.Module):
         # float32 on the host: scipy takes each image's (Q, T_b) block to float64 itself,
         # where converting the whole stack (B times the blocks) cost 1-5 ms per step
         cost = cost.view(n_layers, bs, num_queries, -1).cpu()
+        # imported here, on the first matching: scipy.optimize takes about 0.7 s to import, which
+        # a command that stops before training (--help, a bad flag or path) need not wait for
+        from scipy.optimize import linear_sum_assignment
         result = []
         for layer_cost in cost:
             indices = []
