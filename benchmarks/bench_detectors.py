@@ -536,15 +536,8 @@ def write_chart(path, rows, meta):
     """Bar chart of the fp32 rows (else the first mode's; train s/img, peak GiB, infer s/img; ENACT bars labelled with
     their change vs plain-eager), with the upstream and official reference figures as hatched
     bars (not for --tiny). Returns the path, or None without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("chart skipped: matplotlib is not installed (pip install matplotlib, or "
-              "pip install -e \".[plots]\")")
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    if not rows:
+    plt = ref.pyplot_or_none()
+    if plt is None or not rows:
         return None
     mode = "fp32" if any(r["mode"] == "fp32" for r in rows) else rows[0]["mode"]
     fp32 = [r for r in rows if r["mode"] == mode]
@@ -590,14 +583,11 @@ def write_chart(path, rows, meta):
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle(f"{meta['gpu']}, torch {meta['torch']}, {mode}"
-                 + (" (--tiny smoke run)" if meta["tiny"] else
-                    f"; reference bars: {ref.REFERENCE_GPU}, torch {ref.REFERENCE_TORCH}; "
-                    f"labels: ENACT vs plain-eager"), fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return ref.save_figure(
+        fig, path, f"{meta['gpu']}, torch {meta['torch']}, {mode}"
+        + (" (--tiny smoke run)" if meta["tiny"] else
+           f"; reference bars: {ref.REFERENCE_GPU}, torch {ref.REFERENCE_TORCH}; "
+           f"labels: ENACT vs plain-eager"), 0.07)
 
 
 # ------------------------------------------------------------------------------ main

@@ -1,6 +1,7 @@
 """Reference figures of issue 6 and the evaluation of its targets, plus the detector folders
-and flag parsing the benchmark scripts share (bench_detectors.py, accuracy_parity.py,
-short_runs.py; no torch needed, so it is cheap to unit-test).
+and flag parsing and chart helpers the benchmark scripts share (bench_detectors.py,
+accuracy_parity.py, short_runs.py, step_timeline.py; no torch needed, so it is cheap to
+unit-test).
 
 All reference figures were measured by the issue's author on an NVIDIA H200 with torch 2.11
 under the protocol in benchmarks/README.md: "upstream" = the plain upstream detectors,
@@ -20,6 +21,31 @@ FOLDERS = {"detr": "DETR-ENACT", "conditional_detr": "Conditional-DETR-ENACT",
 def gpu_slug(gpu: str) -> str:
     """A GPU name as a result-file stem: "NVIDIA H200" -> "nvidia_h200"."""
     return re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
+
+
+def pyplot_or_none():
+    """matplotlib.pyplot on the Agg backend, or None (with a line saying so) when matplotlib is
+    not installed: the benchmarks' charts are optional."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("chart skipped: matplotlib is not installed (pip install matplotlib, or "
+              "pip install -e \".[plots]\")")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, title: str, legend_height: float):
+    """Title the figure, fit its panels above a legend band of ``legend_height`` (a fraction
+    of the figure), write it to ``path`` and close it -> path."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def choices(text, allowed, flag):

@@ -268,16 +268,9 @@ def write_chart(path, meta, rows):
     GPU lane (one colour per module; backward hatched, the code after a module's forward pale);
     where a phase sits further right on the GPU lane, the GPU lags the host. Returns the path,
     or None without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("chart skipped: matplotlib is not installed (pip install matplotlib, or "
-              "pip install -e \".[plots]\")")
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = ref.pyplot_or_none()
     rows = [r for r in rows if not r["error"]]
-    if not rows:
+    if plt is None or not rows:
         return None
     modules = list(dict.fromkeys(_module_of(p["phase"]) for r in rows for p in r["phases"]))
     palette = plt.get_cmap("tab20").colors
@@ -309,13 +302,9 @@ def write_chart(path, meta, rows):
     handles = [plt.Rectangle((0, 0), 1, 1, color=colour[m]) for m in modules]
     fig.legend(handles, modules, loc="lower center", ncol=min(len(modules), 8), fontsize=7,
                frameon=False)
-    fig.suptitle(f"{meta['gpu']}, torch {meta['torch']}: a training step's phases on the "
-                 f"host and on the GPU (backward hatched; after a module's forward pale)",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return ref.save_figure(fig, path, f"{meta['gpu']}, torch {meta['torch']}: a training "
+                           f"step's phases on the host and on the GPU (backward hatched; "
+                           f"after a module's forward pale)", 0.08)
 
 
 def get_parser():
