@@ -284,6 +284,19 @@ def profile_infer(model, image, amp, device, calls=10):
     return profile_calls(eval_forward(model, image, amp, device), calls, device)
 
 
+def build_training(detector, args, sizes, seed, device):
+    """The detector built from ``args`` (seeded) on ``device`` with its criterion and AdamW
+    groups, and the protocol's random batch of ``sizes`` -> (model, criterion, optimizer,
+    batch, targets)."""
+    torch.manual_seed(seed)
+    model, criterion, _ = detector.build(args)
+    model.to(device)
+    criterion.to(device)
+    optimizer = build_optimizer(detector, model, args, device)
+    batch, targets = random_batch(args.batch_size, sizes, seed, device)
+    return model, criterion, optimizer, batch, targets
+
+
 def free_memory(device):
     gc.collect()
     if device.type == "cuda":
@@ -311,14 +324,10 @@ def measure_row(name, variant, mode, opts, device):
                    + ("-DC5" if getattr(args, "dilation", False) else ""),
                    enact_impl=None if args.no_enact else args.enact_impl,
                    attn_impl=args.attn_impl)
-        torch.manual_seed(opts.seed)
-        model, criterion, _ = detector.build(args)
-        model.to(device)
-        criterion.to(device)
-        optimizer = build_optimizer(detector, model, args, device)
         full, small = (TINY_SIZE, TINY_SMALL) if opts.tiny else (FULL_SIZE, MIXED_SMALL)
         sizes = [full, small] if mode == "mixed" else [full]
-        batch, targets = random_batch(args.batch_size, sizes, opts.seed, device)
+        model, criterion, optimizer, batch, targets = build_training(
+            detector, args, sizes, opts.seed, device)
         row["image_sizes"] = [list(s) for s in sizes]
         row["padded_shape"] = list(batch.images.shape)
         phase = "training"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import json
 import sys
 import time
@@ -198,13 +197,9 @@ def measure(name, variant, opts, device):
     model = criterion = optimizer = None
     try:
         args = bench.detector_args(name, variant, device, opts.tiny)
-        torch.manual_seed(opts.seed)
-        model, criterion, _ = detector.build(args)
-        model.to(device)
-        criterion.to(device)
-        optimizer = bench.build_optimizer(detector, model, args, device)
         size = bench.TINY_SIZE if opts.tiny else bench.FULL_SIZE
-        batch, targets = bench.random_batch(args.batch_size, [size], opts.seed, device)
+        model, criterion, optimizer, batch, targets = bench.build_training(
+            detector, args, [size], opts.seed, device)
         model.train()
         criterion.train()
 

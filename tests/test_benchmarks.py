@@ -704,8 +704,8 @@ def test_step_timeline_tiny_cpu(timeline, tmp_path):
 
 def test_step_timeline_marks_each_layer_and_undoes_its_hooks(timeline):
     import detr_common.engine as engine
-    _, detector = _load("bench_detectors").load_detector("anchor_detr")
     bench = timeline.bench
+    _, detector = bench.load_detector("anchor_detr")
     args = bench.detector_args("anchor_detr", "enact", torch.device("cpu"), True)
     model, criterion, _ = detector.build(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
