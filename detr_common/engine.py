@@ -127,11 +127,12 @@ def _progress(data_loader, desc):
 _OVERFLOW = "enact_cluster_overflow"
 
 
-def _forward_backward(model, criterion, optimizer, images, targets, amp, scaler):
-    """Forward, losses, backward, gradient norm, and the step's one device->host read ->
-    (logged {loss name: float, "grad_norm", _OVERFLOW: > 0 when an ENACT layer's guessed
-    cluster rows fell short on any process}, the parameters with gradients, the gradient norm
-    tensor)."""
+def _backward(model, criterion, optimizer, images, targets, amp, scaler):
+    """Forward, losses and backward -> the loss terms, detached ({name: 0-dim tensor}).
+
+    The autograd graph's last references are this function's locals, so the graph is torn
+    down on return (a few milliseconds of host time for a detector), while the GPU is still
+    busy with the backward, instead of after the step's read, where the GPU would wait."""
     with autocast(images.images.device, amp):
         outputs = model(images)
     loss_dict = criterion(to_float(outputs), targets)
@@ -142,22 +143,42 @@ def _forward_backward(model, criterion, optimizer, images, targets, amp, scaler)
         scaler.unscale_(optimizer)
     else:
         loss.backward()
+    return {name: value.detach() for name, value in loss_dict.items()}
+
+
+def _clip_gradients(params, max_norm, grad_norm):
+    """clip_grads_with_norm_ without a host read, so it is launched before the step's read. A
+    non-finite norm leaves the gradients as they are (the step stops, and _check_finite names
+    the parameters whose gradients are not finite; an fp16 GradScaler skips the step)."""
+    finite_norm = torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0, neginf=0.0)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, finite_norm)
+
+
+def _forward_backward(model, criterion, optimizer, images, targets, amp, scaler,
+                      clip_max_norm):
+    """Forward, losses, backward, gradient norm, clipping (``clip_max_norm`` > 0), and the
+    step's one device->host read -> (logged {loss name: float, "grad_norm" (before clipping),
+    _OVERFLOW: > 0 when an ENACT layer's guessed cluster rows fell short on any process})."""
+    losses = _backward(model, criterion, optimizer, images, targets, amp, scaler)
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if clip_max_norm > 0:
+        _clip_gradients(params, clip_max_norm, grad_norm)
     overflow = cluster_overflow(model)
     # Every process sends the flag (a zero where nothing was guessed: the all-reduce pairs
     # values by position), and the mean tells every process of an overflow of any of them.
-    read = {**loss_dict, "grad_norm": grad_norm,
+    read = {**losses, "grad_norm": grad_norm,
             _OVERFLOW: grad_norm.new_zeros(()) if overflow is None else overflow}
-    return reduce_dict(read), params, grad_norm
+    return reduce_dict(read)
 
 
 def train_step(model, criterion, optimizer, images, targets, *, amp="off", scaler=None,
                clip_max_norm=0.1, epoch=None, step=None):
     """One optimisation step on an ImageBatch and its targets: autocast forward, fp32
-    criterion, backward, ONE device->host read (losses, gradient norm and ENACT's cluster
-    overflow flag, averaged over processes), finiteness check (NonFiniteLossError, before the
-    weights change; ``epoch`` / ``step`` name the place), clipping, optimizer step.
+    criterion, backward, gradient clipping, ONE device->host read (losses, gradient norm and
+    ENACT's cluster overflow flag, averaged over processes), finiteness check
+    (NonFiniteLossError, before the weights change; ``epoch`` / ``step`` name the place),
+    optimizer step.
 
     A step in which an ENACT layer's guessed cluster rows fell short
     (enact_cuda.cluster_overflow; the detectors guess unless --enact_wait_for_counts) is redone
@@ -166,20 +187,18 @@ def train_step(model, criterion, optimizer, images, targets, *, amp="off", scale
     never meets a redo.
     -> (loss value, {name: float} of the losses and "grad_norm", whether the step was redone).
     """
-    logged, params, grad_norm = _forward_backward(model, criterion, optimizer, images,
-                                                  targets, amp, scaler)
+    logged = _forward_backward(model, criterion, optimizer, images, targets, amp, scaler,
+                               clip_max_norm)
     redone = logged.pop(_OVERFLOW) > 0
     if redone:
         # unscale_ may run once per step: a GradScaler (fp16) must never get here
         assert scaler is None, "ENACT guesses cluster rows only where fp16 is not used"
         with exact_cluster_counts(model):
-            logged, params, grad_norm = _forward_backward(model, criterion, optimizer, images,
-                                                          targets, amp, scaler)
+            logged = _forward_backward(model, criterion, optimizer, images, targets, amp,
+                                       scaler, clip_max_norm)
         logged.pop(_OVERFLOW)
     loss_value = weighted_total(logged, criterion.weight_dict)
     _check_finite(loss_value, logged, model, scaler, images, targets, epoch, step)
-    if clip_max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, clip_max_norm, grad_norm)
     if scaler is not None:
         scaler.step(optimizer)  # skips steps whose fp16 gradients overflowed
         scaler.update()

@@ -67,7 +67,40 @@ def test_non_finite_gradient_stops_before_the_step_and_names_the_parameter():
                                                  r"in v\)") as info:
         _train(model, clip=0.1)
     assert model.w.item() == 3.0 and model.v.item() == 0.0  # no optimizer step
+    # the NaN norm left the gradients unclipped (clipping runs before the read)
+    assert model.w.grad.item() == 6.0 and math.isnan(model.v.grad.item())
     assert info.value.step == 0 and info.value.images.images.shape == (2, 3, 4, 4)
+
+
+def test_the_autograd_graph_is_released_and_the_gradients_clipped_before_the_read(monkeypatch):
+    """The step's device->host read comes after the graph's teardown and the clipping (both
+    host work that would otherwise run while the GPU waits)."""
+    import weakref
+
+    import detr_common.engine as engine
+
+    model = Toy(3.0, 4.0)
+    forward, outputs = model.forward, []
+
+    def watched_forward(batch):
+        out = forward(batch)
+        outputs.append(weakref.ref(out["a"]))
+        return out
+
+    model.forward = watched_forward
+    seen = {}
+
+    def read(values):
+        seen["output_alive"] = outputs[0]() is not None
+        seen["grads"] = (model.w.grad.item(), model.v.grad.item())
+        return engine_reduce(values)
+
+    engine_reduce = engine.reduce_dict
+    monkeypatch.setattr(engine, "reduce_dict", read)
+    _train(model, clip=0.1)
+    scale = 0.1 / (math.sqrt(40.0) + 1e-6)
+    assert seen["output_alive"] is False
+    assert seen["grads"] == pytest.approx((6.0 * scale, 2.0 * scale), rel=1e-6)
 
 
 def test_non_finite_loss_stops_with_its_terms():
