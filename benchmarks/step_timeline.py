@@ -16,8 +16,9 @@ times are not inflated). Per phase (mean over the steps):
   lag ms    how far the GPU is behind the host when the phase starts (0 = the GPU has run
             everything launched so far and waits for the host).
 A phase starting at lag ~0 with GPU ms ~ host ms is host-bound: the GPU runs its kernels as
-fast as the host launches them, and a faster kernel there saves no wall time. A step's wall
-time is then about the host time up to the last such phase plus the GPU time of the rest.
+fast as the host launches them, and a faster kernel there saves no wall time. The host waits
+for the GPU only in the step's read (its host time there is the wait): the GPU's saving shows
+on the wall clock only as a shorter wait there, or as phases no longer host-bound.
 Writes <out>/<stem>.json and .md (stem: step_timeline_<gpu>) and prints the tables; with
 matplotlib, <stem>.png: each variant's phases end to end on a host lane and a GPU lane.
 """
@@ -178,15 +179,14 @@ def timeline(step, marks: Markers, steps: int, per_layer: bool, sync):
 
 def summarise(rows, wall_ms):
     """{wall_ms, host_ms (sum), host_bound_ms: host time of the phases starting at lag <=
-    HOST_BOUND_LAG_MS, gpu_tail_ms: GPU time after the last of them} (None on the CPU)."""
+    HOST_BOUND_LAG_MS, read_wait_ms: host time of the step's read, where the host waits for
+    the GPU to finish what was launched before it} (the last two None on the CPU)."""
     out = {"wall_ms": wall_ms, "host_ms": sum(r["host_ms"] for r in rows),
-           "host_bound_ms": None, "gpu_tail_ms": None}
+           "host_bound_ms": None, "read_wait_ms": None}
     if not rows or rows[0]["lag_ms"] is None:
         return out
-    bound = [i for i, r in enumerate(rows) if r["lag_ms"] <= HOST_BOUND_LAG_MS]
-    last = bound[-1] if bound else -1
-    out["host_bound_ms"] = sum(rows[i]["host_ms"] for i in bound)
-    out["gpu_tail_ms"] = sum(r["gpu_ms"] for r in rows[last + 1:])
+    out["host_bound_ms"] = sum(r["host_ms"] for r in rows if r["lag_ms"] <= HOST_BOUND_LAG_MS)
+    out["read_wait_ms"] = sum(r["host_ms"] for r in rows if r["phase"] == "read")
     return out
 
 
@@ -233,8 +233,8 @@ def row_markdown(row) -> str:
         return "\n".join(parts + [f"error: {row['error']}", ""])
     s = row["summary"]
     parts.append(f"wall {s['wall_ms']:.1f} ms/step; host {s['host_ms']:.1f} ms, of which "
-                 f"{_cell(s['host_bound_ms'])} ms in phases that start with the GPU waiting; "
-                 f"GPU time after the last of them: {_cell(s['gpu_tail_ms'])} ms")
+                 f"{_cell(s['host_bound_ms'])} ms in phases that start with the GPU waiting "
+                 f"and {_cell(s['read_wait_ms'])} ms waiting for the GPU in the step's read")
     parts += ["", "| phase | host ms | GPU ms | lag ms |", "|---|---|---|---|"]
     parts += [f"| {p['phase']} | {_cell(p['host_ms'])} | {_cell(p['gpu_ms'])} | "
               f"{_cell(p['lag_ms'])} |" for p in row["phases"]]

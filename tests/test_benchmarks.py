@@ -696,7 +696,7 @@ def test_step_timeline_tiny_cpu(timeline, tmp_path):
         # the phases split the step from its first marker to its last: their host times add
         # up to the step's wall time less the moments before and after the markers
         assert 0.8 * s["wall_ms"] <= s["host_ms"] <= s["wall_ms"]
-        assert s["host_bound_ms"] is None and s["gpu_tail_ms"] is None
+        assert s["host_bound_ms"] is None and s["read_wait_ms"] is None
     md = (tmp_path / "t.md").read_text()
     assert "## anchor_detr enact" in md and "| fwd:encoder_layers |" in md
     assert (tmp_path / "t.png").is_file() == _has_matplotlib()
@@ -725,15 +725,18 @@ def test_step_timeline_marks_each_layer_and_undoes_its_hooks(timeline):
     assert timeline._group("fwd:encoder_layers.0", True) == "fwd:encoder_layers.0"
 
 
-def test_step_timeline_summary_splits_host_bound_phases_from_the_gpu_tail(timeline):
+def test_step_timeline_summary_host_bound_phases_and_the_read_wait(timeline):
     rows = [{"phase": "a", "host_ms": 5.0, "gpu_ms": 5.0, "lag_ms": 0.0},
             {"phase": "b", "host_ms": 2.0, "gpu_ms": 4.0, "lag_ms": 0.05},
             {"phase": "c", "host_ms": 1.0, "gpu_ms": 6.0, "lag_ms": 2.0},
             {"phase": "d", "host_ms": 3.0, "gpu_ms": 3.0, "lag_ms": 0.02},
-            {"phase": "e", "host_ms": 1.0, "gpu_ms": 7.0, "lag_ms": 1.0},
-            {"phase": "f", "host_ms": 0.5, "gpu_ms": 2.0, "lag_ms": 4.0}]
-    s = timeline.summarise(rows, 30.0)
-    assert s == {"wall_ms": 30.0, "host_ms": 12.5, "host_bound_ms": 10.0, "gpu_tail_ms": 9.0}
+            {"phase": "read", "host_ms": 4.0, "gpu_ms": 0.2, "lag_ms": 3.8},
+            {"phase": "after:read", "host_ms": 0.5, "gpu_ms": 0.5, "lag_ms": 0.0}]
+    s = timeline.summarise(rows, 15.5)
+    assert s == {"wall_ms": 15.5, "host_ms": 15.5, "host_bound_ms": 10.5, "read_wait_ms": 4.0}
+    on_cpu = [dict(r, gpu_ms=None, lag_ms=None) for r in rows]
+    assert timeline.summarise(on_cpu, 16.0) == {"wall_ms": 16.0, "host_ms": 15.5,
+                                                "host_bound_ms": None, "read_wait_ms": None}
 
 
 @pytest.mark.cuda
@@ -748,4 +751,4 @@ def test_step_timeline_tiny_cuda(timeline, tmp_path):
         s = row["summary"]
         gpu = sum(p["gpu_ms"] for p in row["phases"])
         assert 0.8 * s["wall_ms"] <= gpu <= 1.05 * s["wall_ms"], (gpu, s)
-        assert 0 < s["host_bound_ms"] <= s["host_ms"] and s["gpu_tail_ms"] >= 0
+        assert 0 < s["host_bound_ms"] <= s["host_ms"] and s["read_wait_ms"] >= 0
