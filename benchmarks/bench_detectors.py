@@ -637,6 +637,19 @@ def get_parser():
     return p
 
 
+def open_device(name):
+    """--device (None: cuda if available) -> (torch.device, GPU name or "cpu"); a CUDA device
+    becomes the current one. SystemExit for cuda without a GPU."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return device, "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
+    if device.index is not None:
+        torch.cuda.set_device(device)
+    return device, torch.cuda.get_device_name(device)
+
+
 def main(argv=None):
     opts = get_parser().parse_args(argv)
     try:
@@ -652,20 +665,12 @@ def main(argv=None):
             setattr(opts, key, value)
     if opts.steps < 1 or opts.infer_steps < 1 or opts.repeats < 1:
         raise SystemExit("error: --steps, --infer_steps and --repeats must be >= 1")
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
+    device, gpu = open_device(opts.device)
     if device.type == "cpu" and not opts.tiny:
         print("warning: the full protocol on the CPU takes very long; use --tiny for a smoke "
               "run", file=sys.stderr)
 
     run_start = time.perf_counter()
-    if device.type == "cuda":
-        if device.index is not None:
-            torch.cuda.set_device(device)
-        gpu = torch.cuda.get_device_name(device)
-    else:
-        gpu = "cpu"
     backend = "torch (CPU inputs)"
     if device.type == "cuda" and any(v.startswith("enact") for v in variants):
         import enact_cuda

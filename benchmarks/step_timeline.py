@@ -334,12 +334,7 @@ def main(argv=None):
         raise SystemExit(f"error: {exc}") from None
     if opts.steps < 1 or opts.warmup < 0:
         raise SystemExit("error: --steps must be >= 1 and --warmup >= 0")
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device, gpu = bench.open_device(opts.device)
     meta = {"gpu": gpu, "torch": torch.__version__, "device": str(device),
             "command": " ".join(["python", "benchmarks/step_timeline.py",
                                  *(argv if argv is not None else sys.argv[1:])]),

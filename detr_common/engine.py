@@ -130,14 +130,16 @@ _OVERFLOW = "enact_cluster_overflow"
 def _backward(model, criterion, optimizer, images, targets, amp, scaler):
     """Forward, losses and backward -> the loss terms, detached ({name: 0-dim tensor}).
 
-    The autograd graph's last references are this function's locals, so the graph is torn
-    down on return (a few milliseconds of host time for a detector), while the GPU is still
-    busy with the backward, instead of after the step's read, where the GPU would wait."""
+    The previous step's gradients are released before the forward, so they do not add to the
+    memory held at the end of the forward. The autograd graph's last references are this
+    function's locals, so the graph is torn down on return (a few milliseconds of host time
+    for a detector), while the GPU is still busy with the backward, instead of after the
+    step's read, where the GPU would wait."""
+    optimizer.zero_grad(set_to_none=True)
     with autocast(images.images.device, amp):
         outputs = model(images)
     loss_dict = criterion(to_float(outputs), targets)
     loss = training_loss(loss_dict, criterion.weight_dict)
-    optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

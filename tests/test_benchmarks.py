@@ -382,6 +382,14 @@ def test_bench_records_oom_and_goes_on(bench, monkeypatch, tmp_path):
     assert "| DETR | fp32 | enact | OOM |" in (tmp_path / "oom.md").read_text()
 
 
+def test_open_device_names_the_machine_and_refuses_cuda_without_a_gpu(bench, monkeypatch):
+    assert bench.open_device("cpu") == (torch.device("cpu"), "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.open_device(None) == (torch.device("cpu"), "cpu")
+    with pytest.raises(SystemExit, match="--device cuda but"):
+        bench.open_device("cuda:0")
+
+
 def test_bench_rejects_unknown_variant(bench):
     with pytest.raises(SystemExit, match="unknown"):
         bench.main(["--tiny", "--variants", "enact,flash"])

@@ -103,6 +103,22 @@ def test_the_autograd_graph_is_released_and_the_gradients_clipped_before_the_rea
     assert seen["grads"] == pytest.approx((6.0 * scale, 2.0 * scale), rel=1e-6)
 
 
+def test_the_previous_steps_gradients_are_released_before_the_forward():
+    model = Toy(3.0, 4.0)
+    forward, grads_at_forward = model.forward, []
+
+    def watched_forward(batch):
+        grads_at_forward.append((model.w.grad, model.v.grad))
+        return forward(batch)
+
+    model.forward = watched_forward
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_one_epoch(model, ToyCriterion(), _loader(steps=2), opt, torch.device("cpu"), 0,
+                    clip_max_norm=0.0)
+    assert grads_at_forward == [(None, None), (None, None)]
+    assert model.w.grad is not None  # the last step's gradients stay until the next step
+
+
 def test_non_finite_loss_stops_with_its_terms():
     model = Toy(float("inf"), 1.0)
     with pytest.raises(NonFiniteLossError, match=r"training loss is inf .*'loss_a': inf"):
