@@ -119,6 +119,29 @@ def test_the_previous_steps_gradients_are_released_before_the_forward():
     assert model.w.grad is not None  # the last step's gradients stay until the next step
 
 
+def test_a_grad_scaler_skips_a_non_finite_step_and_takes_a_finite_one_clipped():
+    """With a GradScaler (--amp fp16) a non-finite gradient is no error: the scaler skips the
+    step (weights unchanged, its scale backed off); a finite step is unscaled, then clipped as
+    without a scaler."""
+    model = Toy(3.0, 0.0)  # NaN gradient for v
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    stats = train_one_epoch(model, ToyCriterion(), _loader(), opt, torch.device("cpu"), 0,
+                            clip_max_norm=0.1, scaler=scaler)
+    assert model.w.item() == 3.0 and model.v.item() == 0.0
+    assert scaler.get_scale() == 512.0 and "grad_norm" not in stats
+
+    model = Toy(3.0, 4.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    stats = train_one_epoch(model, ToyCriterion(), _loader(), opt, torch.device("cpu"), 0,
+                            clip_max_norm=0.1, scaler=scaler)
+    scale = 0.1 / (math.sqrt(40.0) + 1e-6)
+    assert stats["grad_norm"] == pytest.approx(math.sqrt(40.0), rel=1e-6)
+    assert torch.allclose(model.w.detach(), torch.tensor(3.0 - 6.0 * scale))
+    assert torch.allclose(model.v.detach(), torch.tensor(4.0 - 2.0 * scale))
+
+
 def test_non_finite_loss_stops_with_its_terms():
     model = Toy(float("inf"), 1.0)
     with pytest.raises(NonFiniteLossError, match=r"training loss is inf .*'loss_a': inf"):
