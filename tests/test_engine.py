@@ -39,6 +39,10 @@ def _loader(value=1.0, steps=1):
     return [(batch, [{"labels": torch.zeros(1, dtype=torch.int64)}] * 2)] * steps
 
 
+# clip_grads_with_norm_'s coefficient at clip 0.1 for the toy's gradients (6, 2), norm sqrt(40)
+CLIP_SCALE = 0.1 / (math.sqrt(40.0) + 1e-6)
+
+
 def _train(model, clip, lr=1.0):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     return train_one_epoch(model, ToyCriterion(), _loader(), opt, torch.device("cpu"), 0,
@@ -51,9 +55,8 @@ def test_logged_gradient_norm_is_before_clipping_and_the_step_is_clipped():
     stats = _train(model, clip=0.1)
     assert stats["grad_norm"] == pytest.approx(math.sqrt(40.0), rel=1e-6)
     assert stats["loss"] == pytest.approx(9.0 + 8.0)
-    scale = 0.1 / (math.sqrt(40.0) + 1e-6)  # clip_grads_with_norm_'s coefficient
-    assert torch.allclose(model.w.detach(), torch.tensor(3.0 - 6.0 * scale))
-    assert torch.allclose(model.v.detach(), torch.tensor(4.0 - 2.0 * scale))
+    assert torch.allclose(model.w.detach(), torch.tensor(3.0 - 6.0 * CLIP_SCALE))
+    assert torch.allclose(model.v.detach(), torch.tensor(4.0 - 2.0 * CLIP_SCALE))
 
     unclipped = Toy(3.0, 4.0)
     _train(unclipped, clip=0.0, lr=0.5)
@@ -88,19 +91,17 @@ def test_the_autograd_graph_is_released_and_the_gradients_clipped_before_the_rea
         return out
 
     model.forward = watched_forward
-    seen = {}
+    seen, engine_reduce = {}, engine.reduce_dict
 
     def read(values):
         seen["output_alive"] = outputs[0]() is not None
         seen["grads"] = (model.w.grad.item(), model.v.grad.item())
         return engine_reduce(values)
 
-    engine_reduce = engine.reduce_dict
     monkeypatch.setattr(engine, "reduce_dict", read)
     _train(model, clip=0.1)
-    scale = 0.1 / (math.sqrt(40.0) + 1e-6)
     assert seen["output_alive"] is False
-    assert seen["grads"] == pytest.approx((6.0 * scale, 2.0 * scale), rel=1e-6)
+    assert seen["grads"] == pytest.approx((6.0 * CLIP_SCALE, 2.0 * CLIP_SCALE), rel=1e-6)
 
 
 def test_the_previous_steps_gradients_are_released_before_the_forward():
@@ -136,10 +137,9 @@ def test_a_grad_scaler_skips_a_non_finite_step_and_takes_a_finite_one_clipped():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     stats = train_one_epoch(model, ToyCriterion(), _loader(), opt, torch.device("cpu"), 0,
                             clip_max_norm=0.1, scaler=scaler)
-    scale = 0.1 / (math.sqrt(40.0) + 1e-6)
     assert stats["grad_norm"] == pytest.approx(math.sqrt(40.0), rel=1e-6)
-    assert torch.allclose(model.w.detach(), torch.tensor(3.0 - 6.0 * scale))
-    assert torch.allclose(model.v.detach(), torch.tensor(4.0 - 2.0 * scale))
+    assert torch.allclose(model.w.detach(), torch.tensor(3.0 - 6.0 * CLIP_SCALE))
+    assert torch.allclose(model.v.detach(), torch.tensor(4.0 - 2.0 * CLIP_SCALE))
 
 
 def test_non_finite_loss_stops_with_its_terms():
