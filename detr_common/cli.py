@@ -101,8 +101,9 @@ def get_args_parser(description, num_queries=100, enact_attention=True, **defaul
                    help="ENACT training reads each layer's cluster count back (one wait for "
                         "the GPU per layer) instead of guessing the rows from the layer's "
                         "recent counts and redoing the rare step whose guess falls short "
-                        "(the default wherever the CUDA attention kernel attends: float32, "
-                        "and bf16 with --enact_impl cuda). Each forward's outputs and "
+                        "(the default wherever the fused CUDA clustering runs: the paper's "
+                        "regions on a GPU, in fp32 or bf16; --amp fp16 always reads, since "
+                        "its GradScaler cannot redo a step). Each forward's outputs and "
                         "gradients are the same; slower where the step is host-bound")
     g.add_argument("--enact_attn_dropout", type=float, default=None,
                    help="dropout on ENACT's clustered attention weights (default: --dropout; "
@@ -177,9 +178,11 @@ def enact_gauss_taps(args) -> str:
 
 
 def enact_waits_for_counts(args) -> bool:
-    """--enact_wait_for_counts (False for args saved before the flag: results do not depend
-    on it)."""
-    return getattr(args, "enact_wait_for_counts", False)
+    """Whether ENACT's layers read their cluster counts back in training: with
+    --enact_wait_for_counts (False for args saved before the flag: results do not depend on
+    it), and always under --amp fp16, whose GradScaler cannot redo a step whose guessed rows
+    fell short (engine.train_step)."""
+    return getattr(args, "enact_wait_for_counts", False) or getattr(args, "amp", "off") == "fp16"
 
 
 def enact_padding(args) -> str:

@@ -184,9 +184,9 @@ def train_step(model, criterion, optimizer, images, targets, *, amp="off", scale
 
     A step in which an ENACT layer's guessed cluster rows fell short
     (enact_cuda.cluster_overflow; the detectors guess unless --enact_wait_for_counts) is redone
-    with exact cluster counts before any weight changes; the redo draws its dropout anew. Only
-    the CUDA attention kernel's float32 / bf16 inputs use guessed rows, so a GradScaler (fp16)
-    never meets a redo.
+    with exact cluster counts before any weight changes; the redo draws its dropout anew. Under
+    fp16 the detectors' ENACT layers read their counts (cli.enact_waits_for_counts), so a
+    GradScaler never meets a redo.
     -> (loss value, {name: float} of the losses and "grad_norm", whether the step was redone).
     """
     logged = _forward_backward(model, criterion, optimizer, images, targets, amp, scaler,
@@ -194,7 +194,7 @@ def train_step(model, criterion, optimizer, images, targets, *, amp="off", scale
     redone = logged.pop(_OVERFLOW) > 0
     if redone:
         # unscale_ may run once per step: a GradScaler (fp16) must never get here
-        assert scaler is None, "ENACT guesses cluster rows only where fp16 is not used"
+        assert scaler is None, "under fp16, ENACT's layers must read their cluster counts"
         with exact_cluster_counts(model):
             logged = _forward_backward(model, criterion, optimizer, images, targets, amp,
                                        scaler, clip_max_norm)

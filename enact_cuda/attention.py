@@ -110,9 +110,9 @@ def uses_cuda_kernel(x: torch.Tensor, head_dim: int, impl: str,
     """Whether clustered_attention(impl) runs the fused CUDA kernel on attention inputs computed
     from `x` (its dtype, or autocast's on its device) with this q / k head dim and value head
     dim (default: the same), assuming the extension is usable. The kernel's cost follows each
-    image's cluster count, not the padded R, so callers may then allocate more cluster rows
-    than the counts need (N rows in eval, guessed rows in training; cuda_backend.fused_finish)
-    without reading the count back."""
+    image's cluster count, not the padded R, so an eval forward may then allocate its clusters
+    at N rows (cuda_backend.fused_finish) instead of reading the count back (guessed rows in
+    training, a few more than the counts, need no such kernel)."""
     if impl == "torch" or not x.is_cuda:
         return False
     dtype = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")

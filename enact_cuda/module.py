@@ -30,7 +30,9 @@ Waiting for the cluster count (wait_for_counts, spec-neutral): the clusters are 
 (B, R, d) tensor, R = the largest cluster count, which the host must read back once per layer
 (fused_finish); in eval with the CUDA attention kernel, whose cost follows each image's count,
 they are allocated at R = N rows instead and nothing waits. wait_for_counts=False never waits in
-training either: each layer allocates its clusters at a guess of R_max, the largest share
+training either, whatever attends to the clusters (the CUDA kernel, or torch's SDPA in bf16,
+whose cost follows R and so is a guess's few extra rows): each layer allocates its clusters at
+a guess of R_max, the largest share
 R_max / N of its last COUNT_HISTORY training forwards times (1 + ROWS_MARGIN) times N, plus
 ROWS_SLACK, at most N (a layer's first training forward, without history, reads its count, so
 no step allocates more than the guesses do). Faster where the step is host-bound (the host keeps
@@ -151,8 +153,8 @@ class _ENACTRegions(nn.Module):
         node, 3 launches forward) when it supports the inputs; `before_sync` (work that does
         not need R_max, e.g. the query projection) is launched while the GPU computes the
         regions, before the one device->host read of R_max. skip_count_read (fused path only;
-        for consumers whose cost follows the mask): no read of R_max; R = N rows without
-        autograd, else R = the guess of `_guessed_rows` (module docstring; without history
+        decided by `skips_count_read`): no read of R_max; R = N rows without autograd (for
+        consumers whose cost follows the mask), else R = the guess of `_guessed_rows` (module docstring; without history
         the count is read), zero and masked beyond each image's count. With autograd, R_max
         is still copied to the host asynchronously: `key_count_hint` returns it once it has
         arrived (0 before), for the attention backward's work split, and the next guess
@@ -258,12 +260,15 @@ class _ENACTRegions(nn.Module):
         flag, self._overflow = self._overflow, None
         return flag
 
-    def may_skip_count_read(self) -> bool:
-        """Whether this forward may allocate its clusters without reading the cluster count
-        back: without autograd (eval, N rows), or with wait_for_counts=False (guessed rows).
-        The caller adds the other condition, that the attention's cost follows the mask
-        (uses_cuda_kernel)."""
-        return not torch.is_grad_enabled() or not self.wait_for_counts
+    def skips_count_read(self, kernel_attends: bool) -> bool:
+        """skip_count_read for this forward: whether it allocates its clusters without reading
+        the cluster count back. With autograd: unless wait_for_counts (guessed rows, a few more
+        than the counts need, fit for any attention). Without autograd (N rows): only where
+        `kernel_attends`, i.e. the CUDA attention kernel, whose cost follows the mask, attends
+        to the clusters (enact_cuda.uses_cuda_kernel)."""
+        if torch.is_grad_enabled():
+            return not self.wait_for_counts
+        return bool(kernel_attends)
 
     def _record(self, info, smoothed, counts, region_counts, key_padding_mask, x):
         """last_stats from the clusters' and the regions' counts (B,) (the same tensor unless
@@ -300,9 +305,9 @@ class ENACTAttention(_ENACTRegions):
     attention dropout `dropout` in training; then W_o. hw is needed only for row_breaks.
     After a forward: `last_stats` (detached (B,) float tensors: clusters_per_image,
     pixels_per_image, mean_region_length), `information` and `smoothed_information` (B, N).
-    Without autograd (eval), or with wait_for_counts=False, and with the CUDA attention kernel,
-    the clusters are allocated at N rows (eval) or at guessed rows (training), so the forward
-    never waits for the GPU (the kernel's cost follows the mask; module docstring).
+    In training with wait_for_counts=False the clusters are allocated at guessed rows, and in
+    eval with the CUDA attention kernel (whose cost follows the mask) at N rows, so the forward
+    never waits for the GPU (module docstring).
     mode: "paper_regions" or "official_fixed_chunk"; numerics: "standard" or "official";
     gauss_taps: "paper" or "code"; honour_mask: False = the official padding handling (module
     docstring).
@@ -327,8 +332,7 @@ class ENACTAttention(_ENACTRegions):
                 key_padding_mask: torch.Tensor | None = None, hw=None) -> torch.Tensor:
         _check_inputs(src, key_padding_mask, hw, "ENACTAttention")
         keys = src if pos is None else src + pos
-        skip = (self.may_skip_count_read()
-                and uses_cuda_kernel(src, self.d_model // self.nhead, self.impl))
+        skip = self.skips_count_read(uses_cuda_kernel(src, self.d_model // self.nhead, self.impl))
         backend, (ck, cv), cluster_mask, _, q = self._cluster(
             keys, (keys, src), key_padding_mask, hw, before_sync=lambda: self.W_q(keys),
             skip_count_read=skip)
@@ -369,10 +373,10 @@ class ENACTClustering(_ENACTRegions):
     attributes as ENACTAttention after a forward (last_stats, information,
     smoothed_information); the same constructor (mode, gauss_taps, honour_mask,
     wait_for_counts, as in ENACTAttention; wait_for_counts is read by the caller, which decides
-    skip_count_read with may_skip_count_read()). skip_count_read=True lets the fused CUDA path
-    allocate the clusters without waiting for the GPU: R = N rows without autograd, guessed
-    rows in training (module docstring), zero and masked beyond each image's count; pass it
-    only when the consumer's cost follows the mask (enact_cuda.uses_cuda_kernel). After such a
+    skip_count_read with skips_count_read()). skip_count_read=True lets the fused CUDA path
+    allocate the clusters without waiting for the GPU: R = N rows without autograd (pass it
+    then only when the consumer's cost follows the mask: enact_cuda.uses_cuda_kernel), guessed
+    rows in training (module docstring), zero and masked beyond each image's count. After such a
     training forward, `key_count_hint` is the hint to give the consumer's clustered_attention.
     """
 

@@ -35,3 +35,23 @@ def shapes_coco(tmp_path_factory):
     _load_tool("make_shapes_coco").generate(
         out, num_train=8, num_val=4, min_size=64, max_size=128, seed=0)
     return out
+
+
+class _SkipSpy:
+    """Records the skip_count_read each _cluster call of ENACT's layers is given."""
+
+    def __init__(self, monkeypatch):
+        from enact_cuda.module import _ENACTRegions
+        self.asked, real = [], _ENACTRegions._cluster
+
+        def spy(layer, *args, skip_count_read=False, **kwargs):
+            self.asked.append(skip_count_read)
+            return real(layer, *args, skip_count_read=skip_count_read, **kwargs)
+
+        monkeypatch.setattr(_ENACTRegions, "_cluster", spy)
+
+
+@pytest.fixture()
+def skip_spy(monkeypatch):
+    return _SkipSpy(monkeypatch)
+

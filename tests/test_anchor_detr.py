@@ -532,3 +532,21 @@ def test_main_one_epoch_train_and_eval(shapes_coco, tmp_path, enact):
     assert len(groups) == 3 and groups[2]["params"] == []          # upstream's 3 groups
     assert ckpt["model"]["transformer.pattern.weight"].shape == (2, 32)
     assert ("transformer.encoder_layers.0.ENACT.W_prob.weight" in ckpt["model"]) == enact
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_enact_layer_skips_the_count_read_in_training_without_the_kernel(skip_spy, wait):
+    """The ENACT layer passes skips_count_read's answer to its clustering: in training with
+    wait_for_counts=False, True even where the CUDA kernel does not attend (CPU inputs here);
+    in eval, False there."""
+    torch.manual_seed(0)
+    B, H, W, E = 2, 4, 5, 32
+    src = torch.randn(B, H, W, E)
+    mask = torch.zeros(B, H, W, dtype=torch.bool)
+    grid = grid_mask(mask, mask.shape, src.dtype, src.device)
+    pe_row, pe_col = torch.randn(B, W, E), torch.randn(B, H, E)
+    layer = EncoderLayerSpatial(E, 4, 64, 0.0, enact=True, sigma=1, wait_for_counts=wait)
+    layer.attention(src, grid, pe_row, pe_col)
+    with torch.no_grad():
+        layer.attention(src, grid, pe_row, pe_col)
+    assert skip_spy.asked == [not wait, False]

@@ -55,10 +55,13 @@ def _enact_modules(folder, *flags):
 
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_enact_wait_for_counts_flag_reaches_every_enact_layer(folder):
-    """By default every ENACT layer guesses its training cluster rows; with
-    --enact_wait_for_counts every one reads its count back (the forward-level behaviour is a
+    """By default every ENACT layer guesses its training cluster rows, under bf16 autocast too;
+    with --enact_wait_for_counts, or under --amp fp16 (whose GradScaler cannot redo a step
+    whose guess fell short), every one reads its count back (the forward-level behaviour is a
     CUDA test: tests/test_enact_cuda.py)."""
     guessing = _enact_modules(folder)
     assert guessing and not any(m.wait_for_counts for m in guessing)
-    waiting = _enact_modules(folder, "--enact_wait_for_counts")
-    assert len(waiting) == len(guessing) and all(m.wait_for_counts for m in waiting)
+    assert not any(m.wait_for_counts for m in _enact_modules(folder, "--amp", "bf16"))
+    for flags in (["--enact_wait_for_counts"], ["--amp", "fp16"]):
+        waiting = _enact_modules(folder, *flags)
+        assert len(waiting) == len(guessing) and all(m.wait_for_counts for m in waiting), flags

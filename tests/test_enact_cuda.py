@@ -61,23 +61,23 @@ def layer_inputs(B, H, W, d, device, seed):
     return src, pos, mask, torch.randn(B, H * W, d, generator=gen).to(device)
 
 
-def assert_results_close(got, ref, src_tol=2 * FP32_TOL,
-                         rounding_zero=("W_prob.bias", "W_k.bias")):
+def assert_results_close(got, ref, src_tol=None, rounding_zero=("W_prob.bias", "W_k.bias"),
+                         tol=FP32_TOL):
     """got / ref: (output, input gradient, {parameter name: gradient}) of two runs of a layer.
-    Output within FP32_TOL, input gradient within src_tol, parameter gradients within
-    5 x FP32_TOL, except those in `rounding_zero`, which are exactly zero up to rounding
+    Output within tol, input gradient within src_tol (default 2 tol), parameter gradients
+    within 5 tol, except those in `rounding_zero`, which are exactly zero up to rounding
     (W_prob.bias sums softmax grads over an image; W_k.bias shifts all of a query's scores
     equally): these must stay at noise level, relative to their weight's gradient."""
     (out, grad, params), (out_ref, grad_ref, params_ref) = got, ref
-    assert rel(out, out_ref) <= FP32_TOL
-    assert rel(grad, grad_ref) <= src_tol
+    assert rel(out, out_ref) <= tol
+    assert rel(grad, grad_ref) <= (2 * tol if src_tol is None else src_tol)
     for name in params_ref:
         if any(name.endswith(z) for z in rounding_zero):
             weight = name[:-len("bias")] + "weight"
             assert params[name].abs().max() <= (1e-2 * params[weight].abs().max()
                                                 + 10 * params_ref[name].abs().max()), name
             continue
-        assert rel(params[name], params_ref[name]) <= 5 * FP32_TOL, name
+        assert rel(params[name], params_ref[name]) <= 5 * tol, name
 
 
 def make_mask(B, H, W, device, full_first=True, gen=None, empty_image=False):
@@ -817,26 +817,32 @@ def test_attention_backward_with_a_key_count_hint_is_unchanged(cb, dev, monkeypa
 
 
 @pytest.mark.parametrize("numerics", ["standard", "official"])
-def test_enact_attention_training_without_waiting_equals_waiting(cb, dev, numerics):
+@pytest.mark.parametrize("attention", ["kernel_fp32", "sdpa_bf16"])
+def test_enact_attention_training_without_waiting_equals_waiting(cb, dev, numerics, attention):
     """wait_for_counts=False: the first training step reads the cluster count (no history);
     then the count is not read back and the clusters are rows guessed from the last R_max (W_k
     sees them), with the same output and gradients as the waiting layer each time; the count
-    hint reaches the host once the GPU is done."""
+    hint reaches the host once the GPU is done. Whatever attends to the clusters: the CUDA
+    kernel (fp32), or torch's SDPA (impl auto under bf16 autocast)."""
     torch.manual_seed(9)
     B, H, W, d = 3, 19, 26, 256
-    waiting = enact_cuda.ENACTAttention(d, 8, sigma=3, impl="cuda", numerics=numerics).to(dev)
-    no_wait = enact_cuda.ENACTAttention(d, 8, sigma=3, impl="cuda", numerics=numerics,
+    impl, amp = ("cuda", False) if attention == "kernel_fp32" else ("auto", True)
+    waiting = enact_cuda.ENACTAttention(d, 8, sigma=3, impl=impl, numerics=numerics).to(dev)
+    no_wait = enact_cuda.ENACTAttention(d, 8, sigma=3, impl=impl, numerics=numerics,
                                         wait_for_counts=False).to(dev)
     no_wait.load_state_dict(waiting.state_dict())
     src, pos, mask, go = layer_inputs(B, H, W, d, dev, seed=10)
+    with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+        assert enact_cuda.uses_cuda_kernel(src, d // 8, impl) is not amp
     for step in range(2):
         results, rows = [], []
         for m in (waiting, no_wait):
             hook = m.W_k.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[1]))
             m.zero_grad(set_to_none=True)
             s = src.clone().requires_grad_(True)
-            out = m(s, pos, mask, (H, W))
-            (out * go).sum().backward()
+            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+                out = m(s, pos, mask, (H, W))
+            (out.float() * go).sum().backward()
             hook.remove()
             results.append((out.detach(), s.grad,
                             {n: p.grad.clone() for n, p in m.named_parameters()}))
@@ -850,7 +856,7 @@ def test_enact_attention_training_without_waiting_equals_waiting(cb, dev, numeri
         assert overflow is None or not bool(overflow)
         torch.cuda.synchronize()
         assert step == 0 or no_wait.key_count_hint() == R
-        assert_results_close(results[1], results[0])
+        assert_results_close(results[1], results[0], tol=BF16_TOL if amp else FP32_TOL)
         assert torch.equal(no_wait.last_stats["clusters_per_image"],
                            waiting.last_stats["clusters_per_image"])
 
@@ -919,15 +925,18 @@ def test_engine_step_redoes_an_overflowed_step_as_the_waiting_step(cb, dev):
         assert torch.allclose(a, b_, rtol=1e-4, atol=1e-6), name
 
 
-def test_anchor_detr_layer_training_without_waiting_equals_waiting(cb, dev):
+@pytest.mark.parametrize("attention", ["kernel_fp32", "sdpa_bf16"])
+def test_anchor_detr_layer_training_without_waiting_equals_waiting(cb, dev, attention):
     """Anchor DETR's ENACT layer (ENACTClustering + the joint row-column attention, (64, 32)
     head dims) with wait_for_counts=False: the count read in the first training step, guessed
-    rows in the second, the same output and gradients as the waiting layer."""
+    rows in the second, the same output and gradients as the waiting layer; the attention
+    through the CUDA kernel (fp32) or torch's SDPA (impl auto under bf16 autocast)."""
     from anchor_detr.layers import EncoderLayerSpatial
     from anchor_detr.rcda import grid_mask
     torch.manual_seed(11)
     B, H, W, E = 2, 17, 23, 256
-    layers = [EncoderLayerSpatial(E, 8, 512, 0.0, enact=True, sigma=3, enact_impl="cuda",
+    impl, amp = ("cuda", False) if attention == "kernel_fp32" else ("auto", True)
+    layers = [EncoderLayerSpatial(E, 8, 512, 0.0, enact=True, sigma=3, enact_impl=impl,
                                   wait_for_counts=wait).to(dev).train() for wait in (True, False)]
     layers[1].load_state_dict(layers[0].state_dict())
     gen = torch.Generator().manual_seed(12)
@@ -942,8 +951,9 @@ def test_anchor_detr_layer_training_without_waiting_equals_waiting(cb, dev):
         for layer in layers:
             layer.zero_grad(set_to_none=True)
             s = src.clone().requires_grad_(True)
-            out = layer(s, grid, pe_row, pe_col)
-            (out * go).sum().backward()
+            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+                out = layer(s, grid, pe_row, pe_col)
+            (out.float() * go).sum().backward()
             results.append((out.detach(), s.grad,
                             {n: p.grad.clone() for n, p in layer.named_parameters()}))
         assert layers[0].ENACT.key_count_hint is None
@@ -951,6 +961,7 @@ def test_anchor_detr_layer_training_without_waiting_equals_waiting(cb, dev):
         overflow = enact_cuda.cluster_overflow(layers[1])
         assert (overflow is None) == (step == 0)  # an exact count cannot fall short; a guess can
         assert overflow is None or not bool(overflow)
-        assert_results_close(results[1], results[0], src_tol=5 * FP32_TOL,
-                             rounding_zero=("ENACT.W_prob.bias",))
+        tol = BF16_TOL if amp else FP32_TOL
+        assert_results_close(results[1], results[0], src_tol=5 * tol,
+                             rounding_zero=("ENACT.W_prob.bias",), tol=tol)
         torch.cuda.synchronize()  # R_max reaches the host: the next step guesses from it

@@ -380,3 +380,30 @@ def test_count_overflow_flags_every_short_guess_since_the_last_call():
     assert bool(m.count_overflow())
     m._note_overflow(torch.tensor([60]), 50, 50)  # N rows hold every cluster
     assert m.count_overflow() is None
+
+
+@pytest.mark.parametrize("wait", [True, False])
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_skipping_the_count_read(wait, grad, kernel):
+    """skip_count_read: with autograd, guessed rows unless wait_for_counts, whatever attends
+    (a guess's few extra rows cost any attention little); without autograd, N rows, only where
+    the CUDA kernel (cost following the mask) attends."""
+    m = ENACTClustering(32, sigma=2, wait_for_counts=wait)
+    with torch.set_grad_enabled(grad):
+        assert m.skips_count_read(kernel) == ((not wait) if grad else kernel)
+
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_enact_attention_skips_the_count_read_in_training_without_the_kernel(skip_spy, wait):
+    """ENACTAttention passes skips_count_read's answer to its clustering: in training with
+    wait_for_counts=False, True even where the CUDA kernel does not attend (CPU inputs here);
+    in eval, False there."""
+    torch.manual_seed(0)
+    src, mask = torch.randn(2, 20, 32), torch.zeros(2, 20, dtype=torch.bool)
+    m = ENACTAttention(32, 4, sigma=1, wait_for_counts=wait)
+    m(src, None, mask, (4, 5))
+    with torch.no_grad():
+        m(src, None, mask, (4, 5))
+    assert skip_spy.asked == [not wait, False]

@@ -77,11 +77,11 @@ class EncoderLayerSpatial(nn.Module):
             from enact_cuda import uses_cuda_kernel
             mask = grid.key_padding_mask
             flat_mask = None if mask is None else mask.reshape(b, h * w)
-            # eval (N rows) and training with wait_for_counts=False (guessed rows): no wait for
-            # R_max, when the CUDA kernel attends (q / k head dim 2 d_h; values d_h, or padded
-            # to 2 d_h where the kernel lacks that pair)
+            # no wait for R_max in training with wait_for_counts=False (guessed rows), and in
+            # eval (N rows) when the CUDA kernel attends (q / k head dim 2 d_h; values d_h, or
+            # padded to 2 d_h where the kernel lacks that pair)
             d_h = self.self_attn.head_dim
-            skip = self.ENACT.may_skip_count_read() and (
+            skip = self.ENACT.skips_count_read(
                 uses_cuda_kernel(src, 2 * d_h, self.enact_impl, d_h)
                 or uses_cuda_kernel(src, 2 * d_h, self.enact_impl))
             clusters = self.ENACT(q_row, (q_row, q_col, src.reshape(b, h * w, e)), flat_mask,
