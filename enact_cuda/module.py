@@ -29,18 +29,18 @@ then depends on the batch it is in.
 Waiting for the cluster count (wait_for_counts, spec-neutral): the clusters are a padded
 (B, R, d) tensor, R = the largest cluster count, which the host must read back once per layer
 (fused_finish); in eval with the CUDA attention kernel, whose cost follows each image's count,
-they are allocated at R = N rows instead and nothing waits. wait_for_counts=False never waits in
-training either, whatever attends to the clusters (the CUDA kernel, or torch's SDPA in bf16,
+they are allocated at R = N rows instead and nothing waits. wait_for_counts=False never waits
+in training either, whatever attends to the clusters (the CUDA kernel, or torch's SDPA in bf16,
 whose cost follows R and so is a guess's few extra rows): each layer allocates its clusters at
-a guess of R_max, the largest share
-R_max / N of its last COUNT_HISTORY training forwards times (1 + ROWS_MARGIN) times N, plus
-ROWS_SLACK, at most N (a layer's first training forward, without history, reads its count, so
-no step allocates more than the guesses do). Faster where the step is host-bound (the host keeps
-launching ahead of the GPU), at nearly the memory of exact counts. A guess can fall short: the
-forward then leaves clusters out, so its output and gradients are wrong. The training loop must
-check `cluster_overflow(model)` once per step (a device flag covering the step's forwards, read
-with the loss) and redo such a step under `exact_cluster_counts(model)`;
-detr_common.engine.train_step does. Otherwise, the same outputs and gradients.
+a guess of R_max, the largest share R_max / N of its last COUNT_HISTORY training forwards times
+(1 + ROWS_MARGIN) times N, plus ROWS_SLACK, at most N (a layer's first training forward,
+without history, reads its count, so no step allocates more than the guesses do). Faster where
+the step is host-bound (the host keeps launching ahead of the GPU), at nearly the memory of
+exact counts. A guess can fall short: the forward then leaves clusters out, so its output and
+gradients are wrong. The training loop must check `cluster_overflow(model)` once per step (a
+device flag covering the step's forwards, read with the loss) and redo such a step under
+`exact_cluster_counts(model)`; detr_common.engine.train_step does. Otherwise, the same outputs
+and gradients.
 Row breaks (row_breaks=True, off in the paper): a region also starts at each valid row start.
 The valid row width is read from an image's first row, so the mask must pad at the bottom and
 right only (each image's valid pixels its top-left h x w block), as the detectors' batching
@@ -150,15 +150,15 @@ class _ENACTRegions(nn.Module):
         region_index (B, N), before_sync() or None).
 
         CUDA backend: the fused path (cuda_backend.fused_begin / fused_finish, one autograd
-        node, 3 launches forward) when it supports the inputs; `before_sync` (work that does
-        not need R_max, e.g. the query projection) is launched while the GPU computes the
-        regions, before the one device->host read of R_max. skip_count_read (fused path only;
-        decided by `skips_count_read`): no read of R_max; R = N rows without autograd (for
-        consumers whose cost follows the mask), else R = the guess of `_guessed_rows` (module docstring; without history
-        the count is read), zero and masked beyond each image's count. With autograd, R_max
-        is still copied to the host asynchronously: `key_count_hint` returns it once it has
-        arrived (0 before), for the attention backward's work split, and the next guess
-        uses it.
+        node, 3 launches forward) when it supports the inputs; `before_sync` (work that does not
+        need R_max, e.g. the query projection) is launched while the GPU computes the regions,
+        before the one device->host read of R_max. skip_count_read (fused path only; decided by
+        `skips_count_read`): no read of R_max; R = N rows without autograd (for consumers whose
+        cost follows the mask), else R = the guess of `_guessed_rows` (module docstring; without
+        history the count is read), zero and masked beyond each image's count. With autograd,
+        R_max is still copied to the host asynchronously: `key_count_hint` returns it once it
+        has arrived (0 before), for the attention backward's work split, and the next guess uses
+        it.
         """
         if not self.honour_mask:
             key_padding_mask = None  # the official code's padding handling (module docstring)
