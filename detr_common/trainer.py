@@ -96,7 +96,7 @@ def _check_args(args):
                          "--pretrained loads weights only: give one of them")
     if args.eval and not (args.resume or args.pretrained):
         raise UsageError("--eval needs the weights to evaluate: --resume CKPT")
-    if args.amp != "off" and args.device == "cpu" and args.amp == "fp16":
+    if args.amp == "fp16" and args.device == "cpu":
         raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     if getattr(args, "backbone_train_all", False) and args.lr_backbone <= 0:
         raise UsageError("--backbone_train_all trains the backbone: it needs --lr_backbone > 0")

@@ -58,6 +58,11 @@ def test_cuda_device_without_a_gpu(shapes_coco, tmp_path):
     fails_with(proc, "--device cuda", "no CUDA GPU")
 
 
+def test_fp16_on_the_cpu(shapes_coco, tmp_path):
+    fails_with(detr(shapes_coco, tmp_path / "o", "--epochs", "1", "--amp", "fp16"),
+               "--amp fp16 needs a CUDA device", "--amp bf16")
+
+
 def test_missing_backbone_weights(shapes_coco, tmp_path):
     fails_with(detr(shapes_coco, tmp_path / "o", "--epochs", "1", "--backbone_weights",
                     tmp_path / "nope.pth"), "nope.pth", "file not found")
