@@ -24,7 +24,10 @@ Variants: plain_eager (--no_enact --attn_impl eager: the paper's baseline, mater
   other attentions at the default sdpa: what a user gets), enact_eager (ENACT with the other
   attentions eager, to separate ENACT from the decoder's attention implementation),
   enact_wait (enact with --enact_wait_for_counts: training reads each layer's cluster count
-  back instead of guessing the rows; the targets are judged for it too, in a second table).
+  back instead of guessing the rows; the targets are judged for it too, in a second table);
+  not in the default run: enact_kernel (enact with --enact_impl cuda: the same as enact in
+  fp32, but in bf16 the CUDA kernel attends where "auto" takes torch's SDPA, e.g.
+  --variants plain_sdpa,enact,enact_kernel,enact_wait --modes bf16).
 Modes: fp32 (the protocol; the targets are judged on it), bf16 (the same under
   torch.autocast bf16; criterion in fp32), mixed (fp32, a padded batch alternating 800x1216 and
   800x900 images with the padding mask; training only, since a batch-1 image has no padding).
@@ -66,7 +69,9 @@ VARIANTS = {
     "enact": ["--enact_impl", "auto", "--attn_impl", "sdpa"],
     "enact_eager": ["--enact_impl", "auto", "--attn_impl", "eager"],
     "enact_wait": ["--enact_impl", "auto", "--attn_impl", "sdpa", "--enact_wait_for_counts"],
+    "enact_kernel": ["--enact_impl", "cuda", "--attn_impl", "sdpa"],
 }
+DEFAULT_VARIANTS = ("plain_eager", "plain_sdpa", "enact", "enact_eager", "enact_wait")
 MODES = {"fp32": "off", "bf16": "bf16", "mixed": "off"}  # mode -> --amp value
 NUM_CLASSES = 91  # COCO's largest category id + 1, as on COCO
 FULL_SIZE, MIXED_SMALL = (800, 1216), (800, 900)
@@ -606,8 +611,9 @@ def get_parser():
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--detectors", default=",".join(FOLDERS),
                    help="comma-separated subset of " + ",".join(FOLDERS))
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="comma-separated subset of " + ",".join(VARIANTS)
+                   + f" (default: {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--modes", default=",".join(MODES),
                    help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--warmup", type=int, default=None, help="training warm-up steps (3)")

@@ -390,6 +390,19 @@ def test_open_device_names_the_machine_and_refuses_cuda_without_a_gpu(bench, mon
         bench.open_device("cuda:0")
 
 
+def test_bench_kernel_variant_is_opt_in_and_needs_the_cuda_backend(bench, tmp_path):
+    """enact_kernel (--enact_impl cuda) is left out of the default run (in fp32 it repeats
+    enact); asked for on a machine without the CUDA backend, its row records why and the run
+    goes on."""
+    assert "enact_kernel" not in bench.get_parser().parse_args([]).variants.split(",")
+    assert bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--name", "k",
+                       "--detectors", "detr", "--variants", "plain_sdpa,enact_kernel",
+                       "--modes", "fp32"]) == 0
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "k.json").read_text())["rows"]}
+    assert rows["plain_sdpa"]["train_s_per_img"] > 0
+    assert "impl='cuda'" in rows["enact_kernel"]["error"]
+
+
 def test_bench_rejects_unknown_variant(bench):
     with pytest.raises(SystemExit, match="unknown"):
         bench.main(["--tiny", "--variants", "enact,flash"])
