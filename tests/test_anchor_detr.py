@@ -12,6 +12,7 @@ import anchor_detr
 from anchor_detr.layers import EncoderLayerSpatial
 from anchor_detr.posemb import mask_to_positions
 from detr_common.position_encoding import sine_1d, sine_2d
+from anchor_detr import rcda
 from anchor_detr.rcda import RCDA, grid_mask, pool_keys
 from anchor_detr.transformer import AnchorTransformer
 from detr_common.box_ops import box_cxcywh_to_xyxy, box_iou
@@ -226,6 +227,20 @@ def test_enact_zero_padded_values_give_the_same_output():
     padded = layer.attention(src, grid, pe_row, pe_col)
     keep = ~mask
     assert torch.allclose(padded[keep], plain[keep], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,head_dim,impl,pads", [
+    (torch.float32, 32, "auto", False),   # the kernel takes (64, 32) as it is
+    (torch.float32, 16, "auto", True),    # it lacks (32, 16) and has (32, 32)
+    (torch.bfloat16, 16, "cuda", True),
+    (torch.bfloat16, 32, "auto", False),  # torch's SDPA attends, unequal dims and all
+    (torch.bfloat16, 16, "auto", False),
+    (torch.float32, 8, "auto", False),    # no kernel pair at (16, 8) or (16, 16)
+    (torch.float32, 16, "torch", False),
+])
+def test_values_are_padded_only_where_that_lets_the_kernel_attend(dtype, head_dim, impl, pads):
+    assert rcda.pads_values(dtype, head_dim, impl, on_cuda=True) is pads
+    assert rcda.pads_values(dtype, head_dim, impl, on_cuda=False) is False
 
 
 def test_enact_clustering_before_projection_is_exact():

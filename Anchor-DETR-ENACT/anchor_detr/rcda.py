@@ -25,10 +25,11 @@ softmax over the clusters of the summed row and column logits:
     w[i, r] = softmax_r((q_row_i . k_row_r + q_col_i . k_col_r) / sqrt(d_h))
 which is SDPA of [q_row, q_col] against [k_row, k_col] at head dim 2*d_h with scale 1/sqrt(d_h).
 The value head dim stays d_h. enact_cuda's fused kernel takes (q / k, value) head dims (64, 32)
-as they are (d_h = 32, the paper's setting); for other d_h on CUDA (impl != "torch") the values
-are zero-padded to 2*d_h and the output sliced back (exact), which the kernel (equal dims) or
-torch's SDPA takes; ``pad_values`` = True/False forces this on/off (None = that automatic
-choice).
+as they are (d_h = 32, the paper's setting); for other d_h, where the kernel lacks the
+(2*d_h, d_h) pair but has (2*d_h, 2*d_h), the values are zero-padded to 2*d_h and the output
+sliced back (exact), so that the kernel attends (`pads_values`); torch's SDPA takes unequal
+head dims as they are. ``pad_values`` = True/False forces the padding on/off (None = that
+automatic choice).
 """
 import math
 from typing import NamedTuple, Optional
@@ -82,6 +83,24 @@ def pool_keys(key_row: Tensor, key_col: Tensor, grid: GridMask) -> tuple[Tensor,
     column keys (B, H, E): key_col averaged over the valid columns), unprojected."""
     return (torch.einsum("bhwe,bh->bwe", key_row, grid.row_weights),
             torch.einsum("bhwe,bw->bhe", key_col, grid.col_weights))
+
+
+def pads_values(dtype: torch.dtype, head_dim: int, impl: str, on_cuda: bool) -> bool:
+    """Whether forward_clustered zero-pads its values from head dim d_h = ``head_dim`` to the
+    joint q / k head dim 2 d_h: only where that lets enact_cuda's kernel attend (inputs of
+    ``dtype`` on a GPU, ``impl`` not "torch"), i.e. the kernel lacks the (2 d_h, d_h) pair and
+    has (2 d_h, 2 d_h). Where the kernel does not attend either way (torch's SDPA in bf16
+    under impl="auto"), padding would only double the values' work."""
+    import enact_cuda
+
+    if not on_cuda or impl == "torch":
+        return False
+    e = 2 * head_dim
+
+    def kernel_attends(value_dim):
+        return not enact_cuda.attention.kernel_gap((dtype,) * 3, (e, e, value_dim), impl)
+
+    return not kernel_attends(head_dim) and kernel_attends(e)
 
 
 class RCDA(nn.Module):
@@ -187,8 +206,7 @@ class RCDA(nn.Module):
         v = self._heads(self.project(value, V, slots))                                # (B,h,R,d)
         pad = self.pad_values
         if pad is None:
-            pad = q.is_cuda and impl != "torch" and bool(enact_cuda.attention.kernel_gap(
-                (q.dtype, k.dtype, v.dtype), (q.shape[-1], k.shape[-1], v.shape[-1]), impl))
+            pad = pads_values(q.dtype, self.head_dim, impl, q.is_cuda)
         if pad:
             v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
         out = enact_cuda.clustered_attention(
