@@ -269,11 +269,11 @@ def fused_finish(state: FusedState, keys: torch.Tensor, tensors: Sequence[torch.
     weight / bias given to fused_begin. `keys` must be fused_begin's keys; when tensors[0] is
     keys itself (ENACTAttention), its two gradient terms are written once.
     rows=0: R = R_max (waits for fused_begin's kernel). rows > 0: R = min(rows, N) without
-    waiting, rows r >= R_b zero and masked: rows = N for consumers whose cost follows the
-    mask, not R (the CUDA attention kernel), or a guess near R_max for any consumer. rows = N
-    holds every image's clusters; fewer rows leave out
-    the clusters r >= rows of the images that have more (check state.pending.counts, (B,) on
-    the device; the backward of such a forward is not meaningful)."""
+    waiting, rows r >= R_b zero and masked: rows = N for consumers whose cost follows the mask,
+    not R (the CUDA attention kernel), or a guess near R_max for any consumer. rows = N holds
+    every image's clusters; fewer rows leave out the clusters r >= rows of the images that have
+    more (check state.pending.counts, (B,) on the device; the backward of such a forward is not
+    meaningful)."""
     tensors = list(tensors)
     alias = tensors[0] is keys
     res = extension().fused_finish(state.pending, keys, tensors, state.weight, state.bias, alias,
