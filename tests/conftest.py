@@ -37,21 +37,15 @@ def shapes_coco(tmp_path_factory):
     return out
 
 
-class _SkipSpy:
-    """Records the skip_count_read each _cluster call of ENACT's layers is given."""
-
-    def __init__(self, monkeypatch):
-        from enact_cuda.module import _ENACTRegions
-        self.asked, real = [], _ENACTRegions._cluster
-
-        def spy(layer, *args, skip_count_read=False, **kwargs):
-            self.asked.append(skip_count_read)
-            return real(layer, *args, skip_count_read=skip_count_read, **kwargs)
-
-        monkeypatch.setattr(_ENACTRegions, "_cluster", spy)
-
-
 @pytest.fixture()
 def skip_spy(monkeypatch):
-    return _SkipSpy(monkeypatch)
+    """The skip_count_read that each _cluster call of ENACT's layers is given, in call order."""
+    from enact_cuda.module import _ENACTRegions
+    asked, real = [], _ENACTRegions._cluster
 
+    def spy(layer, *args, skip_count_read=False, **kwargs):
+        asked.append(skip_count_read)
+        return real(layer, *args, skip_count_read=skip_count_read, **kwargs)
+
+    monkeypatch.setattr(_ENACTRegions, "_cluster", spy)
+    return asked

@@ -795,6 +795,12 @@ def test_enact_attention_eval_without_grad_equals_with_grad(cb, dev, dtype):
 
 
 # ------------------------------------------------------------- training without the R_max wait
+# The attentions the guessed rows are checked with: (impl, bf16 autocast) of the CUDA kernel in
+# fp32, and of torch's SDPA, which impl="auto" takes under bf16 autocast.
+NO_WAIT_ATTENTIONS = pytest.mark.parametrize("impl,amp", [("cuda", False), ("auto", True)],
+                                             ids=["kernel_fp32", "sdpa_bf16"])
+
+
 @pytest.mark.parametrize("e,ev", [(32, 32), (64, 32)])
 def test_attention_backward_with_a_key_count_hint_is_unchanged(cb, dev, monkeypatch, e, ev):
     """Keys allocated at N rows (the no-wait layout) with a host hint of the real key count:
@@ -817,8 +823,8 @@ def test_attention_backward_with_a_key_count_hint_is_unchanged(cb, dev, monkeypa
 
 
 @pytest.mark.parametrize("numerics", ["standard", "official"])
-@pytest.mark.parametrize("attention", ["kernel_fp32", "sdpa_bf16"])
-def test_enact_attention_training_without_waiting_equals_waiting(cb, dev, numerics, attention):
+@NO_WAIT_ATTENTIONS
+def test_enact_attention_training_without_waiting_equals_waiting(cb, dev, numerics, impl, amp):
     """wait_for_counts=False: the first training step reads the cluster count (no history);
     then the count is not read back and the clusters are rows guessed from the last R_max (W_k
     sees them), with the same output and gradients as the waiting layer each time; the count
@@ -826,7 +832,6 @@ def test_enact_attention_training_without_waiting_equals_waiting(cb, dev, numeri
     kernel (fp32), or torch's SDPA (impl auto under bf16 autocast)."""
     torch.manual_seed(9)
     B, H, W, d = 3, 19, 26, 256
-    impl, amp = ("cuda", False) if attention == "kernel_fp32" else ("auto", True)
     waiting = enact_cuda.ENACTAttention(d, 8, sigma=3, impl=impl, numerics=numerics).to(dev)
     no_wait = enact_cuda.ENACTAttention(d, 8, sigma=3, impl=impl, numerics=numerics,
                                         wait_for_counts=False).to(dev)
@@ -925,8 +930,8 @@ def test_engine_step_redoes_an_overflowed_step_as_the_waiting_step(cb, dev):
         assert torch.allclose(a, b_, rtol=1e-4, atol=1e-6), name
 
 
-@pytest.mark.parametrize("attention", ["kernel_fp32", "sdpa_bf16"])
-def test_anchor_detr_layer_training_without_waiting_equals_waiting(cb, dev, attention):
+@NO_WAIT_ATTENTIONS
+def test_anchor_detr_layer_training_without_waiting_equals_waiting(cb, dev, impl, amp):
     """Anchor DETR's ENACT layer (ENACTClustering + the joint row-column attention, (64, 32)
     head dims) with wait_for_counts=False: the count read in the first training step, guessed
     rows in the second, the same output and gradients as the waiting layer; the attention
@@ -935,7 +940,6 @@ def test_anchor_detr_layer_training_without_waiting_equals_waiting(cb, dev, atte
     from anchor_detr.rcda import grid_mask
     torch.manual_seed(11)
     B, H, W, E = 2, 17, 23, 256
-    impl, amp = ("cuda", False) if attention == "kernel_fp32" else ("auto", True)
     layers = [EncoderLayerSpatial(E, 8, 512, 0.0, enact=True, sigma=3, enact_impl=impl,
                                   wait_for_counts=wait).to(dev).train() for wait in (True, False)]
     layers[1].load_state_dict(layers[0].state_dict())
