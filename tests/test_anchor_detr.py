@@ -4,11 +4,13 @@ independence, padding invariance, multi-level, upstream state_dict keys, overfit
 CPU, tiny: resnet18 (weights none), hidden 32-64, 4 heads, 1-2 layers, 64-96 px images.
 """
 import math
+import types
 
 import pytest
 import torch
 
 import anchor_detr
+import enact_cuda
 from anchor_detr.layers import EncoderLayerSpatial
 from anchor_detr.posemb import mask_to_positions
 from detr_common.position_encoding import sine_1d, sine_2d
@@ -239,8 +241,15 @@ def test_enact_zero_padded_values_give_the_same_output():
     (torch.float32, 16, "torch", False),
 ])
 def test_values_are_padded_only_where_that_lets_the_kernel_attend(dtype, head_dim, impl, pads):
-    assert rcda.pads_values(dtype, head_dim, impl, on_cuda=True) is pads
-    assert rcda.pads_values(dtype, head_dim, impl, on_cuda=False) is False
+    # uses_cuda_kernel reads only a tensor's device and dtype: a stand-in for a GPU tensor
+    on_gpu = types.SimpleNamespace(is_cuda=True, dtype=dtype)
+    assert rcda.pads_values(on_gpu, head_dim, impl) is pads
+    assert rcda.pads_values(torch.zeros(1, dtype=dtype), head_dim, impl) is False
+    attn = rcda.RCDA(8 * head_dim, 8)
+    assert attn.clustered_value_dim(on_gpu, impl) == (2 if pads else 1) * head_dim
+    for forced in (False, True):  # pad_values overrides the rule
+        attn.pad_values = forced
+        assert attn.clustered_value_dim(on_gpu, impl) == (2 if forced else 1) * head_dim
 
 
 def test_enact_clustering_before_projection_is_exact():
@@ -565,3 +574,23 @@ def test_enact_layer_skips_the_count_read_in_training_without_the_kernel(skip_sp
     with torch.no_grad():
         layer.attention(src, grid, pe_row, pe_col)
     assert skip_spy == [not wait, False]
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_enact_layer_asks_about_the_kernel_at_the_value_head_dim_it_attends_with(monkeypatch, pad):
+    """The layer's count-read decision asks enact_cuda.uses_cuda_kernel about the head dims its
+    attention gives the kernel: q / k 2 d_h, values d_h or, padded, 2 d_h (pad_values forced)."""
+    asked = []
+
+    def spy(x, head_dim, impl, value_head_dim=None):
+        asked.append((head_dim, value_head_dim))
+        return False
+
+    monkeypatch.setattr(enact_cuda, "uses_cuda_kernel", spy)
+    src, mask, pe_row, pe_col = enact_layer_inputs()
+    layer = EncoderLayerSpatial(src.shape[-1], 4, 64, 0.0, enact=True, sigma=1).eval()
+    layer.self_attn.pad_values = pad
+    with torch.no_grad():
+        layer.attention(src, grid_mask(mask, mask.shape, src.dtype, src.device), pe_row, pe_col)
+    d_h = layer.self_attn.head_dim
+    assert asked == [(2 * d_h, 2 * d_h if pad else d_h)]

@@ -78,12 +78,11 @@ class EncoderLayerSpatial(nn.Module):
             mask = grid.key_padding_mask
             flat_mask = None if mask is None else mask.reshape(b, h * w)
             # no wait for R_max in training with wait_for_counts=False (guessed rows), and in
-            # eval (N rows) when the CUDA kernel attends (q / k head dim 2 d_h; values d_h, or
-            # padded to 2 d_h where the kernel lacks that pair)
-            d_h = self.self_attn.head_dim
-            skip = self.ENACT.skips_count_read(
-                uses_cuda_kernel(src, 2 * d_h, self.enact_impl, d_h)
-                or uses_cuda_kernel(src, 2 * d_h, self.enact_impl))
+            # eval (N rows) when the CUDA kernel attends (q / k head dim 2 d_h, values at the
+            # head dim forward_clustered gives them)
+            attn, impl = self.self_attn, self.enact_impl
+            skip = self.ENACT.skips_count_read(uses_cuda_kernel(
+                src, 2 * attn.head_dim, impl, attn.clustered_value_dim(src, impl)))
             clusters = self.ENACT(q_row, (q_row, q_col, src.reshape(b, h * w, e)), flat_mask,
                                   (h, w), skip_count_read=skip)
             c_row, c_col, c_val = clusters.values

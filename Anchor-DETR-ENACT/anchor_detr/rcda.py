@@ -85,22 +85,17 @@ def pool_keys(key_row: Tensor, key_col: Tensor, grid: GridMask) -> tuple[Tensor,
             torch.einsum("bhwe,bw->bhe", key_col, grid.col_weights))
 
 
-def pads_values(dtype: torch.dtype, head_dim: int, impl: str, on_cuda: bool) -> bool:
+def pads_values(x, head_dim: int, impl: str) -> bool:
     """Whether forward_clustered zero-pads its values from head dim d_h = ``head_dim`` to the
-    joint q / k head dim 2 d_h: only where that lets enact_cuda's kernel attend (inputs of
-    ``dtype`` on a GPU, ``impl`` not "torch"), i.e. the kernel lacks the (2 d_h, d_h) pair and
-    has (2 d_h, 2 d_h). Where the kernel does not attend either way (torch's SDPA in bf16
-    under impl="auto"), padding would only double the values' work."""
-    import enact_cuda
+    joint q / k head dim 2 d_h for attention inputs computed from ``x`` (a tensor; its device,
+    and its dtype or autocast's): only where that lets enact_cuda's kernel attend, i.e. the
+    kernel lacks the (2 d_h, d_h) pair and has (2 d_h, 2 d_h). Where the kernel does not attend
+    either way (the CPU, impl="torch", torch's SDPA in bf16 under impl="auto"), padding would
+    only double the values' work."""
+    from enact_cuda import uses_cuda_kernel
 
-    if not on_cuda or impl == "torch":
-        return False
     e = 2 * head_dim
-
-    def kernel_attends(value_dim):
-        return not enact_cuda.attention.kernel_gap((dtype,) * 3, (e, e, value_dim), impl)
-
-    return not kernel_attends(head_dim) and kernel_attends(e)
+    return not uses_cuda_kernel(x, e, impl, head_dim) and uses_cuda_kernel(x, e, impl, e)
 
 
 class RCDA(nn.Module):
@@ -187,6 +182,15 @@ class RCDA(nn.Module):
             out = torch.matmul(a_row[..., None, :], t.reshape(b, nh, n_q, w, dh))
         return self._merge(out.squeeze(-2))
 
+    def clustered_value_dim(self, x: Tensor, impl: str) -> int:
+        """The value head dim forward_clustered attends with, for attention inputs computed from
+        ``x`` under ``impl``: 2 d_h where its values are padded (``pad_values``, or by
+        default where `pads_values` says so), else d_h."""
+        pad = self.pad_values
+        if pad is None:
+            pad = pads_values(x, self.head_dim, impl)
+        return 2 * self.head_dim if pad else self.head_dim
+
     def forward_clustered(self, query_row: Tensor, query_col: Tensor, key_row: Tensor,
                           key_col: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
                           impl: str = "auto", key_count_hint=None) -> Tensor:
@@ -204,11 +208,9 @@ class RCDA(nn.Module):
         k = torch.cat((self._heads(self.project(key_row, K_ROW, slots)),
                        self._heads(self.project(key_col, K_COL, slots))), dim=-1)    # (B,h,R,2d)
         v = self._heads(self.project(value, V, slots))                                # (B,h,R,d)
-        pad = self.pad_values
-        if pad is None:
-            pad = pads_values(q.dtype, self.head_dim, impl, q.is_cuda)
-        if pad:
-            v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
+        value_dim = self.clustered_value_dim(q, impl)
+        if value_dim > v.shape[-1]:
+            v = F.pad(v, (0, value_dim - v.shape[-1]))
         out = enact_cuda.clustered_attention(
             q, k, v, key_padding_mask, dropout_p=self.dropout if self.training else 0.0,
             impl=impl, scale=1.0 / math.sqrt(self.head_dim), key_count_hint=key_count_hint)
