@@ -84,8 +84,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttnArgs a, Dropo
 
   for (int kt = 0; kt < Lk; kt += kBN) {
     const int nk = min(kBN, Lk - kt);
-    load_tile<T, LayK, kBN>(Ks, kb, a.sk[2], kt, nk);
-    load_tile<T, LayV, kBN>(Vs, vb, a.sv[2], kt, nk);
+    load_tile<T, LayK, kBN, kThreads>(Ks, kb, a.sk[2], kt, nk);
+    load_tile<T, LayV, kBN, kThreads>(Vs, vb, a.sv[2], kt, nk);
+    wait_tile_loads();
     __syncthreads();
 #pragma unroll 1
     for (int j = 0; j < nk; ++j) {
@@ -153,13 +154,14 @@ __global__ void __launch_bounds__(kThreads, dkdv_min_blocks<E, EV>())
 
   for (int qt = qs; qt < qe; qt += kBQ) {
     const int nq = min(kBQ, qe - qt);
-    load_tile<T, LayK, kBQ>(Qs, qb, a.sq[2], qt, nq);
-    load_tile<T, LayV, kBQ>(Gs, gb, a.sdo[2], qt, nq);
+    load_tile<T, LayK, kBQ, kThreads>(Qs, qb, a.sq[2], qt, nq);
+    load_tile<T, LayV, kBQ, kThreads>(Gs, gb, a.sdo[2], qt, nq);
     for (int i = tid; i < kBQ; i += blockDim.x) {
       Ls[i] = i < nq ? lse_b[qt + i] * kLog2e : 0.f;
       Ds[i] = i < nq ? del_b[qt + i] : 0.f;
       if (DROP) Rks[i] = dropout_row_key(a.seed, static_cast<uint64_t>(query_row(a, bh, qt + i)));
     }
+    wait_tile_loads();
     __syncthreads();
 #pragma unroll 2
     for (int i = 0; i < nq; ++i) {

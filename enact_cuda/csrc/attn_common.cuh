@@ -123,28 +123,79 @@ __device__ __forceinline__ void store_part(T* __restrict__ p, const float (&x)[W
   }
 }
 
+// Whether load_tile copies float tiles asynchronously (cp.async, sm_80 and later): no
+// registers, and all of a thread's 16-byte copies in flight at once.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define ENACT_ASYNC_TILES 1
+#else
+#define ENACT_ASYNC_TILES 0
+#endif
+
+// 16 bytes global -> shared (both 16-byte aligned) without passing through registers; zeros
+// when !valid (nothing is read then).
+__device__ __forceinline__ void copy_async_16(float* smem, const float* gmem, bool valid) {
+#if ENACT_ASYNC_TILES
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0));
+#endif
+}
+
 // Rows [row0, row0 + nrows) of a (L, E) slice with row stride `stride` -> shared tile of
-// ROWS rows in layout Lay (rows >= nrows are zero-filled). Cooperative over the whole block.
-template <typename T, typename Lay, int ROWS>
+// ROWS rows in layout Lay (rows >= nrows are zero-filled). Cooperative over the block's NT
+// threads (the kernel's launch size). float tiles on sm_80+ are copied asynchronously, every
+// copy of a thread in flight at once: the tile is complete only after wait_tile_loads() (then
+// __syncthreads, as for the synchronous path). Other tiles pass through registers, one
+// 16-byte load at a time.
+template <typename T, typename Lay, int ROWS, int NT>
 __device__ __forceinline__ void load_tile(float* __restrict__ tile, const T* __restrict__ base,
                                           int64_t stride, int row0, int nrows) {
   constexpr int V = 16 / sizeof(T);
   constexpr int CPR = Lay::DIM / V;  // 16-byte chunks per row
   static_assert(Lay::W % V == 0, "a chunk never straddles two parts");
-  for (int idx = threadIdx.x; idx < ROWS * CPR; idx += blockDim.x) {
-    const int row = idx / CPR, c = idx % CPR, e0 = c * V;
-    float tmp[V];
-    if (row < nrows) {
-      load_vec<T, V>(base + static_cast<int64_t>(row0 + row) * stride + e0, tmp);
-    } else {
+  static_assert(ROWS * CPR % NT == 0, "the tile is whole chunks per thread");
+  auto dest = [&](int row, int e0) {
+    return tile + row * Lay::RS + (e0 / Lay::W) * Lay::PW + (e0 % Lay::W);
+  };
+  if constexpr (std::is_same_v<T, float> && ENACT_ASYNC_TILES) {
+    // a thread's chunks: the same columns of every RSTEP-th row from its first
+    constexpr int RSTEP = NT / CPR;
+    static_assert(NT % CPR == 0, "whole rows per pass of the block");
+    const int r0 = threadIdx.x / CPR, e0 = threadIdx.x % CPR * V;
+    const float* src = base + static_cast<int64_t>(row0 + r0) * stride + e0;
+    float* dst = dest(r0, e0);
 #pragma unroll
-      for (int v = 0; v < V; ++v) tmp[v] = 0.f;
+    for (int c = 0; c < ROWS / RSTEP; ++c) {
+      const bool valid = r0 + c * RSTEP < nrows;
+      copy_async_16(dst, valid ? src : base, valid);  // never an address past the rows
+      src += RSTEP * stride;
+      dst += RSTEP * Lay::RS;
     }
-    float* dst = tile + row * Lay::RS + (e0 / Lay::W) * Lay::PW + (e0 % Lay::W);
+  } else {
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < ROWS * CPR; idx += NT) {
+      const int row = idx / CPR, e0 = idx % CPR * V;
+      float tmp[V];
+      if (row < nrows) {
+        load_vec<T, V>(base + static_cast<int64_t>(row0 + row) * stride + e0, tmp);
+      } else {
 #pragma unroll
-    for (int v = 0; v < V; v += 4)
-      *reinterpret_cast<float4*>(dst + v) = make_float4(tmp[v], tmp[v + 1], tmp[v + 2], tmp[v + 3]);
+        for (int v = 0; v < V; ++v) tmp[v] = 0.f;
+      }
+      float* dst = dest(row, e0);
+#pragma unroll
+      for (int v = 0; v < V; v += 4)
+        *reinterpret_cast<float4*>(dst + v) = make_float4(tmp[v], tmp[v + 1], tmp[v + 2], tmp[v + 3]);
+    }
   }
+}
+
+// Waits for this thread's asynchronous load_tile copies (a no-op where there are none); a
+// __syncthreads after it makes every thread's copies visible to the block.
+__device__ __forceinline__ void wait_tile_loads() {
+#if ENACT_ASYNC_TILES
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
 }
 
 // Partial dot product of a register part with a shared-memory part (4 accumulators).

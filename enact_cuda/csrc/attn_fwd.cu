@@ -50,8 +50,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a, DropoutP
 
   for (int kt = 0; kt < Lk; kt += kBN) {
     const int nk = min(kBN, Lk - kt);
-    load_tile<T, LayK, kBN>(Ks, kb, a.sk[2], kt, nk);
-    load_tile<T, LayV, kBN>(Vs, vb, a.sv[2], kt, nk);
+    load_tile<T, LayK, kBN, kThreads>(Ks, kb, a.sk[2], kt, nk);
+    load_tile<T, LayV, kBN, kThreads>(Vs, vb, a.sv[2], kt, nk);
+    wait_tile_loads();
     __syncthreads();
     for (int c0 = 0; c0 < nk; c0 += KC) {
       float s[QPT][KC];
