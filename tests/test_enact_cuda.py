@@ -805,7 +805,8 @@ NO_WAIT_ATTENTIONS = pytest.mark.parametrize("impl,amp", [("cuda", False), ("aut
 def test_attention_backward_with_a_key_count_hint_is_unchanged(cb, dev, monkeypatch, e, ev):
     """Keys allocated at N rows (the no-wait layout) with a host hint of the real key count:
     the dk/dv work split follows the hint, the gradients do not change (they are checked
-    against the torch backend, and against the same call without the hint)."""
+    against the torch backend, and against the same call without the hint: its other split
+    adds the dk / dv partial sums in another order, ~4e-7 apart on an H200)."""
     monkeypatch.setattr(cb, "DKDV_NSPLIT", 0)
     gen = torch.Generator().manual_seed(21)
     B, h, N = 2, 8, 900
@@ -817,7 +818,7 @@ def test_attention_backward_with_a_key_count_hint_is_unchanged(cb, dev, monkeypa
     hinted = _run_attn(cb.clustered_attention, q, k, v, kpm, go, key_count_hint=lambda: 150)
     ref = _run_attn(clustered_attention_torch, q, k, v, kpm, go)
     for a, b_, r in zip(hinted, plain, ref):
-        assert torch.allclose(a, b_, rtol=1e-5, atol=1e-6)
+        assert rel(a, b_) <= FP32_TOL
         assert rel(a, r) <= 5 * FP32_TOL
     assert not hinted[2][:, :, 150:].any() and not hinted[3][:, :, 150:].any()
 
