@@ -27,8 +27,10 @@ _CUDA_HEAD_DIMS = ((32, 32), (64, 64), (64, 32))
 # than the torch backend (padded clusters through SDPA's memory-efficient kernel); in bfloat16
 # the torch backend takes 0.71-0.88x of the kernel's GPU time (tensor cores), while in wall
 # clock the kernel is 2x faster at 25x38 (fewer launches) and about equal at the larger sizes.
-# So "auto" uses the kernel for float32 and torch's SDPA for bfloat16 / float16; impl="cuda"
-# still forces the kernel for bfloat16.
+# Whole detectors in bf16 (benchmarks/results/nvidia_h200_bf16_profiled.*): GPU time per training
+# step equal (DETR, Conditional DETR) or 12 % less with SDPA (Anchor DETR). So "auto" uses the
+# kernel for float32 and torch's SDPA for bfloat16 / float16; impl="cuda" still forces the
+# kernel for bfloat16.
 AUTO_CUDA_ATTENTION_DTYPES = (torch.float32,)
 
 # SDPA backends for the padded clusters. cuDNN is left out: it builds (and caches) an execution
