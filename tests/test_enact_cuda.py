@@ -445,8 +445,8 @@ def test_clustered_attention_matches_torch(cb, dev, B, h, N, R, e, ev, dtype):
 @pytest.mark.parametrize("e,ev", [(32, 32), (64, 64), (64, 32)])
 def test_clustered_attention_fixed_split_backward_and_scale(cb, dev, monkeypatch, e, ev, nsplit):
     """The dk/dv kernel without query splits (direct stores) and with more splits than query
-    tiles (257 queries: 5 tiles, so 59 of the 64 splits are empty and return at once), and a
-    custom scale."""
+    tiles (257 queries: splits are whole multiples of 64 queries, so 5 take them and 59 of the
+    64 are empty and return at once), and a custom scale."""
     monkeypatch.setattr(cb, "DKDV_NSPLIT", nsplit)
     q, k, v, kpm, go = _attn_inputs(3, 4, 257, 50, e, torch.float32, dev, seed=7, ev=ev)
     out_c, dq_c, dk_c, dv_c = _run_attn(cb.clustered_attention, q, k, v, kpm, go, scale=0.3)

@@ -17,8 +17,9 @@ namespace enact {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kBN = 64;  // keys per shared tile (dq kernel)
-constexpr int kBQ = 64;  // queries per shared tile (dk/dv kernel)
+constexpr int kBN = 32;  // keys per shared tile (dq kernel; two tiles staged)
+constexpr int kBQ = 32;  // queries per shared tile (dk/dv kernel; two tiles staged)
+constexpr int kSplitQ = 64;  // the dk/dv kernel's query splits are whole multiples of this
 
 // Minimum resident blocks per SM the dk/dv kernel's registers are capped for: 3 for
 // (q / k, v) head dims (64, 32), which fit in 168 registers without spilling (the compiler's
@@ -35,11 +36,11 @@ constexpr int dkdv_min_blocks() {
 // H200 (fp32, DETR / Conditional DETR shapes; unchanged for Anchor DETR's).
 constexpr int kDqQPT = 2;
 
-// Queries of each of the dk/dv kernel's `nsplit` query splits: N / nsplit rounded up to whole
-// kBQ tiles (the last splits may get fewer queries or none); the kernel and choose_nsplit
-// share it.
+// Queries of each of the dk/dv kernel's `nsplit` query splits: N / nsplit rounded up to a
+// multiple of kSplitQ (the last splits may get fewer queries or none); the kernel and
+// choose_nsplit share it.
 __host__ __device__ __forceinline__ int queries_per_split(int N, int nsplit) {
-  return ((N + nsplit - 1) / nsplit + kBQ - 1) / kBQ * kBQ;
+  return ((N + nsplit - 1) / nsplit + kSplitQ - 1) / kSplitQ * kSplitQ;
 }
 
 template <typename T, int E, int EV, bool DROP, int QPT>
@@ -48,8 +49,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttnArgs a, Dropo
   using LayK = typename P::LayK;
   using LayV = typename P::LayV;
   constexpr int TP = P::TP, WK = P::WK, WV = P::WV, G = kThreads / TP, BM = G * QPT;
-  __shared__ __align__(16) float Ks[kBN * LayK::RS];
-  __shared__ __align__(16) float Vs[kBN * LayV::RS];
+  __shared__ __align__(16) float Ks[2][kBN * LayK::RS];
+  __shared__ __align__(16) float Vs[2][kBN * LayV::RS];
 
   const auto [bh, b, h, Lk] = block_head(a);
   const int tid = threadIdx.x, part = tid % TP;
@@ -82,16 +83,15 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttnArgs a, Dropo
     rk[r] = DROP ? dropout_row_key(a.seed, static_cast<uint64_t>(query_row(a, bh, qi))) : 0u;
   }
 
-  for (int kt = 0; kt < Lk; kt += kBN) {
-    const int nk = min(kBN, Lk - kt);
-    load_tile<T, LayK, kBN, kThreads>(Ks, kb, a.sk[2], kt, nk);
-    load_tile<T, LayV, kBN, kThreads>(Vs, vb, a.sv[2], kt, nk);
-    wait_tile_loads();
-    __syncthreads();
+  auto load = [&](int stage, int kt, int nk) {
+    load_tile<T, LayK, kBN, kThreads>(Ks[stage], kb, a.sk[2], kt, nk);
+    load_tile<T, LayV, kBN, kThreads>(Vs[stage], vb, a.sv[2], kt, nk);
+  };
+  for_each_staged_tile<kBN>(0, Lk, load, [&](int stage, int kt, int nk) {
 #pragma unroll 1
     for (int j = 0; j < nk; ++j) {
-      const float* krow = Ks + j * LayK::RS + part * LayK::PW;
-      const float* vrow = Vs + j * LayV::RS + part * LayV::PW;
+      const float* krow = Ks[stage] + j * LayK::RS + part * LayK::PW;
+      const float* vrow = Vs[stage] + j * LayV::RS + part * LayV::PW;
 #pragma unroll
       for (int r = 0; r < QPT; ++r) {
         const float sj = finish_dot<TP>(dot_part<WK>(q[r], krow));
@@ -102,8 +102,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttnArgs a, Dropo
         axpy_part<WK>(acc[r], p * (dpj - D[r]), krow);
       }
     }
-    __syncthreads();
-  }
+  });
 #pragma unroll
   for (int r = 0; r < QPT; ++r) {
     const int qi = blockIdx.x * BM + r * G + tid / TP;
@@ -118,11 +117,11 @@ __global__ void __launch_bounds__(kThreads, dkdv_min_blocks<E, EV>())
   using LayK = typename P::LayK;
   using LayV = typename P::LayV;
   constexpr int TP = P::TP, WK = P::WK, WV = P::WV, BK = kThreads / TP;
-  __shared__ __align__(16) float Qs[kBQ * LayK::RS];
-  __shared__ __align__(16) float Gs[kBQ * LayV::RS];
-  __shared__ float Ls[kBQ];
-  __shared__ float Ds[kBQ];
-  __shared__ uint32_t Rks[kBQ];  // dropout row keys of the tile's queries
+  __shared__ __align__(16) float Qs[2][kBQ * LayK::RS];
+  __shared__ __align__(16) float Gs[2][kBQ * LayV::RS];
+  __shared__ float Ls[2][kBQ];  // the queries' log-sum-exp (natural log)
+  __shared__ float Ds[2][kBQ];
+  __shared__ uint32_t Rks[2][kBQ];  // dropout row keys of the tile's queries
 
   const auto [bh, b, h, Lk] = block_head(a);
   const int k0 = blockIdx.x * BK;
@@ -149,39 +148,39 @@ __global__ void __launch_bounds__(kThreads, dkdv_min_blocks<E, EV>())
   if (qs >= qe) return;  // an empty split (only with nsplit > 1: zeroed accumulators)
   const T* qb = head_row<T>(a.q, a.sq, b, h, 0);
   const T* gb = head_row<T>(a.dout, a.sdo, b, h, 0);
-  const float* lse_b = a.lse + query_row(a, bh, 0);
-  const float* del_b = a.delta + query_row(a, bh, 0);
+  const int64_t row_b = query_row(a, bh, 0);  // of query 0 in the (B, H, N) per-row arrays
+  const float* lse_b = a.lse + row_b;
+  const float* del_b = a.delta + row_b;
 
-  for (int qt = qs; qt < qe; qt += kBQ) {
-    const int nq = min(kBQ, qe - qt);
-    load_tile<T, LayK, kBQ, kThreads>(Qs, qb, a.sq[2], qt, nq);
-    load_tile<T, LayV, kBQ, kThreads>(Gs, gb, a.sdo[2], qt, nq);
-    for (int i = tid; i < kBQ; i += blockDim.x) {
-      Ls[i] = i < nq ? lse_b[qt + i] * kLog2e : 0.f;
-      Ds[i] = i < nq ? del_b[qt + i] : 0.f;
-      if (DROP) Rks[i] = dropout_row_key(a.seed, static_cast<uint64_t>(query_row(a, bh, qt + i)));
+  auto load = [&](int stage, int qt, int nq) {
+    load_tile<T, LayK, kBQ, kThreads>(Qs[stage], qb, a.sq[2], qt, nq);
+    load_tile<T, LayV, kBQ, kThreads>(Gs[stage], gb, a.sdo[2], qt, nq);
+    load_row_values<kBQ, kThreads>(Ls[stage], lse_b, qt, nq);
+    load_row_values<kBQ, kThreads>(Ds[stage], del_b, qt, nq);
+    if (DROP) {
+      for (int i = tid; i < kBQ; i += kThreads)
+        Rks[stage][i] = dropout_row_key(a.seed, static_cast<uint64_t>(row_b + qt + i));
     }
-    wait_tile_loads();
-    __syncthreads();
+  };
+  for_each_staged_tile<kBQ>(qs, qe, load, [&](int stage, int qt, int nq) {
 #pragma unroll 2
     for (int i = 0; i < nq; ++i) {
-      const float* qrow = Qs + i * LayK::RS + part * LayK::PW;
-      const float* grow = Gs + i * LayV::RS + part * LayV::PW;
+      const float* qrow = Qs[stage] + i * LayK::RS + part * LayK::PW;
+      const float* grow = Gs[stage] + i * LayV::RS + part * LayV::PW;
       const float s = finish_dot<TP>(dot_part<WK>(kr, qrow));
       const float dpr = finish_dot<TP>(dot_part<WV>(vr, grow));
-      const float p = exp2f(s - Ls[i]);
+      const float p = exp2f(fmaf(Ls[stage][i], -kLog2e, s));
       float pd = p, dpj = dpr;
       if (DROP) {
-        const bool keep = dropout_keep(Rks[i], kj, dp.threshold);
+        const bool keep = dropout_keep(Rks[stage][i], kj, dp.threshold);
         pd = keep ? p * dp.inv_keep : 0.f;
         dpj = keep ? dpr * dp.inv_keep : 0.f;
       }
-      const float ds = p * (dpj - Ds[i]);
+      const float ds = p * (dpj - Ds[stage][i]);
       axpy_part<WV>(dv, pd, grow);
       axpy_part<WK>(dk, ds, qrow);
     }
-    __syncthreads();
-  }
+  });
   if (!active) return;
   float* dkp = a.dk_acc + (static_cast<int64_t>(bh) * a.R + kj) * E + part * WK;
   float* dvp = a.dv_acc + (static_cast<int64_t>(bh) * a.R + kj) * EV + part * WV;
@@ -204,9 +203,9 @@ __global__ void __launch_bounds__(kThreads, dkdv_min_blocks<E, EV>())
 }  // namespace
 
 // Query splits of the dk/dv kernel. Blocks run in waves of `slots` (SMs x resident blocks per
-// SM); a block's time is about its queries plus one query tile (its fixed cost: loading its
-// keys, writing their gradients). The split minimises waves x (queries per split + kBQ) over
-// 1 .. min(query tiles, 64), the smaller on ties (fewer atomics). Blocks past an image's key
+// SM); a block's time is about its queries plus kSplitQ (its fixed cost: loading its keys and
+// first query tile, writing their gradients). The split minimises waves x (queries per split
+// + kSplitQ) over 1 .. min(N / kSplitQ rounded up, 64), the smaller on ties (fewer atomics). Blocks past an image's key
 // count exit at once, so the blocks that work are those of the real keys: a.key_hint of them
 // per image when R is an upper bound.
 static int choose_nsplit(const AttnArgs& a, int slots) {
@@ -214,14 +213,14 @@ static int choose_nsplit(const AttnArgs& a, int slots) {
   const int keys = a.key_hint > 0 ? a.key_hint : a.R;  // the binding clamps it to R
   const int64_t per_split = static_cast<int64_t>((keys + BK - 1) / BK) * a.B * a.H;
   if (per_split <= 0 || slots <= 0) return 1;
-  const int max_split = std::min((a.N + kBQ - 1) / kBQ, 64);
+  const int max_split = std::min((a.N + kSplitQ - 1) / kSplitQ, 64);
   int best = 1;
   int64_t best_cost = INT64_MAX;
   for (int s = 1; s <= max_split; ++s) {
     const int per = queries_per_split(a.N, s);
     const int64_t used = (a.N + per - 1) / per;  // splits with queries
     const int64_t waves = (per_split * used + slots - 1) / slots;
-    const int64_t cost = waves * (per + kBQ);
+    const int64_t cost = waves * (per + kSplitQ);
     if (cost < best_cost) {
       best = s;
       best_cost = cost;

@@ -3,8 +3,9 @@
 // Thread layout: a query (or key) row of q / k head dim E is owned by TP = E / 32 adjacent
 // threads, each holding 32 of its elements in registers ("part"); the same TP threads hold a
 // value-dim row (head dim EV <= E) as parts of EV / TP elements. Dot products are finished with
-// one __shfl_xor per extra part. Tiles of rows are staged in shared memory as float; a row's
-// parts are stored W + PAD floats apart (PAD = 4 when TP > 1) so that the parts' 16-byte reads
+// one __shfl_xor per extra part. Tiles of rows are staged in shared memory as float, two tiles
+// in turn (for_each_staged_tile: the next one's copies in flight during the current one's
+// compute); a row's parts are stored W + PAD floats apart (PAD = 4 when TP > 1) so that the parts' 16-byte reads
 // of one row fall in different banks.
 #pragma once
 
@@ -144,9 +145,9 @@ __device__ __forceinline__ void copy_async_16(float* smem, const float* gmem, bo
 // Rows [row0, row0 + nrows) of a (L, E) slice with row stride `stride` -> shared tile of
 // ROWS rows in layout Lay (rows >= nrows are zero-filled). Cooperative over the block's NT
 // threads (the kernel's launch size). float tiles on sm_80+ are copied asynchronously, every
-// copy of a thread in flight at once: the tile is complete only after wait_tile_loads() (then
-// __syncthreads, as for the synchronous path). Other tiles pass through registers, one
-// 16-byte load at a time.
+// copy of a thread in flight at once: the tile is complete only after its group's
+// wait_tile_loads (for_each_staged_tile does that, and the __syncthreads). Other tiles pass
+// through registers, one 16-byte load at a time.
 template <typename T, typename Lay, int ROWS, int NT>
 __device__ __forceinline__ void load_tile(float* __restrict__ tile, const T* __restrict__ base,
                                           int64_t stride, int row0, int nrows) {
@@ -190,12 +191,75 @@ __device__ __forceinline__ void load_tile(float* __restrict__ tile, const T* __r
   }
 }
 
-// Waits for this thread's asynchronous load_tile copies (a no-op where there are none); a
-// __syncthreads after it makes every thread's copies visible to the block.
+// 4 bytes global -> shared without passing through registers; a zero when !valid.
+__device__ __forceinline__ void copy_async_4(float* smem, const float* gmem, bool valid) {
+#if ENACT_ASYNC_TILES
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 4 : 0));
+#endif
+}
+
+// values[row0, row0 + nrows) of a float array -> shared row values of ROWS rows (zeros past
+// nrows), as load_tile: asynchronous on sm_80+ (complete after the tile's wait), else through
+// registers.
+template <int ROWS, int NT>
+__device__ __forceinline__ void load_row_values(float* __restrict__ dst,
+                                                const float* __restrict__ values, int row0,
+                                                int nrows) {
+  for (int i = threadIdx.x; i < ROWS; i += NT) {
+    const bool valid = i < nrows;
+#if ENACT_ASYNC_TILES
+    copy_async_4(dst + i, valid ? values + row0 + i : values, valid);
+#else
+    dst[i] = valid ? values[row0 + i] : 0.f;
+#endif
+  }
+}
+
+// Closes the group of this thread's asynchronous copies issued since the last group.
+__device__ __forceinline__ void commit_tile_loads() {
+#if ENACT_ASYNC_TILES
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most PENDING of this thread's groups of copies are still in flight (a no-op
+// where there are none); a __syncthreads after it makes every thread's copies visible to the
+// block.
+template <int PENDING>
 __device__ __forceinline__ void wait_tile_loads() {
 #if ENACT_ASYNC_TILES
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
 #endif
+}
+
+// The rows [begin, end) in tiles of ROWS, staged in two shared buffers ("stages" 0 and 1):
+// load(stage, row0, nrows) fills a stage with load_tile / load_row_values, and
+// body(stage, row0, nrows) computes on a complete one. The copies of tile t + 1 are issued
+// before the body of tile t, so on sm_80+ they are in flight while the block computes (other
+// builds and tiles load through registers, as before the body). Block-uniform arguments;
+// every thread of the block must call it.
+template <int ROWS, typename Load, typename Body>
+__device__ __forceinline__ void for_each_staged_tile(int begin, int end, Load&& load,
+                                                     Body&& body) {
+  if (begin >= end) return;
+  load(0, begin, min(ROWS, end - begin));
+  commit_tile_loads();
+  int stage = 0;
+  for (int row0 = begin; row0 < end; row0 += ROWS, stage ^= 1) {
+    const int next = row0 + ROWS;
+    if (next < end) {
+      load(stage ^ 1, next, min(ROWS, end - next));  // the stage the previous tile used
+      commit_tile_loads();
+      wait_tile_loads<1>();
+    } else {
+      wait_tile_loads<0>();
+    }
+    __syncthreads();
+    body(stage, row0, min(ROWS, end - row0));
+    __syncthreads();  // before the next load overwrites this stage
+  }
 }
 
 // Partial dot product of a register part with a shared-memory part (4 accumulators).

@@ -10,23 +10,32 @@ namespace enact {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kBN = 64;  // keys per shared tile
+constexpr int kBN = 32;  // keys per shared tile (two tiles staged)
 constexpr int kQPT = 2;  // query rows per TP-thread group (kQPT * kThreads / TP per block)
 constexpr int kKC = 8;   // keys per online-softmax step
+
+// Minimum resident blocks per SM the forward's registers are capped for: 3 for (q / k, v) head
+// dims (64, 32), which fit in 168 registers without spilling (with dropout the compiler's own
+// choice, ~205, would leave 2 per SM); the compiler's choice for the others.
+template <int E, int EV>
+constexpr int fwd_min_blocks() {
+  return E == 64 && EV == 32 ? 3 : 1;
+}
 
 // Each TP-thread group owns QPT query rows, so that every key / value row read from shared
 // memory serves QPT queries (its shared-memory reads rather than its FMAs seem to limit this
 // kernel: halving them per query row is what made it faster); KC keys per online-softmax
 // step. QPT = 2, KC = 8: 1.2-1.5x faster than one row per group on an H200 (fp32, Anchor /
-// DETR shapes), at 157-240 registers.
+// DETR shapes), at 159-241 registers.
 template <typename T, int E, int EV, bool DROP, int QPT, int KC>
-__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a, DropoutParams dp) {
+__global__ void __launch_bounds__(kThreads, fwd_min_blocks<E, EV>())
+    attn_fwd_kernel(AttnArgs a, DropoutParams dp) {
   using P = AttnParts<E, EV>;
   using LayK = typename P::LayK;
   using LayV = typename P::LayV;
   constexpr int TP = P::TP, WK = P::WK, WV = P::WV, G = kThreads / TP, BM = G * QPT;
-  __shared__ __align__(16) float Ks[kBN * LayK::RS];
-  __shared__ __align__(16) float Vs[kBN * LayV::RS];
+  __shared__ __align__(16) float Ks[2][kBN * LayK::RS];
+  __shared__ __align__(16) float Vs[2][kBN * LayV::RS];
 
   const auto [bh, b, h, Lk] = block_head(a);
   const int tid = threadIdx.x, part = tid % TP;
@@ -48,17 +57,16 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a, DropoutP
     rk[r] = DROP ? dropout_row_key(a.seed, static_cast<uint64_t>(query_row(a, bh, qi))) : 0u;
   }
 
-  for (int kt = 0; kt < Lk; kt += kBN) {
-    const int nk = min(kBN, Lk - kt);
-    load_tile<T, LayK, kBN, kThreads>(Ks, kb, a.sk[2], kt, nk);
-    load_tile<T, LayV, kBN, kThreads>(Vs, vb, a.sv[2], kt, nk);
-    wait_tile_loads();
-    __syncthreads();
+  auto load = [&](int stage, int kt, int nk) {
+    load_tile<T, LayK, kBN, kThreads>(Ks[stage], kb, a.sk[2], kt, nk);
+    load_tile<T, LayV, kBN, kThreads>(Vs[stage], vb, a.sv[2], kt, nk);
+  };
+  for_each_staged_tile<kBN>(0, Lk, load, [&](int stage, int kt, int nk) {
     for (int c0 = 0; c0 < nk; c0 += KC) {
       float s[QPT][KC];
 #pragma unroll
       for (int j = 0; j < KC; ++j) {
-        const float* krow = Ks + (c0 + j) * LayK::RS + part * LayK::PW;
+        const float* krow = Ks[stage] + (c0 + j) * LayK::RS + part * LayK::PW;
 #pragma unroll
         for (int r = 0; r < QPT; ++r) s[r][j] = dot_part<WK>(q[r], krow);
       }
@@ -81,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a, DropoutP
       }
 #pragma unroll
       for (int j = 0; j < KC; ++j) {
-        const float* vrow = Vs + (c0 + j) * LayV::RS + part * LayV::PW;
+        const float* vrow = Vs[stage] + (c0 + j) * LayV::RS + part * LayV::PW;
 #pragma unroll
         for (int r = 0; r < QPT; ++r) {
           float p = exp2f(s[r][j] - m[r]);
@@ -91,8 +99,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttnArgs a, DropoutP
         }
       }
     }
-    __syncthreads();
-  }
+  });
 
 #pragma unroll
   for (int r = 0; r < QPT; ++r) {
