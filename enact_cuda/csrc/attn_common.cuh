@@ -132,13 +132,21 @@ __device__ __forceinline__ void store_part(T* __restrict__ p, const float (&x)[W
 #define ENACT_ASYNC_TILES 0
 #endif
 
-// 16 bytes global -> shared (both 16-byte aligned) without passing through registers; zeros
-// when !valid (nothing is read then).
-__device__ __forceinline__ void copy_async_16(float* smem, const float* gmem, bool valid) {
+// BYTES (4 or 16) global -> shared (both BYTES-aligned) without passing through registers;
+// zeros when !valid (nothing is read then). 16-byte copies bypass L1 (.cg), 4-byte ones
+// cannot (.ca).
+template <int BYTES>
+__device__ __forceinline__ void copy_async(float* smem, const float* gmem, bool valid) {
+  static_assert(BYTES == 4 || BYTES == 16, "4- or 16-byte copies");
 #if ENACT_ASYNC_TILES
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(valid ? 16 : 0));
+  const int src_bytes = valid ? BYTES : 0;
+  if constexpr (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+                 "r"(src_bytes));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
+                 "r"(src_bytes));
 #endif
 }
 
@@ -168,7 +176,7 @@ __device__ __forceinline__ void load_tile(float* __restrict__ tile, const T* __r
 #pragma unroll
     for (int c = 0; c < ROWS / RSTEP; ++c) {
       const bool valid = r0 + c * RSTEP < nrows;
-      copy_async_16(dst, valid ? src : base, valid);  // never an address past the rows
+      copy_async<16>(dst, valid ? src : base, valid);  // never an address past the rows
       src += RSTEP * stride;
       dst += RSTEP * Lay::RS;
     }
@@ -191,15 +199,6 @@ __device__ __forceinline__ void load_tile(float* __restrict__ tile, const T* __r
   }
 }
 
-// 4 bytes global -> shared without passing through registers; a zero when !valid.
-__device__ __forceinline__ void copy_async_4(float* smem, const float* gmem, bool valid) {
-#if ENACT_ASYNC_TILES
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(valid ? 4 : 0));
-#endif
-}
-
 // values[row0, row0 + nrows) of a float array -> shared row values of ROWS rows (zeros past
 // nrows), as load_tile: asynchronous on sm_80+ (complete after the tile's wait), else through
 // registers.
@@ -210,7 +209,7 @@ __device__ __forceinline__ void load_row_values(float* __restrict__ dst,
   for (int i = threadIdx.x; i < ROWS; i += NT) {
     const bool valid = i < nrows;
 #if ENACT_ASYNC_TILES
-    copy_async_4(dst + i, valid ? values + row0 + i : values, valid);
+    copy_async<4>(dst + i, valid ? values + row0 + i : values, valid);
 #else
     dst[i] = valid ? values[row0 + i] : 0.f;
 #endif
