@@ -205,9 +205,9 @@ __global__ void __launch_bounds__(kThreads, dkdv_min_blocks<E, EV>())
 // Query splits of the dk/dv kernel. Blocks run in waves of `slots` (SMs x resident blocks per
 // SM); a block's time is about its queries plus kSplitQ (its fixed cost: loading its keys and
 // first query tile, writing their gradients). The split minimises waves x (queries per split
-// + kSplitQ) over 1 .. min(N / kSplitQ rounded up, 64), the smaller on ties (fewer atomics). Blocks past an image's key
-// count exit at once, so the blocks that work are those of the real keys: a.key_hint of them
-// per image when R is an upper bound.
+// + kSplitQ) over 1 .. min(N / kSplitQ rounded up, 64), the smaller on ties (fewer atomics).
+// Blocks past an image's key count exit at once, so the blocks that work are those of the real
+// keys: a.key_hint of them per image when R is an upper bound.
 static int choose_nsplit(const AttnArgs& a, int slots) {
   const int TP = a.E / 32, BK = kThreads / TP;
   const int keys = a.key_hint > 0 ? a.key_hint : a.R;  // the binding clamps it to R

@@ -5,8 +5,8 @@
 // value-dim row (head dim EV <= E) as parts of EV / TP elements. Dot products are finished with
 // one __shfl_xor per extra part. Tiles of rows are staged in shared memory as float, two tiles
 // in turn (for_each_staged_tile: the next one's copies in flight during the current one's
-// compute); a row's parts are stored W + PAD floats apart (PAD = 4 when TP > 1) so that the parts' 16-byte reads
-// of one row fall in different banks.
+// compute); a row's parts are stored W + PAD floats apart (PAD = 4 when TP > 1) so that the
+// parts' 16-byte reads of one row fall in different banks.
 #pragma once
 
 #include <type_traits>
