@@ -122,6 +122,19 @@ inline void set_regions(Args& a, const float* smoothed, const int64_t* region_in
   a.R = static_cast<int>(R);
 }
 
+// The size, smoothing and region-scan fields shared by enact::InfoFwdArgs and
+// enact::FusedFwdArgs (enact.h).
+template <typename Args>
+inline void set_scan(Args& a, int64_t B, int64_t N, int64_t sigma, int64_t taps_half,
+                     bool row_breaks, int64_t W) {
+  a.B = static_cast<int>(B);
+  a.N = static_cast<int>(N);
+  a.sigma = static_cast<int>(sigma);
+  a.taps_half = static_cast<int>(taps_half);
+  a.row_breaks = row_breaks ? 1 : 0;
+  a.W = static_cast<int>(W);
+}
+
 // Input slot k of a clustering launch: x (B, N, d_t) with unit stride along d. Returns whether
 // x allows the kernels' 16-byte accesses.
 template <typename Args>

@@ -40,12 +40,7 @@ std::vector<at::Tensor> info_forward(const at::Tensor& x_in, const std::optional
   a.region_out = region.data_ptr<int64_t>();
   a.counts_out = counts.data_ptr<int64_t>();
   a.scratch = float_ptr_or_null(scratch);
-  a.B = static_cast<int>(B);
-  a.N = static_cast<int>(N);
-  a.sigma = static_cast<int>(sigma);
-  a.taps_half = static_cast<int>(taps_half);
-  a.row_breaks = row_breaks ? 1 : 0;
-  a.W = static_cast<int>(W);
+  set_scan(a, B, N, sigma, taps_half, row_breaks, W);
   a.mode = static_cast<int>(mode);
   ENACT_CHECK_CUDA(enact::info_forward(a, limit, c10::cuda::getCurrentCUDAStream()));
   return {mode == 0 ? info : smoothed.new_empty({0}), smoothed, region, counts};

@@ -206,12 +206,7 @@ std::shared_ptr<FusedPending> fused_begin(const at::Tensor& keys, const at::Tens
   a.counter = iw + lay.counter();
   a.rmax = iw + lay.rmax();
   a.scratch = float_ptr_or_null(scratch);
-  a.B = static_cast<int>(B);
-  a.N = static_cast<int>(N);
-  a.sigma = static_cast<int>(sigma);
-  a.taps_half = static_cast<int>(taps_half);
-  a.row_breaks = row_breaks ? 1 : 0;
-  a.W = static_cast<int>(W);
+  set_scan(a, B, N, sigma, taps_half, row_breaks, W);
   ENACT_CHECK_CUDA(enact::fused_forward(a, dtype_of(keys), key_vec_ok(keys), limit, stream));
 
   if (!read_rmax) return p;
