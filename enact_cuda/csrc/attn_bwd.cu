@@ -54,8 +54,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttnArgs a, Dropo
 
   const auto [bh, b, h, Lk] = block_head(a);
   const int tid = threadIdx.x, part = tid % TP;
-  const T* kb = head_row<T>(a.k, a.sk, b, h, 0);
-  const T* vb = head_row<T>(a.v, a.sv, b, h, 0);
+  const auto load = key_value_loader<T, LayK, LayV, kBN, kThreads>(Ks, Vs, a, b, h);
 
   const float c = a.scale * kLog2e;
   float q[QPT][WK], g[QPT][WV], acc[QPT][WK], D[QPT], lse2[QPT];
@@ -83,10 +82,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttnArgs a, Dropo
     rk[r] = DROP ? dropout_row_key(a.seed, static_cast<uint64_t>(query_row(a, bh, qi))) : 0u;
   }
 
-  auto load = [&](int stage, int kt, int nk) {
-    load_tile<T, LayK, kBN, kThreads>(Ks[stage], kb, a.sk[2], kt, nk);
-    load_tile<T, LayV, kBN, kThreads>(Vs[stage], vb, a.sv[2], kt, nk);
-  };
   for_each_staged_tile<kBN>(0, Lk, load, [&](int stage, int kt, int nk) {
 #pragma unroll 1
     for (int j = 0; j < nk; ++j) {

@@ -261,6 +261,21 @@ __device__ __forceinline__ void for_each_staged_tile(int begin, int end, Load&& 
   }
 }
 
+// The `load` for for_each_staged_tile of a kernel that streams head (b, h)'s key and value rows
+// (the forward, the dQ kernel): load(stage, row0, nrows) copies rows [row0, row0 + nrows) of
+// its keys into ks[stage] and of its values into vs[stage], tiles of ROWS rows.
+template <typename T, typename LayK, typename LayV, int ROWS, int NT>
+__device__ __forceinline__ auto key_value_loader(float (&ks)[2][ROWS * LayK::RS],
+                                                 float (&vs)[2][ROWS * LayV::RS],
+                                                 const AttnArgs& a, int b, int h) {
+  const T* kb = head_row<T>(a.k, a.sk, b, h, 0);
+  const T* vb = head_row<T>(a.v, a.sv, b, h, 0);
+  return [&ks, &vs, &a, kb, vb](int stage, int row0, int nrows) {
+    load_tile<T, LayK, ROWS, NT>(ks[stage], kb, a.sk[2], row0, nrows);
+    load_tile<T, LayV, ROWS, NT>(vs[stage], vb, a.sv[2], row0, nrows);
+  };
+}
+
 // Partial dot product of a register part with a shared-memory part (4 accumulators).
 template <int W>
 __device__ __forceinline__ float dot_part(const float (&x)[W], const float* __restrict__ row) {
