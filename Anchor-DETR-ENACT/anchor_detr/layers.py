@@ -81,14 +81,16 @@ class EncoderLayerSpatial(nn.Module):
             # eval (N rows) when the CUDA kernel attends (q / k head dim 2 d_h, values at the
             # head dim forward_clustered gives them)
             attn, impl = self.self_attn, self.enact_impl
-            skip = self.ENACT.skips_count_read(uses_cuda_kernel(
-                src, 2 * attn.head_dim, impl, attn.clustered_value_dim(src, impl)))
+            value_dim = attn.clustered_value_dim(src, impl)
+            skip = self.ENACT.skips_count_read(uses_cuda_kernel(src, 2 * attn.head_dim, impl,
+                                                                value_dim))
             clusters = self.ENACT(q_row, (q_row, q_col, src.reshape(b, h * w, e)), flat_mask,
                                   (h, w), skip_count_read=skip)
             c_row, c_col, c_val = clusters.values
-            out = self.self_attn.forward_clustered(q_row, q_col, c_row, c_col, c_val,
-                                                   clusters.key_padding_mask, impl=self.enact_impl,
-                                                   key_count_hint=self.ENACT.key_count_hint)
+            out = attn.forward_clustered(q_row, q_col, c_row, c_col, c_val,
+                                         clusters.key_padding_mask, impl=impl,
+                                         key_count_hint=self.ENACT.key_count_hint,
+                                         value_dim=value_dim)
         return out.reshape(b, h, w, e)
 
     def forward(self, src: Tensor, grid: GridMask, pe_row: Tensor, pe_col: Tensor) -> Tensor:

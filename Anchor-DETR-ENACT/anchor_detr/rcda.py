@@ -193,12 +193,14 @@ class RCDA(nn.Module):
 
     def forward_clustered(self, query_row: Tensor, query_col: Tensor, key_row: Tensor,
                           key_col: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
-                          impl: str = "auto", key_count_hint=None) -> Tensor:
+                          impl: str = "auto", key_count_hint=None,
+                          value_dim: Optional[int] = None) -> Tensor:
         """ENACT joint softmax over clusters.
 
         query_row/col (B,N,E) per pixel; key_row/key_col/value (B,R,E) clustered (unprojected);
         key_padding_mask (B,R) True = no cluster -> (B,N,E). key_count_hint: as in
-        enact_cuda.clustered_attention.
+        enact_cuda.clustered_attention. value_dim: `clustered_value_dim` of these inputs where
+        the caller has it already (None: asked here).
         """
         import enact_cuda
 
@@ -208,7 +210,8 @@ class RCDA(nn.Module):
         k = torch.cat((self._heads(self.project(key_row, K_ROW, slots)),
                        self._heads(self.project(key_col, K_COL, slots))), dim=-1)    # (B,h,R,2d)
         v = self._heads(self.project(value, V, slots))                                # (B,h,R,d)
-        value_dim = self.clustered_value_dim(q, impl)
+        if value_dim is None:
+            value_dim = self.clustered_value_dim(q, impl)
         if value_dim > v.shape[-1]:
             v = F.pad(v, (0, value_dim - v.shape[-1]))
         out = enact_cuda.clustered_attention(
