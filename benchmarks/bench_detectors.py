@@ -31,8 +31,9 @@ Variants: plain_eager (--no_enact --attn_impl eager: the paper's baseline, mater
 Modes: fp32 (the protocol; the targets are judged on it), bf16 (the same under
   torch.autocast bf16; criterion in fp32), mixed (fp32, a padded batch alternating 800x1216 and
   800x900 images with the padding mask; training only, since a batch-1 image has no padding).
-Writes <out>/<gpu>.json, <gpu>.md (tables, the issue's reference figures, targets met / missed)
-and <gpu>.png (bar chart; needs matplotlib), rewriting JSON and markdown after every row.
+Writes <out>/<gpu>.json, <gpu>.md (tables, the README's table, the issue's reference figures,
+targets met / missed) and <gpu>.png (bar chart; needs matplotlib), rewriting JSON and markdown
+after every row.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_reference as ref  # noqa: E402
+import readme_table  # noqa: E402
 from bench_reference import FOLDERS  # noqa: E402
 
 for _p in [ROOT, *(ROOT / f for f in FOLDERS.values())]:
@@ -415,12 +417,6 @@ def _pct(x):
     return "—" if x is None else f"{x:+.1f} %"
 
 
-def row_label(row):
-    """"DETR R50" from the row's detector and backbone (so --tiny rows say R18)."""
-    backbone = (row.get("backbone") or "").replace("resnet", "R")
-    return f"{ref.DETECTOR_SHORT.get(row['detector'], row['detector'])} {backbone}".strip()
-
-
 def _clusters(row, what="train"):
     layers = row.get(f"clusters_{what}") or []
     if not layers:
@@ -444,8 +440,8 @@ def _gpu_cell(row, metric):
 
 def table_cells(row):
     if row.get("error") and row.get("train_s_per_img") is None:
-        return [row_label(row), row["mode"], row["variant"], row["error"]] + [""] * (len(TABLE_COLUMNS) - 4)
-    return [row_label(row), row["mode"], row["variant"], _num(row["train_s_per_img"], ".4f"), _num(row["peak_gib"], ".2f"),
+        return [ref.row_label(row), row["mode"], row["variant"], row["error"]] + [""] * (len(TABLE_COLUMNS) - 4)
+    return [ref.row_label(row), row["mode"], row["variant"], _num(row["train_s_per_img"], ".4f"), _num(row["peak_gib"], ".2f"),
             _num(row["infer_s_per_img"], ".4f"), _gpu_cell(row, "train_gpu_ms_per_step"),
             _gpu_cell(row, "infer_gpu_ms"),
             *(_pct(row.get(f"{m}_vs_{b}_pct")) for b in ("plain_eager", "plain_sdpa")
@@ -531,6 +527,9 @@ def write_markdown(path, meta, rows, targets, targets_wait=None):
         "(negative = less memory / faster); clusters/img per layer = ENACT clusters per image "
         "of each encoder layer in the last training step, \"of N\" = valid pixels per image.",
         "", "## Results", "", markdown_table(rows), "",
+        "## The README's table (fp32 rows; `benchmarks/readme_table.py` prints it from the "
+        "JSON, with another run's ratios in brackets)", "",
+        readme_table.table(rows, targets), "",
         "## Against the reference figures (fp32 rows)", "", reference_markdown(rows, detectors),
         "", f"## Targets (fp32 rows): {met} met, {len(missed)} missed, "
         f"{sum(t['status'] == 'n/a' for t in targets)} n/a", "",
@@ -591,7 +590,7 @@ def write_chart(path, rows, meta):
         ax.margins(y=0.15)
         ax.set_xticks(range(len(detectors)))
         first = {r["detector"]: r for r in reversed(fp32)}
-        ax.set_xticklabels([row_label(first[d]).replace(" R", "\nR", 1) for d in detectors],
+        ax.set_xticklabels([ref.row_label(first[d]).replace(" R", "\nR", 1) for d in detectors],
                            fontsize=8)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)

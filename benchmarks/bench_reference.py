@@ -200,6 +200,12 @@ def _entry(tid, detector, description, unit, status, result=None, note=""):
     return e
 
 
+def row_label(row):
+    """"DETR R50" from a result row's detector and backbone (so --tiny rows say R18)."""
+    backbone = (row.get("backbone") or "").replace("resnet", "R")
+    return f"{DETECTOR_SHORT.get(row['detector'], row['detector'])} {backbone}".strip()
+
+
 def _find(rows, detector, variant, mode=TARGET_MODE):
     for r in rows:
         if r["detector"] == detector and r["variant"] == variant and r["mode"] == mode:

@@ -50,7 +50,8 @@ def test_check_margins_and_ties():
 
 def _row(det, variant, train, peak, infer, mode="fp32"):
     return {"detector": det, "variant": variant, "mode": mode, "train_s_per_img": train,
-            "peak_gib": peak, "infer_s_per_img": infer, "error": None}
+            "peak_gib": peak, "infer_s_per_img": infer, "error": None,
+            "backbone": {"detr": "resnet50", "anchor_detr": "resnet50-DC5"}.get(det)}
 
 
 HAND_ROWS = [
@@ -145,6 +146,58 @@ def test_parity_inconclusive_when_nothing_was_learnt():
     assert e["text"].startswith("inconclusive: plain 3.0 AP, ENACT 0.5 AP, both below 5 AP")
     (e,) = ref.evaluate_parity({"detr": {"plain": 6.0, "enact": 5.0}})
     assert e["status"] == "met"
+
+
+def test_readme_table_hand_made_numbers():
+    """One line per detector with plain eager rows; ratios vs plain eager (the Unicode minus),
+    bold where the target is met, the bracket run's train / infer ratios (never memory's), and
+    a pre-flip file's enact_nowait / enact rows read as today's enact / enact_wait."""
+    table_of = _load("readme_table").table
+    rows = HAND_ROWS + [_row("detr", "enact_wait", 0.0143, 5.9, 0.0110)]
+    lines = table_of(rows, ref.evaluate_targets(rows, "NVIDIA H200")).splitlines()
+    assert len(lines) == 2 + 2  # header, rule, DETR, Anchor DETR (no Conditional DETR rows)
+    detr = lines[2].split(" | ")
+    assert detr[0] == "| DETR R50"
+    assert detr[1:4] == ["0.0130, 9.00, 0.0120", "0.0128, 6.20, 0.0118", "0.0117, 5.90, 0.0110"]
+    # train -10 % (target <= -8: met), memory -34.4 % (<= -32: met), infer -8.3 % (< 0: met)
+    assert detr[4] == "**\u221210.0 %**, **\u221234.4 %**, **\u22128.3 %**"
+    assert detr[5] == "+10.0 %"  # enact_wait, never bold
+    assert detr[6] == "+2.7 %, \u221226.9 %, +31 % |"  # the official code's, from the issue
+    anchor = lines[3].split(" | ")
+    # train -20 % (target <= -22: missed), memory -30 % (<= -40: missed), infer 0 % (< 0: missed)
+    assert anchor[4] == "\u221220.0 %, \u221230.0 %, +0.0 %"
+    assert anchor[5] == "\u2014"  # no enact_wait row
+    legacy = [_row("detr", "plain_eager", 0.0100, 9.0, 0.0100),
+              _row("detr", "enact_nowait", 0.0090, 6.0, 0.0095),
+              _row("detr", "enact", 0.0110, 6.0, 0.0099)]
+    bracketed = table_of(rows, [], brackets=legacy).splitlines()[2].split(" | ")
+    assert bracketed[4] == ("\u221210.0 % (\u221210.0), \u221234.4 %, "
+                            "\u22128.3 % (\u22125.0)")
+    assert bracketed[5] == "+10.0 % (+10.0)"
+
+
+def test_readme_table_refuses_what_is_not_a_result_file(tmp_path, capsys):
+    main = _load("readme_table").main
+    (tmp_path / "other.json").write_text('{"epochs": []}')
+    for name, says in (("missing.json", "cannot read it"), ("other.json", "not a bench")):
+        with pytest.raises(SystemExit) as e:
+            main([str(tmp_path / name)])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_readme_table_is_what_its_command_prints(monkeypatch, capsys):
+    """The README's Table 1 is what the readme_table.py command named above it prints from the
+    committed result files (so the table and the results cannot drift apart)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"`python benchmarks/readme_table\.py\s+([^`]+)`\s+prints", readme)
+    assert match, "the README names the command that prints its Table 1"
+    monkeypatch.chdir(ROOT)
+    _load("readme_table").main(shlex.split(match.group(1)))
+    printed = capsys.readouterr().out.strip().splitlines()
+    start = readme.index(printed[0])
+    assert readme[start:].splitlines()[:len(printed)] == printed
 
 
 def test_budget_rule():
@@ -283,6 +336,7 @@ def test_bench_detectors_tiny_cpu(bench, tmp_path, capsys):
     md = (tmp_path / "fp32.md").read_text()
     assert "| Conditional DETR R18 | fp32 | enact |" in md and "## Targets" in md
     assert "official ENACT (ref.)" in md and "--tiny smoke run" in md
+    assert "## The README's table" in md and "| Conditional DETR R18 | " in md
     assert (tmp_path / "fp32.png").is_file() == _has_matplotlib()
     out = capsys.readouterr().out
     assert "GPU: cpu" in out and f"torch {torch.__version__}" in out
