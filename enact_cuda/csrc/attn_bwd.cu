@@ -6,7 +6,8 @@
 // Kernel 1 (query-major, two queries per TP threads): D and dq, no atomics.
 // Kernel 2 (key-major, one key per TP threads, queries split over gridDim.z): dk and dv,
 // fp32 atomics into zero-initialised buffers when the queries are split. Its register budget
-// is sized for 3 resident blocks per SM where the head dims allow it without spilling.
+// is sized for 3 resident blocks per SM where the head dims allow it without spilling
+// (capped_min_blocks).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -20,15 +21,6 @@ constexpr int kThreads = 128;
 constexpr int kBN = 32;  // keys per shared tile (dq kernel; two tiles staged)
 constexpr int kBQ = 32;  // queries per shared tile (dk/dv kernel; two tiles staged)
 constexpr int kSplitQ = 64;  // the dk/dv kernel's query splits are whole multiples of this
-
-// Minimum resident blocks per SM the dk/dv kernel's registers are capped for: 3 for
-// (q / k, v) head dims (64, 32), which fit in 168 registers without spilling (the compiler's
-// own choice, ~180, leaves 2 per SM); the compiler's choice (~250 registers) for the others,
-// which would spill.
-template <int E, int EV>
-constexpr int dkdv_min_blocks() {
-  return E == 64 && EV == 32 ? 3 : 1;
-}
 
 // Query rows per TP-thread group of the dq kernel (kDqQPT * kThreads / TP per block): every
 // key / value row read from shared memory serves both (as in the forward). 2 rows need
@@ -106,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttnArgs a, Dropo
 }
 
 template <typename T, int E, int EV, bool DROP>
-__global__ void __launch_bounds__(kThreads, dkdv_min_blocks<E, EV>())
+__global__ void __launch_bounds__(kThreads, capped_min_blocks<E, EV>())
     attn_bwd_dkdv_kernel(AttnArgs a, DropoutParams dp) {
   using P = AttnParts<E, EV>;
   using LayK = typename P::LayK;

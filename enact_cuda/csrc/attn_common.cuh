@@ -45,6 +45,16 @@ struct AttnParts {
   static constexpr int WK = LayK::W, WV = LayV::W;
 };
 
+// Minimum resident blocks per SM (__launch_bounds__) that the forward and the dK/dV kernel cap
+// their registers for: 3 for (q / k, v) head dims (64, 32), where both fit in 168 registers
+// without spilling (their own choices, the forward with dropout ~205 and the dK/dV kernel
+// ~180, leave 2 per SM); the compiler's choice for the others (the dK/dV kernel's ~250 for
+// (64, 64) would spill under the cap).
+template <int E, int EV>
+constexpr int capped_min_blocks() {
+  return E == 64 && EV == 32 ? 3 : 1;
+}
+
 // Number of keys of image b: the index of the first True of its key padding mask row (the
 // mask is a suffix, so keys [0, count) exist), by binary search: every thread computes the
 // same answer from log2(R) broadcast reads, so R may be a generous upper bound (e.g. N).

@@ -14,21 +14,13 @@ constexpr int kBN = 32;  // keys per shared tile (two tiles staged)
 constexpr int kQPT = 2;  // query rows per TP-thread group (kQPT * kThreads / TP per block)
 constexpr int kKC = 8;   // keys per online-softmax step
 
-// Minimum resident blocks per SM the forward's registers are capped for: 3 for (q / k, v) head
-// dims (64, 32), which fit in 168 registers without spilling (with dropout the compiler's own
-// choice, ~205, would leave 2 per SM); the compiler's choice for the others.
-template <int E, int EV>
-constexpr int fwd_min_blocks() {
-  return E == 64 && EV == 32 ? 3 : 1;
-}
-
 // Each TP-thread group owns QPT query rows, so that every key / value row read from shared
 // memory serves QPT queries (its shared-memory reads rather than its FMAs seem to limit this
 // kernel: halving them per query row is what made it faster); KC keys per online-softmax
 // step. QPT = 2, KC = 8: 1.2-1.5x faster than one row per group on an H200 (fp32, Anchor /
 // DETR shapes), at 159-241 registers.
 template <typename T, int E, int EV, bool DROP, int QPT, int KC>
-__global__ void __launch_bounds__(kThreads, fwd_min_blocks<E, EV>())
+__global__ void __launch_bounds__(kThreads, capped_min_blocks<E, EV>())
     attn_fwd_kernel(AttnArgs a, DropoutParams dp) {
   using P = AttnParts<E, EV>;
   using LayK = typename P::LayK;
