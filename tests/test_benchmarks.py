@@ -2,6 +2,7 @@
 accuracy_parity.py end to end in --tiny mode on the CPU (their JSON / markdown / PNG)."""
 import importlib.util
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -188,8 +189,6 @@ def test_readme_table_refuses_what_is_not_a_result_file(tmp_path, capsys):
 def test_readme_table_is_what_its_command_prints(monkeypatch, capsys):
     """The README's Table 1 is what the readme_table.py command named above it prints from the
     committed result files (so the table and the results cannot drift apart)."""
-    import re
-
     readme = (ROOT / "README.md").read_text()
     match = re.search(r"`python benchmarks/readme_table\.py\s+([^`]+)`\s+prints", readme)
     assert match, "the README names the command that prints its Table 1"
